@@ -1,0 +1,84 @@
+"""Fusing chunk KV caches (full prefill, reuse, CacheBlend, APE, EPIC) and decoding from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from chunkcache.blend.base import FusionInput, FusionResult, FusionStrategy
+from chunkcache.blend.cacheblend import CacheBlend
+from chunkcache.blend.decode import Sampling, generate
+from chunkcache.blend.layout import FusedCache
+from chunkcache.blend.strategies import Ape, Epic, FullPrefill, Reuse
+from chunkcache.errors import InvalidInputError, UnknownStrategyError
+
+STRATEGIES: dict[str, type] = {
+    "full": FullPrefill,
+    "reuse": Reuse,
+    "cacheblend": CacheBlend,
+    "ape": Ape,
+    "epic": Epic,
+}
+
+
+def make_strategy(name: str, defaults: Mapping[str, Any] | None = None, **params: Any) -> FusionStrategy:
+    """Build a strategy by name. ``defaults`` (e.g. from Settings) fill the fields the strategy
+    has; ``params`` must all be fields of that strategy."""
+    if name not in STRATEGIES:
+        raise UnknownStrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        takes = ", ".join(sorted(fields)) or "no parameters"
+        raise InvalidInputError(f"strategy {name!r} has no parameter {', '.join(unknown)} (it takes: {takes})")
+    kwargs = {k: v for k, v in (defaults or {}).items() if k in fields}
+    kwargs.update(params)
+    try:
+        return cls(**{k: _coerce(fields[k], v) for k, v in kwargs.items()})
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidInputError):
+            raise
+        raise InvalidInputError(f"bad parameter for strategy {name!r}: {exc}") from None
+
+
+# The one numeric knob a "name:value" spec sets, per strategy name.
+_SPEC_PARAMS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "cacheblend": ("cacheblend", "recompute_ratio", {}),
+    "cacheblend-random": ("cacheblend", "recompute_ratio", {"selection": "random"}),
+    "epic": ("epic", "epic_k", {}),
+    "ape": ("ape", "ape_temperature", {}),
+}
+
+
+def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"cacheblend:0.15"`` -> ("cacheblend", {"recompute_ratio": 0.15}); ``"cacheblend-random:R"``
+    spends the same budget on random tokens; a bare name takes the defaults."""
+    name, _, value = spec.strip().partition(":")
+    if name in STRATEGIES and not value:
+        return name, {}
+    if name not in _SPEC_PARAMS:
+        known = sorted(set(STRATEGIES) | set(_SPEC_PARAMS))
+        raise UnknownStrategyError(f"unknown strategy {spec!r}; choose from {', '.join(known)} (name[:value])")
+    target, param, extra = _SPEC_PARAMS[name]
+    params = dict(extra)
+    if value:
+        try:
+            params[param] = float(value) if param != "epic_k" else int(value)
+        except ValueError:
+            raise InvalidInputError(f"strategy {spec!r}: {value!r} is not a number") from None
+    return target, params
+
+
+def _coerce(field: dataclasses.Field, value: Any) -> Any:
+    kind = type(field.default)
+    if kind is bool and isinstance(value, str):
+        return value.lower() in {"1", "true", "yes", "on"}
+    return kind(value) if kind in (int, float, str, bool) else value
+
+
+__all__ = [
+    "STRATEGIES", "Ape", "CacheBlend", "Epic", "FullPrefill", "FusedCache", "FusionInput",
+    "FusionResult", "FusionStrategy", "Reuse", "Sampling", "generate", "make_strategy", "parse_strategy_spec",
+]

@@ -1,0 +1,92 @@
+"""The fusion interface: what a strategy receives (prompt pieces, stored KVs) and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from chunkcache.blend.layout import FusedCache, Layout
+from chunkcache.kv import ChunkKV
+from chunkcache.model.executor import ApeAttention, LayerExecutor
+from chunkcache.model.prompt import PromptPieces
+
+
+@dataclass(frozen=True)
+class FusionInput:
+    pieces: PromptPieces
+    head_kv: ChunkKV | None = None
+    chunk_kvs: tuple[ChunkKV, ...] = ()
+    max_new_tokens: int = 0
+
+
+@dataclass
+class FusionResult:
+    cache: FusedCache
+    logits: torch.Tensor  # [vocab] next-token logits after the prompt
+    recomputed_tokens: int  # token-layers computed / layers (probe passes included)
+    reused_tokens: int  # tokens whose last-layer KV came from stored caches
+
+
+class FusionStrategy(Protocol):
+    name: str
+    uses_cache: bool  # False: the strategy ignores stored KV and the engine loads none
+
+    def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult: ...
+
+
+def selective_prefill(
+    executor: LayerExecutor,
+    layout: Layout,
+    buf: torch.Tensor,
+    selected: torch.Tensor,
+    ape: ApeAttention | None = None,
+    shrink: "Shrink | None" = None,
+) -> tuple[torch.Tensor, int, int]:
+    """Run every layer for the ``selected`` indices only (sorted, ending with the last prompt
+    token), attending over ``buf``, whose other entries are reused. Returns the last token's
+    logits, the token-layers computed and how many tokens were computed at the last layer."""
+    n = layout.length
+    index = selected
+    hidden = executor.embed(layout.token_ids[index])
+    positions = layout.positions[index]
+    work = 0
+    for layer in range(executor.num_layers):
+        if shrink is not None:
+            keep = shrink(layer, hidden, positions, index, buf)
+            if keep is not None:
+                hidden, positions, index = hidden[keep], positions[keep], index[keep]
+        hidden = executor.run_layer(
+            layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n], ape
+        )
+        work += int(index.shape[0])
+    return executor.logits(hidden[-1:])[0], work, int(index.shape[0])
+
+
+class Shrink(Protocol):
+    """Called before each layer of a selective prefill; returns a keep-mask or None."""
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, buf: torch.Tensor
+    ) -> torch.Tensor | None: ...
+
+
+def finish(
+    executor: LayerExecutor,
+    layout: Layout,
+    buf: torch.Tensor,
+    selected: torch.Tensor,
+    ape: ApeAttention | None = None,
+    shrink: Shrink | None = None,
+    extra_work: int = 0,
+) -> FusionResult:
+    """Selective prefill, then package the fused cache and counts."""
+    logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink)
+    cache = FusedCache(buf, layout.length, int(layout.positions[-1]) + 1, ape)
+    return FusionResult(
+        cache=cache,
+        logits=logits,
+        recomputed_tokens=round((work + extra_work) / executor.num_layers),
+        reused_tokens=layout.length - last,
+    )

@@ -1,0 +1,101 @@
+"""Where every token of a fused prompt sits (sequence index and RoPE position) and the fused
+cache buffer: the head's and chunks' stored KV placed at their indices, keys re-rotated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chunkcache.errors import InvalidInputError
+from chunkcache.kv import ChunkKV
+from chunkcache.model.executor import ApeAttention, LayerExecutor
+from chunkcache.model.prompt import PromptPieces
+
+
+@dataclass(frozen=True)
+class Layout:
+    token_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64: RoPE position of each index
+    head: range
+    chunks: tuple[range, ...]
+    question: range
+
+    @property
+    def length(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def _ranges(pieces: PromptPieces) -> tuple[range, tuple[range, ...], range]:
+    start = len(pieces.head)
+    head = range(0, start)
+    chunks = []
+    for chunk in pieces.chunks:
+        chunks.append(range(start, start + len(chunk)))
+        start += len(chunk)
+    return head, tuple(chunks), range(start, start + len(pieces.question))
+
+
+def sequential_layout(pieces: PromptPieces) -> Layout:
+    """Head, chunks and question one after the other, positions equal to indices."""
+    head, chunks, question = _ranges(pieces)
+    ids = torch.tensor(pieces.all_ids(), dtype=torch.long)
+    return Layout(ids, torch.arange(ids.shape[0]), head, chunks, question)
+
+
+def parallel_layout(pieces: PromptPieces) -> Layout:
+    """APE: every chunk starts right after the head (shared positions); the question follows the
+    longest chunk."""
+    head, chunks, question = _ranges(pieces)
+    ids = torch.tensor(pieces.all_ids(), dtype=torch.long)
+    positions = torch.empty_like(ids)
+    positions[: len(head)] = torch.arange(len(head))
+    longest = max((len(r) for r in chunks), default=0)
+    for r in chunks:
+        positions[r.start : r.stop] = torch.arange(len(head), len(head) + len(r))
+    q0 = len(head) + longest
+    positions[question.start : question.stop] = torch.arange(q0, q0 + len(question))
+    return Layout(ids, positions, head, chunks, question)
+
+
+@dataclass
+class FusedCache:
+    """The fused KV of a prompt, with room to append generated tokens."""
+
+    kv: torch.Tensor  # [layers, 2, kv_heads, capacity, head_dim]
+    length: int
+    next_position: int
+    ape: ApeAttention | None = None
+
+    @property
+    def capacity(self) -> int:
+        return int(self.kv.shape[3])
+
+    def layer(self, i: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.length if length is None else length
+        return self.kv[i, 0, :, :n], self.kv[i, 1, :, :n]
+
+
+def assemble_cache(
+    executor: LayerExecutor,
+    layout: Layout,
+    head_kv: ChunkKV | None,
+    chunk_kvs: tuple[ChunkKV, ...],
+    capacity: int,
+) -> torch.Tensor:
+    """A cache buffer holding the stored KV of head and chunks at their layout positions."""
+    buf = executor.empty_kv(capacity)
+    placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
+    for span, kv in placed:
+        if kv.num_tokens != len(span):
+            raise InvalidInputError(
+                f"cached chunk has {kv.num_tokens} tokens but its slot has {len(span)}; the cache "
+                "does not belong to this prompt"
+            )
+        if tuple(int(t) for t in layout.token_ids[span.start : span.stop]) != kv.token_ids:
+            raise InvalidInputError("cached chunk's token ids differ from the prompt's; wrong cache entry")
+        stored = kv.kv.to(buf.device, buf.dtype)
+        target = int(layout.positions[span.start]) if len(span) else 0
+        buf[:, 0, :, span.start : span.stop] = executor.rerotate(stored[:, 0], target - kv.position_offset)
+        buf[:, 1, :, span.start : span.stop] = stored[:, 1]
+    return buf

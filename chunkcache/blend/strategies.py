@@ -1,0 +1,90 @@
+"""The simple fusion strategies: full prefill (the reference), plain reuse, EPIC and APE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chunkcache.blend.base import FusionInput, FusionResult, finish
+from chunkcache.blend.layout import Layout, assemble_cache, parallel_layout, sequential_layout
+from chunkcache.errors import InvalidInputError
+from chunkcache.model.executor import ApeAttention, LayerExecutor
+
+
+def question_index(layout: Layout) -> torch.Tensor:
+    return torch.arange(layout.question.start, layout.question.stop)
+
+
+def reused_buffer(executor: LayerExecutor, layout: Layout, inp: FusionInput) -> torch.Tensor:
+    return assemble_cache(
+        executor, layout, inp.head_kv, inp.chunk_kvs, layout.length + inp.max_new_tokens
+    )
+
+
+@dataclass(frozen=True)
+class FullPrefill:
+    """Ordinary prefill of head + chunks + question: the baseline every other strategy is judged by."""
+
+    name = "full"
+    uses_cache = False
+
+    def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
+        layout = sequential_layout(inp.pieces)
+        buf = executor.empty_kv(layout.length + inp.max_new_tokens)
+        return finish(executor, layout, buf, torch.arange(layout.length))
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """PromptCache-style: chunk KVs re-rotated into place, only the question computed."""
+
+    name = "reuse"
+    uses_cache = True
+
+    def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
+        layout = sequential_layout(inp.pieces)
+        return finish(executor, layout, reused_buffer(executor, layout, inp), question_index(layout))
+
+
+@dataclass(frozen=True)
+class Epic:
+    """EPIC's LegoLink: recompute the first ``epic_k`` tokens of every chunk (attention sinks)."""
+
+    epic_k: int = 16
+    name = "epic"
+    uses_cache = True
+
+    def __post_init__(self) -> None:
+        if self.epic_k < 0:
+            raise InvalidInputError(f"epic_k must be >= 0, got {self.epic_k}")
+
+    def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
+        layout = sequential_layout(inp.pieces)
+        heads = [torch.arange(r.start, min(r.stop, r.start + self.epic_k)) for r in layout.chunks]
+        selected = torch.cat([*heads, question_index(layout)])
+        return finish(executor, layout, reused_buffer(executor, layout, inp), selected)
+
+
+@dataclass(frozen=True)
+class Ape:
+    """APE: chunks encoded in parallel at shared positions behind the shared head; the question
+    attends to them with temperature and scaling."""
+
+    ape_temperature: float = 0.9
+    ape_scale: float = 0.9
+    name = "ape"
+    uses_cache = True
+
+    def __post_init__(self) -> None:
+        if self.ape_temperature <= 0 or self.ape_scale <= 0:
+            raise InvalidInputError("ape_temperature and ape_scale must be > 0")
+
+    def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
+        layout = parallel_layout(inp.pieces)
+        buf = reused_buffer(executor, layout, inp)
+        context = torch.zeros(buf.shape[3], dtype=torch.bool)
+        for r in layout.chunks:
+            context[r.start : r.stop] = True
+        ape = ApeAttention(context, self.ape_temperature, self.ape_scale)
+        return finish(executor, layout, buf, question_index(layout), ape=ape)

@@ -1,0 +1,180 @@
+"""The ``chunkcache`` command: answer questions over chunks, and a demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from chunkcache.errors import ChunkCacheError
+
+EXIT_USAGE = 2
+
+
+class CliError(ChunkCacheError):
+    """A problem with the command line or its input files."""
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from chunkcache.config import Settings
+    from chunkcache.engine import ChunkCacheEngine
+
+    settings = Settings.load(
+        getattr(args, "config", None), model=args.model, dtype=args.dtype,
+        store_path=getattr(args, "store", None),
+    )
+    return ChunkCacheEngine(settings)
+
+
+def _read_input(path: str) -> tuple[str, list[str]]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CliError(f"input file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CliError(f"input file {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict) or "question" not in data or "chunks" not in data:
+        raise CliError(f'input file {path} must be a JSON object {{"question": str, "chunks": [str, ...]}}')
+    if not isinstance(data["question"], str) or not isinstance(data["chunks"], list):
+        raise CliError(f"in {path}, question must be a string and chunks a list of strings")
+    return data["question"], data["chunks"]
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from chunkcache.engine import check_request
+
+    question, chunks = _read_input(args.input)
+    check_request(question, chunks)  # before the model loads: bad input fails at once
+    params: dict[str, Any] = {}
+    if args.recompute_ratio is not None:
+        if args.strategy != "cacheblend":
+            raise CliError("--recompute-ratio applies to --strategy cacheblend only")
+        params["recompute_ratio"] = args.recompute_ratio
+    engine = _engine(args)
+    answer = engine.answer(question, chunks, strategy=args.strategy, max_new_tokens=args.max_new_tokens, **params)
+    if args.json:
+        print(json.dumps(answer.to_dict()))
+    else:
+        print(answer.text)
+        print(
+            f"[{answer.strategy}] ttft {answer.ttft_s * 1000:.0f} ms, prompt {answer.prompt_tokens} tokens, "
+            f"reused {answer.reused_tokens}, recomputed {answer.recomputed_tokens}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    sample = json.loads(resources.files("chunkcache").joinpath("data/demo.json").read_text(encoding="utf-8"))
+    engine = _engine(args)
+    print(f"model {engine.settings.model} ({engine.settings.dtype}); {sample['attribution']}\n")
+    for example in sample["examples"][: args.limit]:
+        question, chunks = example["question"], example["chunks"]
+        engine.precompute(chunks)  # offline step: every chunk's KV computed once and stored
+        rows = []
+        for strategy, params in (("full", {}), ("cacheblend", {"recompute_ratio": args.recompute_ratio})):
+            answer = engine.answer(question, chunks, strategy=strategy, max_new_tokens=args.max_new_tokens, **params)
+            rows.append((f"{strategy}{'' if not params else ':' + str(params['recompute_ratio'])}", answer))
+        print(f"Q: {question}   (gold: {'; '.join(map(str, example['answers']))}, {rows[0][1].prompt_tokens} prompt tokens)")
+        for label, answer in rows:
+            print(f"  {label:<16} ttft {answer.ttft_s * 1000:7.0f} ms   {answer.text!r}")
+        speedup = rows[0][1].ttft_s / max(rows[1][1].ttft_s, 1e-9)
+        print(f"  TTFT speed-up of {rows[1][0]} over full prefill: {speedup:.1f}x\n")
+    return 0
+
+
+def cmd_bench_ttft(args: argparse.Namespace) -> int:
+    from chunkcache.eval.datasets import load_examples
+    from chunkcache.eval.ttft import bench_ttft, format_table
+
+    dataset = Path(args.dataset) if args.dataset else Path(str(resources.files("chunkcache").joinpath("data/demo.json")))
+    examples = load_examples(dataset, args.limit, args.passages)
+    engine = _engine(args)
+    report = bench_ttft(engine, examples, args.strategies.split(","), args.repeats)
+    report["dataset"] = str(dataset)
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ttft.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out / 'ttft.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chunkcache.blend import STRATEGIES
+    from chunkcache.model.registry import PACKAGED_MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="chunkcache",
+        description="Answer questions over retrieved chunks by fusing their precomputed KV caches.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help=f"packaged model ({', '.join(PACKAGED_MODELS)}) or a local Hugging Face folder")
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), help="model dtype (default float32)")
+        p.add_argument("--config", help="YAML settings file (also $CHUNKCACHE_CONFIG)")
+        p.add_argument("--store", help="folder of the chunk-cache store (default ~/.cache/chunkcache/store)")
+        p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
+
+    p = sub.add_parser("answer", help="answer a question over chunks given in a JSON file")
+    common(p)
+    p.add_argument("--input", required=True, help='JSON file {"question": str, "chunks": [str, ...]}')
+    p.add_argument("--strategy", default="cacheblend", choices=sorted(STRATEGIES), help="fusion strategy")
+    p.add_argument("--recompute-ratio", type=float, default=None, help="cacheblend: share of tokens to recompute")
+    p.add_argument("--json", action="store_true", help="print the answer and its stats as one JSON object")
+    p.set_defaults(func=cmd_answer)
+
+    p = sub.add_parser("demo", help="answer bundled MuSiQue questions with full prefill and cacheblend")
+    common(p)
+    p.add_argument("--limit", type=int, default=2, help="how many bundled questions (max 3)")
+    p.add_argument("--recompute-ratio", type=float, default=0.15)
+    p.set_defaults(func=cmd_demo, max_new_tokens=32)
+
+    bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("ttft", help="time to first token of each strategy beside full prefill (warm caches)")
+    common(p)
+    p.add_argument("--dataset", help="JSON Lines QA file (ctxs/question/answers); default: the bundled MuSiQue sample")
+    p.add_argument("--limit", type=int, default=3, help="examples to time")
+    p.add_argument("--passages", type=int, default=6, help="chunks kept per example, in order")
+    p.add_argument("--strategies", default="full,reuse,cacheblend:0.15,ape,epic", help="comma-separated name[:value]")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="folder for ttft.json")
+    p.set_defaults(func=cmd_bench_ttft)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover - transformers is a hard dependency
+            pass
+    try:
+        return int(args.func(args))
+    except ChunkCacheError as exc:
+        print(f"chunkcache: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("chunkcache: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""One `Settings` object for every tunable: defaults < YAML file < ``CHUNKCACHE_*`` environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from chunkcache.errors import InvalidInputError
+
+ENV_PREFIX = "CHUNKCACHE_"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chunkcache"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a user may tune. Field names map to YAML keys and ``CHUNKCACHE_<NAME>`` env vars."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "auto"
+    models_dir: Path = field(default_factory=lambda: _cache_root() / "models")
+    store_path: Path = field(default_factory=lambda: _cache_root() / "store")
+    zstd_level: int = 3
+    system_prompt: str = (
+        "You are a helpful assistant. Answer the question briefly, using only the passages."
+    )
+    strategy: str = "cacheblend"
+    recompute_ratio: float = 0.15
+    check_layer: int = 1
+    ape_temperature: float = 0.9
+    ape_scale: float = 0.9
+    epic_k: int = 16
+    max_new_tokens: int = 64
+    threads: int = 0  # 0: leave torch's default
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> "Settings":
+        """Build settings from defaults, then the YAML file (``path`` or ``$CHUNKCACHE_CONFIG``),
+        then ``CHUNKCACHE_*`` variables, then explicit ``overrides`` (None values are ignored)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        config_path = path or env.get(ENV_PREFIX + "CONFIG")
+        if config_path:
+            values.update(_read_yaml(Path(config_path)))
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name in names:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise InvalidInputError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config file {path} must hold a mapping of setting: value")
+    return data
+
+
+def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
+    default = {f.name: f for f in dataclasses.fields(cls)}[name]
+    sample = default.default if default.default is not dataclasses.MISSING else default.default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(sample, Path):
+            return Path(value).expanduser()
+        if isinstance(sample, bool):
+            return str(value).lower() in {"1", "true", "yes", "on"}
+        if isinstance(sample, int):
+            return int(value)
+        if isinstance(sample, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"setting {name} must be a {type(sample).__name__}, got {value!r}"
+        ) from None
+    return str(value)

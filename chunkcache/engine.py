@@ -1,0 +1,242 @@
+"""`ChunkCacheEngine`: wires model, store, codec and blend for one request and for precompute."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chunkcache.blend import FusionInput, FusionResult, Sampling, generate, make_strategy
+from chunkcache.blend.prefill import prefill_chunk, prefill_head
+from chunkcache.codec import get_codec
+from chunkcache.config import Settings
+from chunkcache.errors import ContextTooLongError, InvalidInputError
+from chunkcache.kv import ChunkKV
+from chunkcache.model import LoadedModel, PromptPieces, load_model
+from chunkcache.store import KVStore, LmdbStore, chunk_key, prefix_fingerprint
+
+_STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    ttft_s: float  # call -> first token: loading and fusion included
+    timings: dict[str, float]  # load_s, blend_s, decode_s, total_s
+    prompt_tokens: int
+    reused_tokens: int
+    recomputed_tokens: int
+    strategy: str
+    params: dict[str, Any] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    token_ids: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["token_ids"] = list(self.token_ids)
+        return out
+
+
+@dataclass
+class _Prepared:
+    result: FusionResult
+    pieces: PromptPieces
+    started: float
+    timings: dict[str, float]
+    hits: int
+    misses: int
+    strategy: str
+    params: dict[str, Any]
+
+
+class ChunkCacheEngine:
+    """Answers questions over chunks, reusing each chunk's KV cache computed once."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        model: LoadedModel | None = None,
+        store: KVStore | None = None,
+    ) -> None:
+        self.settings = settings or Settings.load()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local; never reach for a hub
+        if self.settings.threads > 0:
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
+        self.model = model or load_model(
+            self.settings.model, self.settings.models_dir, self.settings.dtype,
+            self.settings.device, self.settings.system_prompt,
+        )
+        self.codec = get_codec("raw", self.settings.zstd_level)
+        self.store: KVStore = store or LmdbStore(self.settings.store_path, self.codec)
+        self._head_ids = self.model.template.head_ids()
+        self._prefix = prefix_fingerprint(self.model.fingerprint, self._head_ids)
+
+    # --- keys and precompute -------------------------------------------------------------
+    def head_key(self) -> str:
+        return chunk_key(self.model.fingerprint, "", self.codec.name, self._head_ids)
+
+    def chunk_key(self, chunk: str) -> str:
+        ids = self.model.template.chunk_ids(chunk)
+        return chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids)
+
+    def precompute(self, chunks: Sequence[str]) -> list[str]:
+        """Compute and store the KV of every chunk not yet stored; return their keys."""
+        _check_chunks(chunks)
+        head, _ = self._head()
+        keys = []
+        for chunk in chunks:
+            ids = self.model.template.chunk_ids(chunk)
+            self._chunk(head, ids)
+            keys.append(chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids))
+        return keys
+
+    def _head(self) -> tuple[ChunkKV, bool]:
+        key = self.head_key()
+        kv = self.store.get(key)
+        if kv is not None:
+            return kv, True
+        kv = prefill_head(self.model.executor, self._head_ids, self.model.fingerprint)
+        self.store.put(key, kv)
+        return kv, False
+
+    def _chunk(self, head: ChunkKV, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
+        key = chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids)
+        kv = self.store.get(key)
+        if kv is not None:
+            return kv, True
+        kv = prefill_chunk(self.model.executor, head, ids, self._prefix)
+        self.store.put(key, kv)
+        return kv, False
+
+    # --- answering ----------------------------------------------------------------------
+    def answer(
+        self,
+        question: str,
+        chunks: Sequence[str],
+        strategy: str | None = None,
+        max_new_tokens: int | None = None,
+        sampling: Sampling | None = None,
+        **params: Any,
+    ) -> Answer:
+        """Answer ``question`` from ``chunks`` with a fusion strategy (default from Settings)."""
+        prepared = self._prepare(question, chunks, strategy, max_new_tokens, params)
+        tokens: list[int] = []
+        ttft = 0.0
+        decode_start = time.perf_counter()
+        for token in self._tokens(prepared, max_new_tokens, sampling):
+            if not tokens:
+                ttft = time.perf_counter() - prepared.started
+                decode_start = time.perf_counter()
+            tokens.append(token)
+        timings = dict(prepared.timings)
+        timings["decode_s"] = time.perf_counter() - decode_start
+        timings["total_s"] = time.perf_counter() - prepared.started
+        return Answer(
+            text=self._detokenize(tokens),
+            ttft_s=ttft,
+            timings=timings,
+            prompt_tokens=prepared.pieces.total,
+            reused_tokens=prepared.result.reused_tokens,
+            recomputed_tokens=prepared.result.recomputed_tokens,
+            strategy=prepared.strategy,
+            params=prepared.params,
+            cache_hits=prepared.hits,
+            cache_misses=prepared.misses,
+            token_ids=tuple(tokens),
+        )
+
+    def stream(
+        self,
+        question: str,
+        chunks: Sequence[str],
+        strategy: str | None = None,
+        max_new_tokens: int | None = None,
+        sampling: Sampling | None = None,
+        **params: Any,
+    ) -> Iterator[str]:
+        """Yield the answer's text as it is generated."""
+        prepared = self._prepare(question, chunks, strategy, max_new_tokens, params)
+        tokens: list[int] = []
+        emitted = ""
+        for token in self._tokens(prepared, max_new_tokens, sampling):
+            tokens.append(token)
+            text = self._detokenize(tokens)
+            if text.startswith(emitted) and not text.endswith("\ufffd"):  # whole characters only
+                if len(text) > len(emitted):
+                    yield text[len(emitted) :]
+                emitted = text
+
+    def _tokens(self, prepared: _Prepared, max_new_tokens: int | None, sampling: Sampling | None) -> Iterator[int]:
+        limit = self._max_new(max_new_tokens)
+        return generate(
+            self.model.executor, prepared.result.cache, prepared.result.logits, limit,
+            self.model.eos_token_ids, sampling or Sampling(),
+        )
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        return self.model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def _max_new(self, max_new_tokens: int | None) -> int:
+        limit = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if limit < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {limit}")
+        return limit
+
+    def _prepare(
+        self,
+        question: str,
+        chunks: Sequence[str],
+        strategy: str | None,
+        max_new_tokens: int | None,
+        params: dict[str, Any],
+    ) -> _Prepared:
+        check_request(question, chunks)
+        name = strategy or self.settings.strategy
+        defaults = {k: getattr(self.settings, k) for k in _STRATEGY_DEFAULTS}
+        fusion = make_strategy(name, defaults, **params)
+        limit = self._max_new(max_new_tokens)
+        pieces = self.model.template.pieces(question, list(chunks))
+        if pieces.total + limit > self.model.max_positions > 0:
+            raise ContextTooLongError(
+                f"the prompt has {pieces.total} tokens and up to {limit} more are generated, past "
+                f"the model's context of {self.model.max_positions}; pass fewer or shorter chunks "
+                "or lower max_new_tokens"
+            )
+        started = time.perf_counter()
+        hits = misses = 0
+        head_kv, chunk_kvs = None, ()
+        if fusion.uses_cache:
+            head_kv, head_hit = self._head()
+            loaded = [self._chunk(head_kv, ids) for ids in pieces.chunks]
+            chunk_kvs = tuple(kv for kv, _ in loaded)
+            hits = sum(hit for _, hit in loaded)
+            misses = len(loaded) - hits
+        loaded_at = time.perf_counter()
+        result = fusion.fuse(
+            self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit)
+        )
+        fused_at = time.perf_counter()
+        timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at}
+        used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]
+        return _Prepared(result, pieces, started, timings, hits, misses, name, used)
+
+
+def check_request(question: str, chunks: Sequence[str]) -> None:
+    """Raise `InvalidInputError` for an empty question, no chunks or an empty chunk."""
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidInputError("the question is empty; pass the text to answer")
+    _check_chunks(chunks)
+
+
+def _check_chunks(chunks: Sequence[str]) -> None:
+    if isinstance(chunks, str) or not isinstance(chunks, Sequence) or len(chunks) == 0:
+        raise InvalidInputError("no chunks given; pass a non-empty list of passage texts")
+    for i, chunk in enumerate(chunks):
+        if not isinstance(chunk, str) or not chunk.strip():
+            raise InvalidInputError(f"chunk {i} is empty; every chunk must hold text")

@@ -1,0 +1,1 @@
+"""Datasets, metrics and the quality and speed benchmarks."""

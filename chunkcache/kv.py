@@ -1,0 +1,46 @@
+"""`ChunkKV`: the one type every part passes around (a chunk's KV tensors plus metadata)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkKV:
+    """KV cache of one chunk, computed behind a fixed head.
+
+    ``kv`` has shape ``[layers, 2, kv_heads, tokens, head_dim]`` in the model's dtype; index 0 of
+    the second axis holds keys (already rotated by RoPE), index 1 values. The keys were rotated
+    for positions ``position_offset .. position_offset + tokens - 1``.
+    """
+
+    kv: torch.Tensor
+    token_ids: tuple[int, ...]
+    position_offset: int
+    model_fingerprint: str
+    prefix_fingerprint: str
+
+    def __post_init__(self) -> None:
+        if self.kv.dim() != 5 or self.kv.shape[1] != 2:
+            raise ValueError(
+                f"ChunkKV.kv must have shape [layers, 2, kv_heads, tokens, head_dim], "
+                f"got {tuple(self.kv.shape)}"
+            )
+        if self.kv.shape[3] != len(self.token_ids):
+            raise ValueError(
+                f"ChunkKV holds {self.kv.shape[3]} tokens of KV but {len(self.token_ids)} token ids"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.kv.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()

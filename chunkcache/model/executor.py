@@ -1,0 +1,190 @@
+"""The per-layer executor that blend drives: embeddings, q/k/v, RoPE, attention over a fused KV
+cache for any subset of positions, MLP, final norm and logits. It uses the Hugging Face modules'
+weights but not their ``forward`` signatures, which change between transformers releases."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from chunkcache.model.arch import check_supported
+
+_ATTENTION_BLOCKS = 8
+_MIN_BLOCK_QUERIES = 32
+
+
+@dataclass(frozen=True)
+class ApeAttention:
+    """APE's attention change for queries after the parallel-encoded context: context logits are
+    divided by ``temperature`` and their weights multiplied by ``scale`` before normalising."""
+
+    context_mask: torch.Tensor  # bool [keys]: True where the key is a parallel-encoded chunk token
+    temperature: float = 0.9
+    scale: float = 0.9
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LayerExecutor:
+    """Runs a Llama/Mistral/Qwen2 decoder one layer at a time over chosen token positions."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = model.config
+        check_supported(config)
+        base = model.model
+        self.config = config
+        self.embed_tokens = base.embed_tokens
+        self.layers = list(base.layers)
+        self.norm = base.norm
+        self.lm_head = model.lm_head
+        self.num_layers = len(self.layers)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        )
+        self.scale = self.head_dim**-0.5
+        rotary = base.rotary_emb
+        # The model's own table already carries linear / llama3 frequency scaling.
+        self.inv_freq = rotary.inv_freq.detach().to(torch.float32).clone()
+        self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        param = next(model.parameters())
+        self.dtype = param.dtype
+        self.device = param.device
+        self._inv_freq64 = self.inv_freq.to(self.device, torch.float64)
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+
+    # --- RoPE -------------------------------------------------------------------------------
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp64 angles: at position 4K an fp32 angle is already off by ~2e-4 rad, which would
+        # dominate the error of re-rotated keys.
+        freqs = positions.to(self.device, torch.float64)[:, None] * self._inv_freq64[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.attention_scaling
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+    def apply_rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` of shape [..., tokens, head_dim] for ``positions`` [tokens]."""
+        cos, sin = self._cos_sin(positions, x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+    def rerotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys rotated for position p -> keys for p + delta (rotations compose; computed in fp32)."""
+        if delta == 0:
+            return keys
+        angle = float(delta) * self._inv_freq64.to(keys.device)
+        emb = torch.cat((angle, angle))
+        k32 = keys.to(torch.float32)
+        cos, sin = emb.cos().to(torch.float32), emb.sin().to(torch.float32)
+        return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)
+
+    # --- layers -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids.to(self.device))
+
+    @torch.inference_mode()
+    def qkv(
+        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q [heads, n, d], k and v [kv_heads, n, d] of ``hidden`` [n, hidden] at ``layer``."""
+        block = self.layers[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)
+        n = hidden.shape[0]
+        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        cos, sin = self._cos_sin(positions, q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    @torch.inference_mode()
+    def run_layer(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        index: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        ape: ApeAttention | None = None,
+    ) -> torch.Tensor:
+        """Compute ``layer`` for the tokens at sequence ``index`` (sorted) whose inputs are ``hidden``.
+
+        Their fresh K/V are written into ``keys``/``values`` ([kv_heads, N, d], the layer's fused
+        cache, modified in place); the queries then attend causally over all N cached tokens."""
+        q, k, v = self.qkv(layer, hidden, positions)
+        keys[:, index] = k
+        values[:, index] = v
+        out = self._attend(q, keys, values, index, ape)
+        block = self.layers[layer]
+        hidden = hidden + block.self_attn.o_proj(out)
+        return hidden + block.mlp(block.post_attention_layernorm(hidden))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        index: torch.Tensor,
+        ape: ApeAttention | None,
+    ) -> torch.Tensor:
+        n, total = q.shape[1], keys.shape[1]
+        if ape is not None:
+            return self._attend_ape(q, keys, values, index, ape)
+        gqa = self.num_heads != self.num_kv_heads
+        if n == total or (n == 1 and int(index[0]) == total - 1):
+            # every position is a query (index is 0..N-1), or one query at the end sees all keys
+            out = F.scaled_dot_product_attention(
+                q[None], keys[None], values[None], is_causal=n > 1, scale=self.scale, enable_gqa=gqa
+            )[0]
+        else:
+            # Sparse queries: split them into blocks, each attending only to the keys up to its
+            # last index, so causality saves work as it does in a full prefill.
+            blocks = max(1, min(_ATTENTION_BLOCKS, n // _MIN_BLOCK_QUERIES))
+            parts = []
+            for block in torch.tensor_split(torch.arange(n), blocks):
+                where = index[block].to(q.device)
+                upto = int(where[-1]) + 1
+                mask = torch.arange(upto, device=q.device)[None, :] <= where[:, None]
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        q[None, :, block], keys[None, :, :upto], values[None, :, :upto],
+                        attn_mask=mask, scale=self.scale, enable_gqa=gqa,
+                    )[0]
+                )
+            out = torch.cat(parts, dim=1)
+        return out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
+
+    def _attend_ape(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, ape: ApeAttention
+    ) -> torch.Tensor:
+        group = self.num_heads // self.num_kv_heads
+        k = keys.repeat_interleave(group, dim=0).to(torch.float32)
+        v = values.repeat_interleave(group, dim=0).to(torch.float32)
+        scores = (q.to(torch.float32) @ k.transpose(-1, -2)) * self.scale  # [heads, n, N]
+        ctx = ape.context_mask[: keys.shape[1]].to(q.device)
+        scores[..., ctx] = scores[..., ctx] / ape.temperature + math.log(ape.scale)
+        visible = torch.arange(keys.shape[1], device=q.device)[None, :] <= index.to(q.device)[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v
+        n = q.shape[1]
+        return out.to(q.dtype).transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (fp32) for hidden states [n, hidden]."""
+        return self.lm_head(self.norm(hidden)).to(torch.float32)
+
+    def empty_kv(self, tokens: int) -> torch.Tensor:
+        """A zeroed cache buffer of shape [layers, 2, kv_heads, tokens, head_dim]."""
+        return torch.zeros(
+            self.num_layers, 2, self.num_kv_heads, tokens, self.head_dim,
+            dtype=self.dtype, device=self.device,
+        )

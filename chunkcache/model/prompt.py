@@ -1,0 +1,75 @@
+"""The prompt layout shared by every strategy: a fixed head (chat template up to the user's
+content), one piece per chunk, then the question and the assistant turn. Pieces are tokenized
+separately so that a full prefill and a fused cache see exactly the same token ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_SENTINEL = "\u2063CHUNKCACHE_USER_CONTENT\u2063"
+
+
+@dataclass(frozen=True)
+class PromptPieces:
+    head: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    question: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return len(self.head) + sum(map(len, self.chunks)) + len(self.question)
+
+    def all_ids(self) -> list[int]:
+        ids = list(self.head)
+        for chunk in self.chunks:
+            ids.extend(chunk)
+        ids.extend(self.question)
+        return ids
+
+
+class PromptTemplate:
+    """Splits the model's chat template around the user content."""
+
+    def __init__(self, tokenizer: Any, system_prompt: str) -> None:
+        self.tokenizer = tokenizer
+        self.head_text, self.tail_text = self._split(system_prompt)
+
+    def _split(self, system: str) -> tuple[str, str]:
+        if getattr(self.tokenizer, "chat_template", None):
+            attempts = [
+                [{"role": "system", "content": system}, {"role": "user", "content": _SENTINEL}],
+                # Templates without a system role: the instruction goes in the user turn.
+                [{"role": "user", "content": f"{system}\n\n{_SENTINEL}"}],
+            ]
+            for messages in attempts:
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        messages, tokenize=False, add_generation_prompt=True
+                    )
+                except Exception:  # noqa: BLE001 - templates raise arbitrary errors for roles
+                    continue
+                if isinstance(text, str) and text.count(_SENTINEL) == 1:
+                    head, tail = text.split(_SENTINEL)
+                    return head, tail
+        bos = self.tokenizer.bos_token or ""
+        return f"{bos}{system}\n\n", "\nAnswer:"
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def head_ids(self) -> tuple[int, ...]:
+        return self.encode(self.head_text)
+
+    def chunk_ids(self, chunk: str) -> tuple[int, ...]:
+        return self.encode(chunk.strip() + "\n\n")
+
+    def question_ids(self, question: str) -> tuple[int, ...]:
+        return self.encode(f"Question: {question.strip()}{self.tail_text}")
+
+    def pieces(self, question: str, chunks: list[str]) -> PromptPieces:
+        return PromptPieces(
+            head=self.head_ids(),
+            chunks=tuple(self.chunk_ids(c) for c in chunks),
+            question=self.question_ids(question),
+        )

@@ -1,0 +1,77 @@
+"""Persistent chunk-cache store on local disk: lmdb (transactional, multi-process safe) holding
+codec bytes. Corrupt entries are deleted and reported as misses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+from chunkcache.codec import KVCodec
+from chunkcache.errors import CorruptCacheError
+from chunkcache.kv import ChunkKV
+
+log = logging.getLogger(__name__)
+
+_INITIAL_MAP_SIZE = 1 << 30
+
+
+class LmdbStore:
+    """A `KVStore` on lmdb; the map grows by doubling when full."""
+
+    def __init__(self, path: Path, codec: KVCodec, map_size: int = _INITIAL_MAP_SIZE) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.codec = codec
+        self.corrupt_entries = 0
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_readers=256)
+
+    def get(self, key: str) -> ChunkKV | None:
+        with self._env.begin(buffers=False) as txn:
+            data = txn.get(key.encode())
+        if data is None:
+            return None
+        try:
+            return self.codec.decode(data)
+        except CorruptCacheError as exc:
+            log.warning("dropping corrupt cache entry %s: %s", key[:16], exc)
+            self.corrupt_entries += 1
+            self.delete(key)
+            return None
+
+    def put(self, key: str, kv: ChunkKV) -> None:
+        self.put_bytes(key, self.codec.encode(kv))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.put(key.encode(), data)
+                return
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        with self._env.begin(buffers=False) as txn:
+            return txn.get(key.encode())
+
+    def contains(self, key: str) -> bool:
+        with self._env.begin() as txn:
+            return txn.get(key.encode()) is not None
+
+    def delete(self, key: str) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.delete(key.encode())
+
+    def keys(self) -> Iterator[str]:
+        with self._env.begin() as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                yield bytes(key).decode()
+
+    def __len__(self) -> int:
+        return int(self._env.stat()["entries"])
+
+    def close(self) -> None:
+        self._env.close()

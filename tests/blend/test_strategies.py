@@ -1,0 +1,117 @@
+"""Fusion strategies on the real SmolLM2: the controls reproduce their references exactly."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from chunkcache.blend import FusionInput, FusionResult, generate, make_strategy
+from chunkcache.blend.prefill import prefill_chunk, prefill_head
+from chunkcache.errors import InvalidInputError, UnknownStrategyError
+from chunkcache.model import LoadedModel
+
+DATA = Path(__file__).resolve().parents[2] / "chunkcache" / "data" / "demo.json"
+
+
+@cache
+def _example() -> tuple[str, list[str]]:
+    example = json.loads(DATA.read_text())["examples"][0]
+    # three shortened passages keep the test quick while chunks still attend across each other
+    return example["question"], [" ".join(c.split()[:90]) for c in example["chunks"][:3]]
+
+
+@pytest.fixture(scope="module")
+def fusion_input(smollm2: LoadedModel) -> FusionInput:
+    question, chunks = _example()
+    pieces = smollm2.template.pieces(question, chunks)
+    head = prefill_head(smollm2.executor, pieces.head, smollm2.fingerprint)
+    kvs = tuple(prefill_chunk(smollm2.executor, head, ids, "prefix") for ids in pieces.chunks)
+    return FusionInput(pieces, head, kvs, max_new_tokens=12)
+
+
+def _run(smollm2: LoadedModel, inp: FusionInput, name: str, **params) -> tuple[FusionResult, list[int]]:
+    result = make_strategy(name, **params).fuse(smollm2.executor, inp)
+    logits = result.logits.clone()
+    tokens = list(generate(smollm2.executor, result.cache, result.logits, 12, smollm2.eos_token_ids))
+    return FusionResult(result.cache, logits, result.recomputed_tokens, result.reused_tokens), tokens
+
+
+def test_cacheblend_ratio_one_reproduces_full_prefill(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    full, full_tokens = _run(smollm2, fusion_input, "full")
+    blend, blend_tokens = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=1.0)
+    assert torch.allclose(blend.logits, full.logits, atol=1e-5)
+    assert blend_tokens == full_tokens
+    assert blend.recomputed_tokens == full.recomputed_tokens == fusion_input.pieces.total
+
+
+def test_cacheblend_ratio_zero_is_reuse(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    reuse, reuse_tokens = _run(smollm2, fusion_input, "reuse")
+    blend, blend_tokens = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.0)
+    assert torch.allclose(blend.logits, reuse.logits, atol=1e-5)
+    assert blend_tokens == reuse_tokens
+    assert reuse.recomputed_tokens == len(fusion_input.pieces.question)
+
+
+def test_reuse_differs_from_full_and_cacheblend_closes_the_gap(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    full, _ = _run(smollm2, fusion_input, "full")
+    reuse, _ = _run(smollm2, fusion_input, "reuse")
+    blend, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.3)
+
+    def kl(result: FusionResult) -> float:
+        p = torch.log_softmax(full.logits, -1)
+        return float((p.exp() * (p - torch.log_softmax(result.logits, -1))).sum())
+
+    assert kl(reuse) > 1e-3  # cross-chunk attention is really missing
+    assert kl(blend) < kl(reuse)
+
+
+def test_cacheblend_budget_and_gradual_filtering(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    context = fusion_input.pieces.total - len(fusion_input.pieces.question)
+    plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2)
+    assert plain.reused_tokens == context - round(0.2 * context)
+    gradual, tokens = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, gradual=True)
+    assert gradual.reused_tokens == plain.reused_tokens  # ends at the same budget
+    assert gradual.recomputed_tokens > plain.recomputed_tokens  # but computed more on the way
+    assert tokens
+
+
+def test_random_selection_spends_the_same_budget(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    chosen, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2)
+    random, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, selection="random")
+    assert random.reused_tokens == chosen.reused_tokens
+    assert not torch.allclose(random.logits, chosen.logits)
+
+
+def test_epic_recomputes_the_first_tokens_of_each_chunk(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    reuse, _ = _run(smollm2, fusion_input, "reuse")
+    none, _ = _run(smollm2, fusion_input, "epic", epic_k=0)
+    assert torch.allclose(none.logits, reuse.logits, atol=1e-5)
+    epic, _ = _run(smollm2, fusion_input, "epic", epic_k=16)
+    assert epic.reused_tokens == reuse.reused_tokens - 16 * len(fusion_input.pieces.chunks)
+
+
+def test_ape_with_one_chunk_and_no_temperature_is_reuse(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    one = FusionInput(
+        type(fusion_input.pieces)(fusion_input.pieces.head, fusion_input.pieces.chunks[:1], fusion_input.pieces.question),
+        fusion_input.head_kv, fusion_input.chunk_kvs[:1], 12,
+    )
+    reuse, reuse_tokens = _run(smollm2, one, "reuse")
+    plain, plain_tokens = _run(smollm2, one, "ape", ape_temperature=1.0, ape_scale=1.0)
+    assert torch.allclose(plain.logits, reuse.logits, atol=1e-3)
+    assert plain_tokens == reuse_tokens
+    ape, tokens = _run(smollm2, fusion_input, "ape")
+    assert tokens and not torch.allclose(ape.logits, reuse.logits)
+
+
+def test_strategy_parameters_are_validated() -> None:
+    with pytest.raises(UnknownStrategyError, match="unknown strategy 'magic'"):
+        make_strategy("magic")
+    with pytest.raises(InvalidInputError, match="recompute_ratio must be in"):
+        make_strategy("cacheblend", recompute_ratio=1.5)
+    with pytest.raises(InvalidInputError, match="has no parameter recompute_ratio"):
+        make_strategy("full", recompute_ratio=0.2)
+    assert make_strategy("cacheblend", {"recompute_ratio": 0.4, "epic_k": 3}).recompute_ratio == 0.4

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real SmolLM2 model (converted once into the user cache) and tiny
+random-weight models of each supported family that reuse its tokenizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from chunkcache.config import Settings  # noqa: E402
+from chunkcache.model import LoadedModel, load_model  # noqa: E402
+from chunkcache.model.registry import converted_dir  # noqa: E402
+
+SYSTEM = "You are a helpful assistant. Answer the question briefly, using only the passages."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return Settings.load(env={}).models_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2(models_dir: Path) -> LoadedModel:
+    torch.manual_seed(0)
+    return load_model("smollm2-135m", models_dir, "float32", "cpu", SYSTEM)
+
+
+def make_tiny_model(family: str, dest: Path, models_dir: Path, **overrides) -> Path:
+    """Save a random-weight model of ``family`` with SmolLM2's tokenizer into ``dest``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    if family == "mistral":
+        base["sliding_window"] = None
+    base.update(overrides)
+    config = AutoConfig.for_model(family, **base)
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # make qkv biases (Qwen2) non-zero so they are exercised
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(dest)
+    source = converted_dir("smollm2-135m", models_dir)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_model(f, root / f, models_dir) for f in ("llama", "mistral", "qwen2")}
+
+
+@pytest.fixture()
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store"

@@ -1,0 +1,56 @@
+"""The TTFT benchmark's report and the dataset loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chunkcache.config import Settings
+from chunkcache.engine import ChunkCacheEngine
+from chunkcache.errors import InvalidInputError, UnknownStrategyError
+from chunkcache.eval.datasets import Example, load_examples
+from chunkcache.eval.ttft import bench_ttft, format_table
+from chunkcache.model import LoadedModel
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def test_loads_ctxs_format_and_the_bundled_sample(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [
+        {"question": "q1", "ctxs": [{"title": "T", "text": "a"}, {"title": "", "text": "b"}], "answers": [["x", "y"]]},
+        {"question": "q2", "ctxs": [{"title": "", "text": "c"}], "answers": ["z"]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_examples(path) == [Example("q1", ("T\na", "b"), ("x", "y")), Example("q2", ("c",), ("z",))]
+    assert load_examples(path, limit=1, passages=1) == [Example("q1", ("T\na",), ("x", "y"))]
+    demo = Path(__file__).resolve().parents[2] / "chunkcache" / "data" / "demo.json"
+    assert len(load_examples(demo)) == 3 and len(load_examples(demo)[0].chunks) == 6
+
+
+@pytest.mark.skipif(not (SHARED / "musique_s.jsonl").exists(), reason="shared data not present")
+def test_loads_the_shared_musique_file() -> None:
+    examples = load_examples(SHARED / "musique_s.jsonl", limit=2, passages=6)
+    assert len(examples) == 2 and all(len(e.chunks) == 6 and e.answers for e in examples)
+
+
+def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"query": "no question here"}\n')
+    with pytest.raises(InvalidInputError, match="unrecognised example format"):
+        load_examples(path)
+
+
+def test_report_puts_every_strategy_beside_full(smollm2: LoadedModel, store_path: Path) -> None:
+    engine = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
+    example = Example("What is it?", ("One passage about a thing.", "Another passage."), ("thing",))
+    report = bench_ttft(engine, [example], ["cacheblend:1.0", "cacheblend-random:0.5", "reuse"], repeats=1)
+    assert list(report["strategies"]) == ["full", "cacheblend:1.0", "cacheblend-random:0.5", "reuse"]
+    full = report["strategies"]["full"]
+    assert full["ttft_speedup_vs_full"] == 1.0 and full["recomputed_fraction"] == 1.0
+    assert report["strategies"]["reuse"]["recomputed_fraction"] < 0.5
+    assert "cacheblend-random:0.5" in format_table(report)
+    with pytest.raises(UnknownStrategyError):
+        bench_ttft(engine, [example], ["warp:2"], repeats=1)

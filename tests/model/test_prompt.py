@@ -1,0 +1,32 @@
+"""The prompt pieces rebuild exactly the chat-template prompt."""
+
+from __future__ import annotations
+
+from chunkcache.model import LoadedModel, PromptTemplate
+
+
+def test_pieces_are_the_chat_template_split_around_the_user_content(smollm2: LoadedModel) -> None:
+    template = PromptTemplate(smollm2.tokenizer, "Be brief.")
+    chunks = ["First passage.", "Second passage."]
+    user = "First passage.\n\nSecond passage.\n\nQuestion: Why?"
+    rendered = smollm2.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    assert template.head_text + user + template.tail_text == rendered
+    pieces = template.pieces("Why?", chunks)
+    assert pieces.all_ids() == [*pieces.head, *pieces.chunks[0], *pieces.chunks[1], *pieces.question]
+    assert smollm2.tokenizer.decode(pieces.all_ids()) == rendered
+    assert pieces.total == len(pieces.all_ids())
+
+
+def test_templates_without_chat_template_fall_back_to_plain_text(smollm2: LoadedModel) -> None:
+    class Plain:
+        chat_template = None
+        bos_token = "<s>"
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [ord(c) for c in text]
+
+    template = PromptTemplate(Plain(), "Be brief.")
+    assert template.head_text.startswith("<s>Be brief.") and template.tail_text.endswith("Answer:")

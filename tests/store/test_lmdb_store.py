@@ -1,0 +1,107 @@
+"""The lmdb store persists entries across processes, grows, and turns corruption into misses."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from chunkcache.codec import RawCodec
+from chunkcache.kv import ChunkKV
+from chunkcache.store import LmdbStore, chunk_key, prefix_fingerprint
+
+
+def _kv(tokens: int = 4) -> ChunkKV:
+    return ChunkKV(torch.randn(2, 2, 1, tokens, 4), tuple(range(tokens)), 9, "m", "p")
+
+
+def test_put_get_contains_delete(store_path: Path) -> None:
+    store = LmdbStore(store_path, RawCodec())
+    kv = _kv()
+    assert store.get("k") is None and not store.contains("k")
+    store.put("k", kv)
+    assert store.contains("k") and len(store) == 1
+    assert torch.equal(store.get("k").kv, kv.kv)
+    store.delete("k")
+    assert store.get("k") is None
+
+
+def test_corrupt_entry_is_deleted_and_counted_as_a_miss(store_path: Path) -> None:
+    store = LmdbStore(store_path, RawCodec())
+    store.put("k", _kv())
+    data = bytearray(store.get_bytes("k"))
+    data[len(data) // 2] ^= 0xFF
+    store.put_bytes("k", bytes(data))
+    assert store.get("k") is None
+    assert store.corrupt_entries == 1
+    assert not store.contains("k")
+
+
+def test_map_grows_when_full(store_path: Path) -> None:
+    store = LmdbStore(store_path, RawCodec(), map_size=1 << 16)
+    big = ChunkKV(torch.randn(2, 2, 2, 512, 16), tuple(range(512)), 0, "m", "p")
+    for i in range(4):
+        store.put(f"k{i}", big)
+    assert len(store) == 4 and store.get("k3") is not None
+
+
+def test_another_process_reads_what_this_one_wrote(store_path: Path) -> None:
+    store = LmdbStore(store_path, RawCodec())
+    kv = _kv()
+    store.put("shared", kv)
+    code = (
+        "import sys, torch; from pathlib import Path; from chunkcache.codec import RawCodec;"
+        "from chunkcache.store import LmdbStore;"
+        f"kv = LmdbStore(Path({str(store_path)!r}), RawCodec()).get('shared');"
+        "print(kv.kv.sum().item(), kv.position_offset)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert abs(float(out[0]) - kv.kv.sum().item()) < 1e-4 and out[1] == "9"
+
+
+def test_keys_are_deterministic_across_processes_and_sensitive_to_inputs() -> None:
+    expr = "chunk_key('fp', prefix_fingerprint('fp', [1, 2]), 'raw', [5, 6, 7])"
+    code = f"from chunkcache.store import chunk_key, prefix_fingerprint; print({expr})"
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    here = chunk_key("fp", prefix_fingerprint("fp", [1, 2]), "raw", [5, 6, 7])
+    assert runs == {here} and len(here) == 64
+    variants = {
+        chunk_key("fp2", prefix_fingerprint("fp", [1, 2]), "raw", [5, 6, 7]),
+        chunk_key("fp", prefix_fingerprint("fp", [1, 3]), "raw", [5, 6, 7]),
+        chunk_key("fp", prefix_fingerprint("fp", [1, 2]), "int8", [5, 6, 7]),
+        chunk_key("fp", prefix_fingerprint("fp", [1, 2]), "raw", [5, 6, 8]),
+    }
+    assert here not in variants and len(variants) == 4
+
+
+def test_process_killed_mid_write_leaves_only_whole_entries(store_path: Path) -> None:
+    code = (
+        "import torch; from pathlib import Path; from chunkcache.codec import RawCodec;"
+        "from chunkcache.kv import ChunkKV; from chunkcache.store import LmdbStore;"
+        f"s = LmdbStore(Path({str(store_path)!r}), RawCodec());"
+        "kv = ChunkKV(torch.randn(4, 2, 2, 256, 32), tuple(range(256)), 0, 'm', 'p');"
+        "i = 0\nwhile True:\n    s.put(f'k{i}', kv); i += 1"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if store_path.exists() and len(LmdbStore(store_path, RawCodec())) >= 5:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store = LmdbStore(store_path, RawCodec())
+    keys = list(store.keys())
+    assert len(keys) >= 5
+    assert all(store.get(k) is not None for k in keys)
+    assert store.corrupt_entries == 0

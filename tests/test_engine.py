@@ -1,0 +1,105 @@
+"""`ChunkCacheEngine` end to end on SmolLM2: precompute, reuse across processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chunkcache.blend import Sampling
+from chunkcache.config import Settings
+from chunkcache.engine import ChunkCacheEngine
+from chunkcache.errors import ContextTooLongError, InvalidInputError, UnknownStrategyError
+from chunkcache.model import LoadedModel
+
+QUESTION = "What is the capital of Germany?"
+CHUNKS = [
+    "Paris is the capital of France. It has the Eiffel tower.",
+    "Madrid is the capital of Spain. It has the Prado museum.",
+    "Berlin is the capital of Germany. It has the Brandenburg gate.",
+]
+
+
+@pytest.fixture()
+def engine(smollm2: LoadedModel, store_path: Path) -> ChunkCacheEngine:
+    return ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
+
+
+def test_answer_reports_its_work(engine: ChunkCacheEngine) -> None:
+    full = engine.answer(QUESTION, CHUNKS, strategy="full", max_new_tokens=16)
+    assert full.text and full.token_ids[-1] in engine.model.eos_token_ids  # a whole answer
+    assert full.reused_tokens == 0 and full.recomputed_tokens == full.prompt_tokens
+    assert full.ttft_s > 0 and set(full.timings) == {"load_s", "blend_s", "decode_s", "total_s"}
+    assert full.cache_hits == full.cache_misses == 0  # full prefill reads no cache
+
+    first = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", recompute_ratio=0.5, max_new_tokens=16)
+    assert (first.cache_hits, first.cache_misses) == (0, 3)
+    second = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", recompute_ratio=0.5, max_new_tokens=16)
+    assert (second.cache_hits, second.cache_misses) == (3, 0)
+    assert second.text == first.text
+    assert 0 < second.reused_tokens < second.prompt_tokens
+    assert second.params["recompute_ratio"] == 0.5 and second.strategy == "cacheblend"
+
+
+def test_precompute_returns_stable_keys_and_fills_the_store(engine: ChunkCacheEngine) -> None:
+    keys = engine.precompute(CHUNKS)
+    assert keys == [engine.chunk_key(c) for c in CHUNKS] and len(set(keys)) == 3
+    assert all(engine.store.contains(k) for k in keys)
+    answer = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=4)
+    assert answer.cache_misses == 0
+
+
+def test_a_second_process_reuses_stored_caches_without_prefilling(engine: ChunkCacheEngine, store_path: Path) -> None:
+    engine.precompute(CHUNKS)
+    code = f"""
+import json, chunkcache.engine as eng
+from chunkcache.config import Settings
+def refuse(*a, **k):
+    raise SystemExit("a chunk was prefilled although its cache was stored")
+eng.prefill_chunk = eng.prefill_head = refuse
+engine = eng.ChunkCacheEngine(Settings.load(env={{}}, store_path={str(store_path)!r}))
+a = engine.answer({QUESTION!r}, {CHUNKS!r}, strategy="cacheblend", max_new_tokens=4)
+print(json.dumps([a.cache_hits, a.cache_misses, engine.precompute({CHUNKS!r})]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hits, misses, keys = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (hits, misses) == (3, 0)
+    assert keys == engine.precompute(CHUNKS)
+
+
+def test_stream_yields_the_answer_text(engine: ChunkCacheEngine) -> None:
+    pieces = list(engine.stream(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12))
+    answer = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12)
+    assert len(pieces) > 1 and "".join(pieces).strip() == answer.text
+
+
+def test_sampling_is_seeded(engine: ChunkCacheEngine) -> None:
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=7)
+    a = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=10, sampling=sampling)
+    b = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=10, sampling=sampling)
+    assert a.token_ids == b.token_ids
+
+
+def test_generation_stops_at_max_tokens(engine: ChunkCacheEngine) -> None:
+    assert len(engine.answer(QUESTION, CHUNKS, strategy="full", max_new_tokens=3).token_ids) == 3
+
+
+@pytest.mark.parametrize(
+    ("question", "chunks", "kwargs", "error", "message"),
+    [
+        ("  ", CHUNKS, {}, InvalidInputError, "question is empty"),
+        (QUESTION, [], {}, InvalidInputError, "no chunks"),
+        (QUESTION, ["ok", " "], {}, InvalidInputError, "chunk 1 is empty"),
+        (QUESTION, CHUNKS, {"strategy": "nope"}, UnknownStrategyError, "unknown strategy"),
+        (QUESTION, CHUNKS, {"max_new_tokens": 0}, InvalidInputError, "max_new_tokens"),
+        (QUESTION, ["word " * 9000], {}, ContextTooLongError, "past the model's context of 8192"),
+    ],
+)
+def test_bad_input_raises_value_errors(engine: ChunkCacheEngine, question, chunks, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message) as info:
+        engine.answer(question, chunks, **kwargs)
+    assert isinstance(info.value, ValueError)
