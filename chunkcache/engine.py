@@ -16,6 +16,7 @@ from chunkcache.errors import ContextTooLongError, InvalidInputError
 from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, PromptPieces, load_model
 from chunkcache.store import KVStore, LmdbStore, chunk_key, prefix_fingerprint
+from chunkcache.timing import collect, stage
 
 _STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
 
@@ -24,7 +25,9 @@ _STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperatu
 class Answer:
     text: str
     ttft_s: float  # call -> first token: loading and fusion included
-    timings: dict[str, float]  # load_s, blend_s, decode_s, total_s
+    # load_s, blend_s, decode_s, total_s, and the stages inside them: store_read_s,
+    # codec_decode_s, miss_prefill_s, rerotate_s, select_s, recompute_s, first_token_s
+    timings: dict[str, float]
     prompt_tokens: int
     reused_tokens: int
     recomputed_tokens: int
@@ -33,9 +36,12 @@ class Answer:
     cache_hits: int = 0
     cache_misses: int = 0
     token_ids: tuple[int, ...] = ()
+    # next-token logits after the prompt, kept only when asked for (evaluation)
+    first_token_logits: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("first_token_logits")
         out["token_ids"] = list(self.token_ids)
         return out
 
@@ -50,6 +56,7 @@ class _Prepared:
     misses: int
     strategy: str
     params: dict[str, Any]
+    first_token_from: float
 
 
 class ChunkCacheEngine:
@@ -101,8 +108,9 @@ class ChunkCacheEngine:
         kv = self.store.get(key)
         if kv is not None:
             return kv, True
-        kv = prefill_head(self.model.executor, self._head_ids, self.model.fingerprint)
-        self.store.put(key, kv)
+        with stage("miss_prefill_s"):
+            kv = prefill_head(self.model.executor, self._head_ids, self.model.fingerprint)
+            self.store.put(key, kv)
         return kv, False
 
     def _chunk(self, head: ChunkKV, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
@@ -110,8 +118,9 @@ class ChunkCacheEngine:
         kv = self.store.get(key)
         if kv is not None:
             return kv, True
-        kv = prefill_chunk(self.model.executor, head, ids, self._prefix)
-        self.store.put(key, kv)
+        with stage("miss_prefill_s"):
+            kv = prefill_chunk(self.model.executor, head, ids, self._prefix)
+            self.store.put(key, kv)
         return kv, False
 
     # --- answering ----------------------------------------------------------------------
@@ -122,10 +131,12 @@ class ChunkCacheEngine:
         strategy: str | None = None,
         max_new_tokens: int | None = None,
         sampling: Sampling | None = None,
+        keep_logits: bool = False,
         **params: Any,
     ) -> Answer:
         """Answer ``question`` from ``chunks`` with a fusion strategy (default from Settings)."""
         prepared = self._prepare(question, chunks, strategy, max_new_tokens, params)
+        first_logits = prepared.result.logits.clone() if keep_logits else None
         tokens: list[int] = []
         ttft = 0.0
         decode_start = time.perf_counter()
@@ -133,6 +144,7 @@ class ChunkCacheEngine:
             if not tokens:
                 ttft = time.perf_counter() - prepared.started
                 decode_start = time.perf_counter()
+                prepared.timings["first_token_s"] = decode_start - prepared.first_token_from
             tokens.append(token)
         timings = dict(prepared.timings)
         timings["decode_s"] = time.perf_counter() - decode_start
@@ -149,6 +161,7 @@ class ChunkCacheEngine:
             cache_hits=prepared.hits,
             cache_misses=prepared.misses,
             token_ids=tuple(tokens),
+            first_token_logits=first_logits,
         )
 
     def stream(
@@ -211,20 +224,19 @@ class ChunkCacheEngine:
         started = time.perf_counter()
         hits = misses = 0
         head_kv, chunk_kvs = None, ()
-        if fusion.uses_cache:
-            head_kv, head_hit = self._head()
-            loaded = [self._chunk(head_kv, ids) for ids in pieces.chunks]
-            chunk_kvs = tuple(kv for kv, _ in loaded)
-            hits = sum(hit for _, hit in loaded)
-            misses = len(loaded) - hits
-        loaded_at = time.perf_counter()
-        result = fusion.fuse(
-            self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit)
-        )
+        with collect() as stages:
+            if fusion.uses_cache:
+                head_kv, head_hit = self._head()
+                loaded = [self._chunk(head_kv, ids) for ids in pieces.chunks]
+                chunk_kvs = tuple(kv for kv, _ in loaded)
+                hits = sum(hit for _, hit in loaded)
+                misses = len(loaded) - hits
+            loaded_at = time.perf_counter()
+            result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
         fused_at = time.perf_counter()
-        timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at}
+        timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]
-        return _Prepared(result, pieces, started, timings, hits, misses, name, used)
+        return _Prepared(result, pieces, started, timings, hits, misses, name, used, fused_at)
 
 
 def check_request(question: str, chunks: Sequence[str]) -> None:

@@ -11,6 +11,7 @@ from chunkcache.blend.layout import FusedCache, Layout
 from chunkcache.kv import ChunkKV
 from chunkcache.model.executor import ApeAttention, LayerExecutor
 from chunkcache.model.prompt import PromptPieces
+from chunkcache.timing import stage
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def finish(
     extra_work: int = 0,
 ) -> FusionResult:
     """Selective prefill, then package the fused cache and counts."""
-    logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink)
+    with stage("recompute_s"):
+        logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink)
     cache = FusedCache(buf, layout.length, int(layout.positions[-1]) + 1, ape)
     return FusionResult(
         cache=cache,

@@ -18,6 +18,7 @@ from chunkcache.blend.layout import Layout, sequential_layout
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
+from chunkcache.timing import stage
 
 GRADUAL_FACTOR = 2
 GRADUAL_LAYERS = 4
@@ -61,7 +62,8 @@ class CacheBlend:
             generator = torch.Generator().manual_seed(self.seed)
             chosen = torch.randperm(context, generator=generator)[:first]
         else:
-            deviation = self._deviation(executor, layout, buf)
+            with stage("select_s"):
+                deviation = self._deviation(executor, layout, buf)
             probe_work = self.check_layer * layout.length
             chosen = torch.topk(deviation[:context], first).indices
         selected = torch.sort(torch.cat([chosen, question])).values

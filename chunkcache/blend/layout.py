@@ -11,6 +11,7 @@ from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
 from chunkcache.model.executor import ApeAttention, LayerExecutor
 from chunkcache.model.prompt import PromptPieces
+from chunkcache.timing import stage
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,17 @@ def assemble_cache(
     capacity: int,
 ) -> torch.Tensor:
     """A cache buffer holding the stored KV of head and chunks at their layout positions."""
+    with stage("rerotate_s"):
+        return _assemble(executor, layout, head_kv, chunk_kvs, capacity)
+
+
+def _assemble(
+    executor: LayerExecutor,
+    layout: Layout,
+    head_kv: ChunkKV | None,
+    chunk_kvs: tuple[ChunkKV, ...],
+    capacity: int,
+) -> torch.Tensor:
     buf = executor.empty_kv(capacity)
     placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
     for span, kv in placed:

@@ -12,6 +12,7 @@ import lmdb
 from chunkcache.codec import KVCodec
 from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
+from chunkcache.timing import stage
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,13 @@ class LmdbStore:
         self._env = lmdb.open(str(self.path), map_size=map_size, max_readers=256)
 
     def get(self, key: str) -> ChunkKV | None:
-        with self._env.begin(buffers=False) as txn:
+        with stage("store_read_s"), self._env.begin(buffers=False) as txn:
             data = txn.get(key.encode())
         if data is None:
             return None
         try:
-            return self.codec.decode(data)
+            with stage("codec_decode_s"):
+                return self.codec.decode(data)
         except CorruptCacheError as exc:
             log.warning("dropping corrupt cache entry %s: %s", key[:16], exc)
             self.corrupt_entries += 1

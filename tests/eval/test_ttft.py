@@ -24,8 +24,8 @@ def test_loads_ctxs_format_and_the_bundled_sample(tmp_path: Path) -> None:
         {"question": "q2", "ctxs": [{"title": "", "text": "c"}], "answers": ["z"]},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    assert load_examples(path) == [Example("q1", ("T\na", "b"), ("x", "y")), Example("q2", ("c",), ("z",))]
-    assert load_examples(path, limit=1, passages=1) == [Example("q1", ("T\na",), ("x", "y"))]
+    assert load_examples(path) == [Example("q1", ("T\na", "b"), ("x", "y"), id="0"), Example("q2", ("c",), ("z",), id="1")]
+    assert load_examples(path, limit=1, passages=1) == [Example("q1", ("T\na",), ("x", "y"), id="0")]
     demo = Path(__file__).resolve().parents[2] / "chunkcache" / "data" / "demo.json"
     assert len(load_examples(demo)) == 3 and len(load_examples(demo)[0].chunks) == 6
 
