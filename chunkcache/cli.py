@@ -106,6 +106,42 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import shlex
+
+    from chunkcache.eval.datasets import load_examples
+    from chunkcache.eval.harness import run_eval, strategy_labels
+    from chunkcache.eval.report import write_report
+
+    strategy_labels(args.strategies.split(","))  # a bad name fails before the model loads
+    engine = _engine(args)
+    truncate = None
+    if args.chunk_tokens:
+        tokenizer = engine.model.tokenizer
+
+        def truncate(text: str) -> str:
+            return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[: args.chunk_tokens])
+
+    examples = load_examples(
+        Path(args.dataset), args.limit, args.passages, args.seed if args.shuffle else None, truncate
+    )
+    max_new = args.max_new_tokens or 32
+    rows = run_eval(engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet)
+    metric = "rouge_l" if any(e.task == "summary" for e in examples) else "qa_f1_score"
+    meta = {
+        "model": engine.settings.model, "dataset": args.dataset, "dtype": engine.settings.dtype,
+        "max_new_tokens": max_new, "metric": metric, "seed": args.seed, "passages": args.passages,
+        "shuffled": args.shuffle, "chunk_tokens": args.chunk_tokens,
+        "command": "chunkcache " + shlex.join(sys.argv[1:]) if args.record_command else None,
+    }
+    from chunkcache.eval.report import to_markdown
+
+    report = write_report(rows, meta, Path(args.out), args.seed)
+    print(to_markdown(report))
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md, examples.jsonl and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chunkcache.blend import STRATEGIES
     from chunkcache.model.registry import PACKAGED_MODELS
@@ -137,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=2, help="how many bundled questions (max 3)")
     p.add_argument("--recompute-ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_demo, max_new_tokens=32)
+
+    p = sub.add_parser("eval", help="quality and TTFT of each strategy beside full prefill on a QA dataset")
+    common(p)
+    p.add_argument("--dataset", required=True, help="JSON Lines file in any format of the shared data folder")
+    p.add_argument("--limit", type=int, default=None, help="first N examples")
+    p.add_argument("--strategies", default="full,reuse,cacheblend:0.15,cacheblend:0.3,ape,epic",
+                   help="comma-separated name[:value]; controls: cacheblend:1.0, cacheblend-random:R")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md, examples.jsonl, PNGs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap, shuffling and random-selection seed")
+    p.add_argument("--passages", type=int, default=None, help="chunks kept per example (default all)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle each example's chunks (with --seed)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="token budget per chunk")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-record-command", dest="record_command", action="store_false",
+                   help="leave the command line out of the report")
+    p.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("ttft", help="time to first token of each strategy beside full prefill (warm caches)")

@@ -32,6 +32,12 @@ class Settings:
     system_prompt: str = (
         "You are a helpful assistant. Answer the question briefly, using only the passages."
     )
+    # The question piece (never cached): LongBench-style instruction right before the question,
+    # so small models answer in a few words. Must contain {question}.
+    question_template: str = (
+        "Answer the question based on the passages above. Give only the answer, in a few words.\n\n"
+        "Question: {question}"
+    )
     strategy: str = "cacheblend"
     recompute_ratio: float = 0.15
     check_layer: int = 1

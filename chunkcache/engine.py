@@ -77,7 +77,7 @@ class ChunkCacheEngine:
             torch.set_num_threads(self.settings.threads)
         self.model = model or load_model(
             self.settings.model, self.settings.models_dir, self.settings.dtype,
-            self.settings.device, self.settings.system_prompt,
+            self.settings.device, self.settings.system_prompt, self.settings.question_template,
         )
         self.codec = get_codec("raw", self.settings.zstd_level)
         self.store: KVStore = store or LmdbStore(self.settings.store_path, self.codec)

@@ -66,6 +66,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "auto",
     system_prompt: str = "",
+    question_template: str = "Question: {question}",
 ) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -84,7 +85,7 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         executor=executor,
-        template=PromptTemplate(tokenizer, system_prompt),
+        template=PromptTemplate(tokenizer, system_prompt, question_template),
         fingerprint=fingerprint,
         dtype=torch_dtype,
         eos_token_ids=_eos_ids(model, tokenizer),

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from chunkcache.errors import InvalidInputError
+
 _SENTINEL = "\u2063CHUNKCACHE_USER_CONTENT\u2063"
 
 
@@ -31,8 +33,11 @@ class PromptPieces:
 class PromptTemplate:
     """Splits the model's chat template around the user content."""
 
-    def __init__(self, tokenizer: Any, system_prompt: str) -> None:
+    def __init__(self, tokenizer: Any, system_prompt: str, question_template: str = "Question: {question}") -> None:
+        if "{question}" not in question_template:
+            raise InvalidInputError("question_template must contain {question}")
         self.tokenizer = tokenizer
+        self.question_template = question_template
         self.head_text, self.tail_text = self._split(system_prompt)
 
     def _split(self, system: str) -> tuple[str, str]:
@@ -65,7 +70,8 @@ class PromptTemplate:
         return self.encode(chunk.strip() + "\n\n")
 
     def question_ids(self, question: str) -> tuple[int, ...]:
-        return self.encode(f"Question: {question.strip()}{self.tail_text}")
+        text = self.question_template.replace("{question}", question.strip())
+        return self.encode(text + self.tail_text)
 
     def pieces(self, question: str, chunks: list[str]) -> PromptPieces:
         return PromptPieces(
