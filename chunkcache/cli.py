@@ -90,20 +90,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
     from chunkcache.eval.datasets import load_examples
-    from chunkcache.eval.ttft import bench_ttft, format_table
+    from chunkcache.eval.ttft import bench_ttft, format_table, plot_ttft
 
     dataset = Path(args.dataset) if args.dataset else Path(str(resources.files("chunkcache").joinpath("data/demo.json")))
-    examples = load_examples(dataset, args.limit, args.passages)
+    lengths = [] if args.natural else _ints(args.lengths, "--lengths")
+    examples = load_examples(dataset, args.limit if args.natural else None, args.passages if args.natural else None)
+    strategies = [s for s in args.strategies.split(",") if s.strip()]
     engine = _engine(args)
-    report = bench_ttft(engine, examples, args.strategies.split(","), args.repeats)
+    try:
+        report = bench_ttft(engine, examples, strategies, args.repeats, lengths, _ints(args.chunks, "--chunks"))
+    except ValueError as exc:
+        if isinstance(exc, ChunkCacheError):
+            raise
+        raise CliError(f"{exc}; use a dataset with longer passages or smaller --lengths") from None
     report["dataset"] = str(dataset)
     print(format_table(report))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ttft.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out / 'ttft.json'}")
+        plot_ttft(report, out / "ttft.png")
+        print(f"wrote {out / 'ttft.json'} and {out / 'ttft.png'}")
     return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise CliError(f"{flag} values must be positive")
+    return values
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -193,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("ttft", help="time to first token of each strategy beside full prefill (warm caches)")
     common(p)
-    p.add_argument("--dataset", help="JSON Lines QA file (ctxs/question/answers); default: the bundled MuSiQue sample")
-    p.add_argument("--limit", type=int, default=3, help="examples to time")
-    p.add_argument("--passages", type=int, default=6, help="chunks kept per example, in order")
+    p.add_argument("--dataset", help="QA file in any shared-data format; default: the bundled MuSiQue sample")
+    p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens to sweep")
+    p.add_argument("--chunks", default="4", help="chunk counts to sweep (each chunk: length / count tokens)")
+    p.add_argument("--natural", action="store_true", help="time the dataset's examples as they are instead of a sweep")
+    p.add_argument("--limit", type=int, default=3, help="--natural: examples to time")
+    p.add_argument("--passages", type=int, default=6, help="--natural: chunks kept per example, in order")
     p.add_argument("--strategies", default="full,reuse,cacheblend:0.15,ape,epic", help="comma-separated name[:value]")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="folder for ttft.json")

@@ -54,8 +54,26 @@ _SPEC_PARAMS: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"cacheblend:0.15"`` -> ("cacheblend", {"recompute_ratio": 0.15}); ``"cacheblend-random:R"``
-    spends the same budget on random tokens; a bare name takes the defaults."""
-    name, _, value = spec.strip().partition(":")
+    spends the same budget on random tokens; a bare name takes the defaults; further
+    ``:key=value`` parts set other parameters (``cacheblend:0.15:selection=kv:sinks=8``)."""
+    head, *options = spec.strip().split(":")
+    extra: dict[str, Any] = {}
+    value = ""
+    for option in options:
+        key, eq, val = option.partition("=")
+        if eq:
+            extra[key.strip()] = val.strip()
+        elif not value:
+            value = option
+        else:
+            raise InvalidInputError(f"strategy {spec!r}: write further parameters as key=value")
+    name, params = _parse_name_value(spec, head, value)
+    if extra:
+        make_strategy(name, **params, **extra)  # validates names and values now
+    return name, {**params, **extra}
+
+
+def _parse_name_value(spec: str, name: str, value: str) -> tuple[str, dict[str, Any]]:
     if name in STRATEGIES and not value:
         return name, {}
     if name not in _SPEC_PARAMS:

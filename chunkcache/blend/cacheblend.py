@@ -1,11 +1,17 @@
 """CacheBlend: recompute the tokens whose reused KV deviates most from a fresh computation.
 
-A probe runs the first ``check_layer`` layers on every token and computes fresh K (or V) at the
+A probe runs the first ``check_layer`` layers on every token and computes fresh K and V at the
 check layer; the ``recompute_ratio`` share of context tokens that deviate most, plus the question,
-are then computed at every layer, their K/V replacing the reused ones. With ``gradual``, twice
-the budget is chosen at first and cut down to it over the following layers by the deviation seen
-at each layer, as in the paper. ``selection="random"`` spends the same budget on random tokens
-(a control that shows the choice matters)."""
+are then computed at every layer, their K/V replacing the reused ones. Options:
+
+- ``selection``: rank by K deviation (``k``, the paper), V (``v``), both normalised and summed
+  (``kv``), or spend the same budget on random tokens (``random``, a control).
+- ``sinks``: the first ``sinks`` tokens of every chunk are always in the budget (each chunk was
+  computed behind the head only, so its first tokens carry the largest deviation: EPIC's
+  attention-sink observation).
+- ``per_chunk``: split the budget over chunks by length instead of one global ranking.
+- ``gradual``: choose twice the budget at the check layer and cut it down to the budget over the
+  following layers by the deviation seen at each layer (the paper's gradual filtering)."""
 
 from __future__ import annotations
 
@@ -22,13 +28,29 @@ from chunkcache.timing import stage
 
 GRADUAL_FACTOR = 2
 GRADUAL_LAYERS = 4
+SELECTIONS = ("k", "v", "kv", "random")
+
+
+def token_deviation(
+    fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, selection: str
+) -> torch.Tensor:
+    """Per-token squared distance of fresh vs reused K and/or V ([kv_heads, n, d] each)."""
+    dk = (fresh_k.float() - old_k.float()).pow(2).sum(dim=(0, 2)) if selection != "v" else None
+    dv = (fresh_v.float() - old_v.float()).pow(2).sum(dim=(0, 2)) if selection != "k" else None
+    if dk is None:
+        return dv  # type: ignore[return-value]
+    if dv is None:
+        return dk
+    return dk / dk.mean().clamp_min(1e-12) + dv / dv.mean().clamp_min(1e-12)
 
 
 @dataclass(frozen=True)
 class CacheBlend:
     recompute_ratio: float = 0.15
     check_layer: int = 1
-    selection: str = "k"  # "k", "v" or "random"
+    selection: str = "k"
+    sinks: int = 0
+    per_chunk: bool = False
     gradual: bool = False
     seed: int = 0
     name = "cacheblend"
@@ -37,10 +59,10 @@ class CacheBlend:
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise InvalidInputError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.selection not in ("k", "v", "random"):
-            raise InvalidInputError(f"selection must be 'k', 'v' or 'random', got {self.selection!r}")
-        if self.check_layer < 0:
-            raise InvalidInputError(f"check_layer must be >= 0, got {self.check_layer}")
+        if self.selection not in SELECTIONS:
+            raise InvalidInputError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.check_layer < 0 or self.sinks < 0:
+            raise InvalidInputError("check_layer and sinks must be >= 0")
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
         if self.check_layer >= executor.num_layers:
@@ -60,18 +82,39 @@ class CacheBlend:
         probe_work = 0
         if self.selection == "random":
             generator = torch.Generator().manual_seed(self.seed)
-            chosen = torch.randperm(context, generator=generator)[:first]
+            score = torch.rand(context, generator=generator)
         else:
             with stage("select_s"):
-                deviation = self._deviation(executor, layout, buf)
+                score = self._deviation(executor, layout, buf)[:context]
             probe_work = self.check_layer * layout.length
-            chosen = torch.topk(deviation[:context], first).indices
+        chosen = self._choose(score, layout, first)
         selected = torch.sort(torch.cat([chosen, question])).values
-        shrink = _GradualShrink(executor, self, budget, len(question)) if self.gradual and self.selection != "random" else None
+        shrink = None
+        if self.gradual and self.selection != "random":
+            shrink = _GradualShrink(executor, self, budget, len(question), self._sink_mask(layout))
         return finish(executor, layout, buf, selected, shrink=shrink, extra_work=probe_work)
 
+    def _sink_mask(self, layout: Layout) -> torch.Tensor:
+        mask = torch.zeros(layout.length, dtype=torch.bool)
+        for span in layout.chunks:
+            mask[span.start : min(span.stop, span.start + self.sinks)] = True
+        return mask
+
+    def _choose(self, score: torch.Tensor, layout: Layout, count: int) -> torch.Tensor:
+        """``count`` context indices: forced sinks first, then the highest scores."""
+        score = score.clone()
+        score[self._sink_mask(layout)[: score.shape[0]]] = float("inf")
+        if not self.per_chunk:
+            return torch.topk(score, count).indices
+        picks = [torch.empty(0, dtype=torch.long)]  # the head's cache is exact: never chosen
+        total = sum(len(s) for s in layout.chunks)
+        for span in layout.chunks:
+            share = min(len(span), round(count * len(span) / max(total, 1)))
+            picks.append(span.start + torch.topk(score[span.start : span.stop], share).indices)
+        return torch.cat(picks)
+
     def _deviation(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor) -> torch.Tensor:
-        """Squared distance between fresh and reused K (or V) at the check layer, per token."""
+        """Deviation of fresh vs reused K/V at the check layer, per token."""
         n = layout.length
         index = torch.arange(n)
         hidden = executor.embed(layout.token_ids)
@@ -80,16 +123,18 @@ class CacheBlend:
         for layer in range(self.check_layer):
             hidden = executor.run_layer(layer, hidden, layout.positions, index, keys, values)
         _, k, v = executor.qkv(self.check_layer, hidden, layout.positions)
-        which = 1 if self.selection == "v" else 0
-        fresh = v if which else k
-        return (fresh.float() - buf[self.check_layer, which, :, :n].float()).pow(2).sum(dim=(0, 2))
+        old = buf[self.check_layer, :, :, :n]
+        return token_deviation(k, v, old[0], old[1], self.selection)
 
 
 class _GradualShrink:
     """Cuts the selection from its first size to ``budget`` over GRADUAL_LAYERS layers after the
-    check layer, keeping the tokens whose fresh K deviates most at each layer."""
+    check layer, keeping the tokens that deviate most at each layer (sinks always kept)."""
 
-    def __init__(self, executor: LayerExecutor, blend: CacheBlend, budget: int, n_question: int) -> None:
+    def __init__(
+        self, executor: LayerExecutor, blend: CacheBlend, budget: int, n_question: int, protected: torch.Tensor
+    ) -> None:
+        self.protected = protected  # bool per sequence index: never dropped (sinks)
         self.executor = executor
         self.blend = blend
         self.budget = budget
@@ -106,11 +151,10 @@ class _GradualShrink:
         target = max(self.budget, round(first - (first - self.budget) * step / GRADUAL_LAYERS))
         if n_context <= target:
             return None
-        which = 1 if self.blend.selection == "v" else 0
+        where = index[:n_context]
         _, k, v = self.executor.qkv(layer, hidden[:n_context], positions[:n_context])
-        fresh = v if which else k
-        old = buf[layer, which][:, index[:n_context]]
-        deviation = (fresh.float() - old.float()).pow(2).sum(dim=(0, 2))
+        deviation = token_deviation(k, v, buf[layer, 0][:, where], buf[layer, 1][:, where], self.blend.selection)
+        deviation[self.protected[where]] = float("inf")
         keep = torch.zeros(index.shape[0], dtype=torch.bool)
         keep[torch.topk(deviation, target).indices] = True
         keep[n_context:] = True  # question tokens sit last in the sorted index

@@ -1,11 +1,13 @@
 """Time to first token of every strategy beside full prefill, measured side by side with warm
-caches (chunks precomputed before timing), with the per-stage breakdown."""
+caches (chunks precomputed before timing), with the per-stage breakdown, over real examples
+as they are or over a sweep of context lengths and chunk counts built from their passages."""
 
 from __future__ import annotations
 
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,65 +16,136 @@ from chunkcache.blend import parse_strategy_spec
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.eval.datasets import Example
 
+STAGES = ("store_read_s", "codec_decode_s", "miss_prefill_s", "rerotate_s", "select_s", "recompute_s", "first_token_s")
+
+
+def time_strategies(
+    engine: ChunkCacheEngine, examples: Sequence[Example], strategies: Sequence[str], repeats: int = 3
+) -> dict[str, Any]:
+    """Run each strategy spec ``repeats`` times per example, interleaved so that noise hits all
+    alike. The speed-up is the median over rounds of full's TTFT / the strategy's in that round."""
+    labels = ["full"] + [s for s in strategies if s != "full"]
+    specs = [parse_strategy_spec(label) for label in labels]
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+    prompt_tokens = []
+    for example in examples:
+        chunks = list(example.chunks)
+        engine.precompute(chunks)
+        for name, params in specs:  # warm-up round, not recorded
+            engine.answer(example.question, chunks, strategy=name, max_new_tokens=1, **params)
+        for _ in range(repeats):
+            baseline = None
+            for label, (name, params) in zip(labels, specs):
+                a = engine.answer(example.question, chunks, strategy=name, max_new_tokens=1, **params)
+                baseline = a.ttft_s if baseline is None else baseline
+                runs[label].append({
+                    "ttft_s": a.ttft_s, "speedup": baseline / a.ttft_s,
+                    "recomputed_fraction": a.recomputed_tokens / a.prompt_tokens,
+                    **{k: a.timings.get(k, 0.0) for k in ("load_s", "blend_s", *STAGES)},
+                })
+        prompt_tokens.append(a.prompt_tokens)
+    median = statistics.median
+    return {
+        "examples": len(examples),
+        "prompt_tokens_median": median(prompt_tokens) if prompt_tokens else 0,
+        "strategies": {
+            label: {
+                "ttft_s_median": median(r["ttft_s"] for r in rows),
+                "ttft_speedup_vs_full": median(r["speedup"] for r in rows),
+                "recomputed_fraction": median(r["recomputed_fraction"] for r in rows),
+                "stages_s_median": {k: median(r[k] for r in rows) for k in ("load_s", "blend_s", *STAGES)},
+            }
+            for label, rows in runs.items() if rows
+        },
+    }
+
+
+def sweep_examples(
+    examples: Sequence[Example], tokens: int, chunks: int, count: Callable[[str], int], cut: Callable[[str, int], str],
+    per_config: int = 1,
+) -> list[Example]:
+    """``per_config`` prompts of ``chunks`` real passages cut to ``tokens / chunks`` tokens each,
+    taken in order from the examples' passages (long enough ones only)."""
+    budget = tokens // chunks
+    pool = [p for e in examples for p in e.chunks if count(p) >= budget]
+    needed = chunks * per_config
+    if len(pool) < needed:
+        raise ValueError(f"only {len(pool)} passages have {budget} tokens; {needed} are needed")
+    out = []
+    for i in range(per_config):
+        passages = tuple(cut(p, budget) for p in pool[i * chunks : (i + 1) * chunks])
+        out.append(Example(examples[0].question, passages, (), task="none", id=f"{tokens}x{chunks}#{i}"))
+    return out
+
 
 def bench_ttft(
     engine: ChunkCacheEngine,
     examples: Sequence[Example],
     strategies: Sequence[str],
     repeats: int = 3,
+    lengths: Sequence[int] = (),
+    chunk_counts: Sequence[int] = (4,),
 ) -> dict[str, Any]:
-    """Run each strategy spec (``name[:value]``) ``repeats`` times per example, interleaved so
-    that noise hits all alike. The speed-up is the median over runs of full's TTFT / the
-    strategy's TTFT in the same round."""
-    labels = ["full"] + [s for s in strategies if s != "full"]
-    specs = [parse_strategy_spec(label) for label in labels]
-    runs: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
-    prompt_tokens = []
-    for example in examples:
-        engine.precompute(list(example.chunks))
-        for label, (name, params) in zip(labels, specs):  # warm-up: loads code paths and caches
-            engine.answer(example.question, list(example.chunks), strategy=name, max_new_tokens=1, **params)
-        for _ in range(repeats):
-            baseline = None
-            for label, (name, params) in zip(labels, specs):
-                a = engine.answer(example.question, list(example.chunks), strategy=name, max_new_tokens=1, **params)
-                baseline = a.ttft_s if baseline is None else baseline
-                runs[label].append({
-                    "ttft_s": a.ttft_s, "load_s": a.timings["load_s"], "blend_s": a.timings["blend_s"],
-                    "speedup": baseline / a.ttft_s, "recomputed_fraction": a.recomputed_tokens / a.prompt_tokens,
-                })
-        prompt_tokens.append(a.prompt_tokens)
-    median = statistics.median
+    """The dataset's examples as they are (no ``lengths``), or one config per (length, chunks)."""
+    for spec in strategies:
+        parse_strategy_spec(spec)
+    configs = []
+    if not lengths:
+        configs.append({"label": "dataset", **time_strategies(engine, examples, strategies, repeats)})
+    else:
+        tokenizer = engine.model.tokenizer
+
+        def count(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False))
+
+        def cut(text: str, n: int) -> str:
+            return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:n])
+
+        for tokens in lengths:
+            for chunks in chunk_counts:
+                prompts = sweep_examples(examples, tokens, chunks, count, cut)
+                timed = time_strategies(engine, prompts, strategies, repeats)
+                configs.append({"label": f"{tokens} tokens / {chunks} chunks", "tokens": tokens, "chunks": chunks, **timed})
     return {
         "model": engine.settings.model,
         "dtype": engine.settings.dtype,
-        "device": f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), torch {torch.__version__}",
-        "examples": len(examples),
+        "device": f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
         "repeats": repeats,
-        "prompt_tokens_median": median(prompt_tokens) if prompt_tokens else 0,
-        "strategies": {
-            label: {
-                "ttft_s_median": median(r["ttft_s"] for r in rows),
-                "load_s_median": median(r["load_s"] for r in rows),
-                "blend_s_median": median(r["blend_s"] for r in rows),
-                "ttft_speedup_vs_full": median(r["speedup"] for r in rows),
-                "recomputed_fraction": median(r["recomputed_fraction"] for r in rows),
-            }
-            for label, rows in runs.items()
-        },
+        "configs": configs,
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [
-        f"model {report['model']} ({report['dtype']}), {report['examples']} examples x {report['repeats']} "
-        f"repeats, median prompt {report['prompt_tokens_median']} tokens, {report['device']}",
-        f"{'strategy':<22}{'TTFT ms':>10}{'load ms':>10}{'blend ms':>10}{'speed-up':>10}{'recomputed':>12}",
-    ]
-    for label, row in report["strategies"].items():
-        lines.append(
-            f"{label:<22}{row['ttft_s_median'] * 1e3:>10.0f}{row['load_s_median'] * 1e3:>10.0f}"
-            f"{row['blend_s_median'] * 1e3:>10.0f}{row['ttft_speedup_vs_full']:>9.2f}x"
-            f"{row['recomputed_fraction']:>12.1%}"
-        )
+    lines = [f"model {report['model']} ({report['dtype']}), {report['repeats']} repeats, {report['device']}"]
+    head = f"{'strategy':<24}{'TTFT ms':>9}{'speed-up':>9}{'recomp':>8}" + "".join(
+        f"{s.removesuffix('_s')[:11]:>12}" for s in ("load_s", *STAGES)
+    )
+    for config in report["configs"]:
+        lines += ["", f"{config['label']}: {config['examples']} prompt(s), median {config['prompt_tokens_median']} tokens (stage times in ms)", head]
+        for label, row in config["strategies"].items():
+            stages = row["stages_s_median"]
+            lines.append(
+                f"{label:<24}{row['ttft_s_median'] * 1e3:>9.0f}{row['ttft_speedup_vs_full']:>8.2f}x"
+                f"{row['recomputed_fraction']:>8.1%}" + "".join(f"{stages[s] * 1e3:>12.0f}" for s in ("load_s", *STAGES))
+            )
     return "\n".join(lines)
+
+
+def plot_ttft(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    configs = report["configs"]
+    labels = list(configs[0]["strategies"]) if configs else []
+    xs = [c.get("tokens") or c["prompt_tokens_median"] for c in configs]
+    for label in labels:
+        ax.plot(xs, [c["strategies"][label]["ttft_s_median"] for c in configs], "o-", label=label)
+    ax.set(xlabel="context tokens", ylabel="median TTFT (s)", title=f"TTFT vs context ({report['model']}, {report['dtype']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -115,3 +115,35 @@ def test_strategy_parameters_are_validated() -> None:
     with pytest.raises(InvalidInputError, match="has no parameter recompute_ratio"):
         make_strategy("full", recompute_ratio=0.2)
     assert make_strategy("cacheblend", {"recompute_ratio": 0.4, "epic_k": 3}).recompute_ratio == 0.4
+
+
+def test_selection_options_keep_the_budget(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    base, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2)
+    for params in ({"selection": "v"}, {"selection": "kv"}, {"sinks": 8}, {"per_chunk": True}):
+        variant, tokens = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, **params)
+        assert abs(variant.reused_tokens - base.reused_tokens) <= len(fusion_input.pieces.chunks), params
+        assert tokens
+
+
+def test_sinks_recompute_every_chunk_start(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    """With a budget that only covers the sinks, the result equals EPIC with k = sinks."""
+    pieces = fusion_input.pieces
+    context = pieces.total - len(pieces.question)
+    ratio = 8 * len(pieces.chunks) / context
+    sinks, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=ratio, sinks=8)
+    epic, _ = _run(smollm2, fusion_input, "epic", epic_k=8)
+    assert torch.allclose(sinks.logits, epic.logits, atol=1e-5)
+
+
+def test_strategy_specs_parse_extra_parameters() -> None:
+    from chunkcache.blend import parse_strategy_spec
+
+    assert parse_strategy_spec("cacheblend:0.15:selection=kv:sinks=8") == (
+        "cacheblend", {"recompute_ratio": 0.15, "selection": "kv", "sinks": "8"}
+    )
+    assert parse_strategy_spec("cacheblend-random:0.2") == ("cacheblend", {"selection": "random", "recompute_ratio": 0.2})
+    assert parse_strategy_spec("epic:8") == ("epic", {"epic_k": 8})
+    with pytest.raises(InvalidInputError, match="no parameter foo"):
+        parse_strategy_spec("cacheblend:0.1:foo=2")
+    with pytest.raises(UnknownStrategyError):
+        parse_strategy_spec("warp:2")

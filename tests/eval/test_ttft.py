@@ -11,7 +11,7 @@ from chunkcache.config import Settings
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.errors import InvalidInputError, UnknownStrategyError
 from chunkcache.eval.datasets import Example, load_examples
-from chunkcache.eval.ttft import bench_ttft, format_table
+from chunkcache.eval.ttft import bench_ttft, format_table, plot_ttft
 from chunkcache.model import LoadedModel
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -47,10 +47,25 @@ def test_report_puts_every_strategy_beside_full(smollm2: LoadedModel, store_path
     engine = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
     example = Example("What is it?", ("One passage about a thing.", "Another passage."), ("thing",))
     report = bench_ttft(engine, [example], ["cacheblend:1.0", "cacheblend-random:0.5", "reuse"], repeats=1)
-    assert list(report["strategies"]) == ["full", "cacheblend:1.0", "cacheblend-random:0.5", "reuse"]
-    full = report["strategies"]["full"]
+    (config,) = report["configs"]
+    assert list(config["strategies"]) == ["full", "cacheblend:1.0", "cacheblend-random:0.5", "reuse"]
+    full = config["strategies"]["full"]
     assert full["ttft_speedup_vs_full"] == 1.0 and full["recomputed_fraction"] == 1.0
-    assert report["strategies"]["reuse"]["recomputed_fraction"] < 0.5
+    assert full["stages_s_median"]["recompute_s"] > 0 and full["stages_s_median"]["store_read_s"] == 0
+    reuse = config["strategies"]["reuse"]
+    assert reuse["recomputed_fraction"] < 0.5 and reuse["stages_s_median"]["codec_decode_s"] > 0
     assert "cacheblend-random:0.5" in format_table(report)
     with pytest.raises(UnknownStrategyError):
         bench_ttft(engine, [example], ["warp:2"], repeats=1)
+
+
+def test_sweep_builds_prompts_of_the_asked_size(smollm2: LoadedModel, store_path: Path, tmp_path: Path) -> None:
+    engine = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
+    demo = load_examples(Path(__file__).resolve().parents[2] / "chunkcache" / "data" / "demo.json")
+    report = bench_ttft(engine, demo, ["reuse"], repeats=1, lengths=[256, 512], chunk_counts=[2, 4])
+    labels = [c["label"] for c in report["configs"]]
+    assert labels == ["256 tokens / 2 chunks", "256 tokens / 4 chunks", "512 tokens / 2 chunks", "512 tokens / 4 chunks"]
+    for config in report["configs"]:
+        assert config["tokens"] <= config["prompt_tokens_median"] <= config["tokens"] + 120
+    plot_ttft(report, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
