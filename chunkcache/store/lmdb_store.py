@@ -29,8 +29,16 @@ class LmdbStore:
         self.corrupt_entries = 0
         self._env = lmdb.open(str(self.path), map_size=map_size, max_readers=256)
 
+    def _begin(self, write: bool = False) -> lmdb.Transaction:
+        try:
+            return self._env.begin(write=write, buffers=False)
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size (0 = the size now on disk) and retry.
+            self._env.set_mapsize(0)
+            return self._env.begin(write=write, buffers=False)
+
     def get(self, key: str) -> ChunkKV | None:
-        with stage("store_read_s"), self._env.begin(buffers=False) as txn:
+        with stage("store_read_s"), self._begin() as txn:
             data = txn.get(key.encode())
         if data is None:
             return None
@@ -49,26 +57,26 @@ class LmdbStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         while True:
             try:
-                with self._env.begin(write=True) as txn:
+                with self._begin(write=True) as txn:
                     txn.put(key.encode(), data)
                 return
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
 
     def get_bytes(self, key: str) -> bytes | None:
-        with self._env.begin(buffers=False) as txn:
+        with self._begin() as txn:
             return txn.get(key.encode())
 
     def contains(self, key: str) -> bool:
-        with self._env.begin() as txn:
+        with self._begin() as txn:
             return txn.get(key.encode()) is not None
 
     def delete(self, key: str) -> None:
-        with self._env.begin(write=True) as txn:
+        with self._begin(write=True) as txn:
             txn.delete(key.encode())
 
     def keys(self) -> Iterator[str]:
-        with self._env.begin() as txn:
+        with self._begin() as txn:
             for key in txn.cursor().iternext(keys=True, values=False):
                 yield bytes(key).decode()
 

@@ -49,6 +49,21 @@ def test_map_grows_when_full(store_path: Path) -> None:
     assert len(store) == 4 and store.get("k3") is not None
 
 
+def test_a_map_grown_by_another_process_is_adopted(store_path: Path) -> None:
+    store = LmdbStore(store_path, RawCodec(), map_size=1 << 16)
+    store.put("small", _kv())
+    code = (
+        "import torch; from pathlib import Path; from chunkcache.codec import RawCodec;"
+        "from chunkcache.kv import ChunkKV; from chunkcache.store import LmdbStore;"
+        f"s = LmdbStore(Path({str(store_path)!r}), RawCodec(), map_size=1 << 16);"
+        "[s.put(f'big{i}', ChunkKV(torch.randn(2, 2, 2, 512, 16), tuple(range(512)), 0, 'm', 'p')) for i in range(4)]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert store.get("big3") is not None and store.get("small") is not None
+    store.put("after", _kv())
+    assert len(store) == 6
+
+
 def test_another_process_reads_what_this_one_wrote(store_path: Path) -> None:
     store = LmdbStore(store_path, RawCodec())
     kv = _kv()
