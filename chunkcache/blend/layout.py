@@ -86,28 +86,18 @@ def assemble_cache(
 ) -> torch.Tensor:
     """A cache buffer holding the stored KV of head and chunks at their layout positions."""
     with stage("rerotate_s"):
-        return _assemble(executor, layout, head_kv, chunk_kvs, capacity)
-
-
-def _assemble(
-    executor: LayerExecutor,
-    layout: Layout,
-    head_kv: ChunkKV | None,
-    chunk_kvs: tuple[ChunkKV, ...],
-    capacity: int,
-) -> torch.Tensor:
-    buf = executor.empty_kv(capacity)
-    placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
-    for span, kv in placed:
-        if kv.num_tokens != len(span):
-            raise InvalidInputError(
-                f"cached chunk has {kv.num_tokens} tokens but its slot has {len(span)}; the cache "
-                "does not belong to this prompt"
-            )
-        if tuple(int(t) for t in layout.token_ids[span.start : span.stop]) != kv.token_ids:
-            raise InvalidInputError("cached chunk's token ids differ from the prompt's; wrong cache entry")
-        stored = kv.kv.to(buf.device, buf.dtype)
-        target = int(layout.positions[span.start]) if len(span) else 0
-        buf[:, 0, :, span.start : span.stop] = executor.rerotate(stored[:, 0], target - kv.position_offset)
-        buf[:, 1, :, span.start : span.stop] = stored[:, 1]
-    return buf
+        buf = executor.empty_kv(capacity)
+        placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
+        for span, kv in placed:
+            if kv.num_tokens != len(span):
+                raise InvalidInputError(
+                    f"cached chunk has {kv.num_tokens} tokens but its slot has {len(span)}; the cache "
+                    "does not belong to this prompt"
+                )
+            if tuple(int(t) for t in layout.token_ids[span.start : span.stop]) != kv.token_ids:
+                raise InvalidInputError("cached chunk's token ids differ from the prompt's; wrong cache entry")
+            stored = kv.kv.to(buf.device, buf.dtype)
+            target = int(layout.positions[span.start]) if len(span) else 0
+            buf[:, 0, :, span.start : span.stop] = executor.rerotate(stored[:, 0], target - kv.position_offset)
+            buf[:, 1, :, span.start : span.stop] = stored[:, 1]
+        return buf
