@@ -15,6 +15,7 @@ import torch
 from chunkcache.blend import parse_strategy_spec
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.eval.datasets import Example
+from chunkcache.eval.harness import strategy_labels
 
 STAGES = ("store_read_s", "codec_decode_s", "miss_prefill_s", "rerotate_s", "select_s", "recompute_s", "first_token_s")
 
@@ -24,7 +25,7 @@ def time_strategies(
 ) -> dict[str, Any]:
     """Run each strategy spec ``repeats`` times per example, interleaved so that noise hits all
     alike. The speed-up is the median over rounds of full's TTFT / the strategy's in that round."""
-    labels = ["full"] + [s for s in strategies if s != "full"]
+    labels = strategy_labels(strategies)
     specs = [parse_strategy_spec(label) for label in labels]
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     prompt_tokens = []
@@ -87,8 +88,7 @@ def bench_ttft(
     chunk_counts: Sequence[int] = (4,),
 ) -> dict[str, Any]:
     """The dataset's examples as they are (no ``lengths``), or one config per (length, chunks)."""
-    for spec in strategies:
-        parse_strategy_spec(spec)
+    strategy_labels(strategies)  # a bad name fails before any work
     configs = []
     if not lengths:
         configs.append({"label": "dataset", **time_strategies(engine, examples, strategies, repeats)})
