@@ -38,6 +38,9 @@ class Settings:
         "Answer the question based on the passages above. Give only the answer, in a few words.\n\n"
         "Question: {question}"
     )
+    # Passages placed between the head and each chunk while its cache is computed, then dropped:
+    # "builtin", "none", or a text file of blank-line-separated passages (see blend/prefill.py).
+    chunk_primer: str = "builtin"
     strategy: str = "cacheblend"
     recompute_ratio: float = 0.15
     check_layer: int = 1

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from chunkcache.blend import FusionInput, FusionResult, Sampling, generate, make_strategy
-from chunkcache.blend.prefill import prefill_chunk, prefill_head
+from chunkcache.blend.prefill import prefill_chunk, prefill_head, primer_ids
 from chunkcache.codec import get_codec
 from chunkcache.config import Settings
 from chunkcache.errors import ContextTooLongError, InvalidInputError
@@ -82,11 +82,18 @@ class ChunkCacheEngine:
         self.codec = get_codec("raw", self.settings.zstd_level)
         self.store: KVStore = store or LmdbStore(self.settings.store_path, self.codec)
         self._head_ids = self.model.template.head_ids()
-        self._prefix = prefix_fingerprint(self.model.fingerprint, self._head_ids)
+        # Chunks are computed behind the head and then the primer; the primer's KV is dropped.
+        self._primer_ids = primer_ids(self.model.template, self.settings.chunk_primer)
+        self._prefix_ids = self._head_ids + self._primer_ids
+        self._prefix = prefix_fingerprint(self.model.fingerprint, self._prefix_ids)
 
     # --- keys and precompute -------------------------------------------------------------
     def head_key(self) -> str:
-        return chunk_key(self.model.fingerprint, "", self.codec.name, self._head_ids)
+        return self._fixed_key(self._head_ids)
+
+    def _fixed_key(self, ids: tuple[int, ...]) -> str:
+        """Key of a fixed prefix (the head, or head + primer): it has nothing before it."""
+        return chunk_key(self.model.fingerprint, "", self.codec.name, ids)
 
     def chunk_key(self, chunk: str) -> str:
         ids = self.model.template.chunk_ids(chunk)
@@ -95,31 +102,40 @@ class ChunkCacheEngine:
     def precompute(self, chunks: Sequence[str]) -> list[str]:
         """Compute and store the KV of every chunk not yet stored; return their keys."""
         _check_chunks(chunks)
-        head, _ = self._head()
+        self._head()  # answering needs the head's KV too
+        prefix = self._chunk_prefix()
         keys = []
         for chunk in chunks:
             ids = self.model.template.chunk_ids(chunk)
-            self._chunk(head, ids)
+            self._chunk(prefix, ids)
             keys.append(chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids))
         return keys
 
     def _head(self) -> tuple[ChunkKV, bool]:
-        key = self.head_key()
+        return self._fixed(self._head_ids)
+
+    def _chunk_prefix(self) -> ChunkKV:
+        """What chunks are computed behind: the head, then the primer (if any)."""
+        return self._fixed(self._prefix_ids)[0]
+
+    def _fixed(self, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
+        key = self._fixed_key(ids)
         kv = self.store.get(key)
         if kv is not None:
             return kv, True
         with stage("miss_prefill_s"):
-            kv = prefill_head(self.model.executor, self._head_ids, self.model.fingerprint)
+            kv = prefill_head(self.model.executor, ids, self.model.fingerprint)
             self.store.put(key, kv)
         return kv, False
 
-    def _chunk(self, head: ChunkKV, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
+    def _chunk(self, prefix: ChunkKV | None, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
+        """A chunk's stored KV, computed behind ``prefix`` (loaded on first need) on a miss."""
         key = chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids)
         kv = self.store.get(key)
         if kv is not None:
             return kv, True
         with stage("miss_prefill_s"):
-            kv = prefill_chunk(self.model.executor, head, ids, self._prefix)
+            kv = prefill_chunk(self.model.executor, prefix or self._chunk_prefix(), ids, self._prefix)
             self.store.put(key, kv)
         return kv, False
 
@@ -227,7 +243,8 @@ class ChunkCacheEngine:
         with collect() as stages:
             if fusion.uses_cache:
                 head_kv, head_hit = self._head()
-                loaded = [self._chunk(head_kv, ids) for ids in pieces.chunks]
+                prefix = head_kv if not self._primer_ids else None
+                loaded = [self._chunk(prefix, ids) for ids in pieces.chunks]
                 chunk_kvs = tuple(kv for kv, _ in loaded)
                 hits = sum(hit for _, hit in loaded)
                 misses = len(loaded) - hits

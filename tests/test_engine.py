@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from chunkcache.blend import Sampling
 from chunkcache.config import Settings
@@ -103,3 +104,32 @@ def test_bad_input_raises_value_errors(engine: ChunkCacheEngine, question, chunk
     with pytest.raises(error, match=message) as info:
         engine.answer(question, chunks, **kwargs)
     assert isinstance(info.value, ValueError)
+
+
+def test_chunks_are_computed_behind_the_primer(smollm2: LoadedModel, store_path: Path, tmp_path: Path) -> None:
+    bare = ChunkCacheEngine(Settings.load(env={}, store_path=store_path, chunk_primer="none"), model=smollm2)
+    primed = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
+    own = tmp_path / "primer.txt"
+    own.write_text("A first neutral passage.\n\nA second one.\n", encoding="utf-8")
+    custom = ChunkCacheEngine(Settings.load(env={}, store_path=store_path, chunk_primer=str(own)), model=smollm2)
+    keys = {e.chunk_key(CHUNKS[0]) for e in (bare, primed, custom)}
+    assert len(keys) == 3  # a cache computed behind another primer is another entry
+    for e in (bare, primed, custom):
+        e.precompute(CHUNKS)
+    head = len(smollm2.template.head_ids())
+    offsets = {e.store.get(e.chunk_key(CHUNKS[0])).position_offset for e in (bare, primed, custom)}
+    assert head in offsets and len(offsets) == 3  # primed chunks sit after head + primer
+    reuse = [e.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=1, keep_logits=True) for e in (bare, primed)]
+    assert not torch.allclose(reuse[0].first_token_logits, reuse[1].first_token_logits)
+    full = primed.answer(QUESTION, CHUNKS, strategy="full", max_new_tokens=8)
+    exact = primed.answer(QUESTION, CHUNKS, strategy="cacheblend", recompute_ratio=1.0, max_new_tokens=8)
+    assert exact.token_ids == full.token_ids and exact.cache_misses == 0
+
+
+@pytest.mark.parametrize("setting", ["/no/such/primer.txt", "EMPTY"])
+def test_a_bad_primer_is_refused(smollm2: LoadedModel, store_path: Path, tmp_path: Path, setting: str) -> None:
+    if setting == "EMPTY":
+        (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+        setting = str(tmp_path / "empty.txt")
+    with pytest.raises(InvalidInputError, match="chunk_primer"):
+        ChunkCacheEngine(Settings.load(env={}, store_path=store_path, chunk_primer=setting), model=smollm2)

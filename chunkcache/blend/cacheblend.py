@@ -11,7 +11,9 @@ are then computed at every layer, their K/V replacing the reused ones. Options:
   attention-sink observation).
 - ``per_chunk``: split the budget over chunks by length instead of one global ranking.
 - ``gradual``: choose twice the budget at the check layer and cut it down to the budget over the
-  following layers by the deviation seen at each layer (the paper's gradual filtering)."""
+  following layers by the deviation seen at each layer (the paper's gradual filtering).
+- ``weight``: ``attn`` multiplies each token's deviation by the attention the question's tokens
+  pay to it at the check layer, so the budget goes where a deviation reaches the answer."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from chunkcache.timing import stage
 GRADUAL_FACTOR = 2
 GRADUAL_LAYERS = 4
 SELECTIONS = ("k", "v", "kv", "random")
+WEIGHTS = ("none", "attn")
 
 
 def token_deviation(
@@ -48,10 +51,13 @@ def token_deviation(
 class CacheBlend:
     recompute_ratio: float = 0.15
     check_layer: int = 1
-    selection: str = "k"
+    # K and V deviation with gradual filtering beat the paper's K-only, single-layer choice on
+    # Qwen2.5-0.5B (docs/quality.md); selection=k, gradual=0 is the plain algorithm.
+    selection: str = "kv"
     sinks: int = 0
     per_chunk: bool = False
-    gradual: bool = False
+    gradual: bool = True
+    weight: str = "none"
     seed: int = 0
     name = "cacheblend"
     uses_cache = True
@@ -61,6 +67,8 @@ class CacheBlend:
             raise InvalidInputError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         if self.selection not in SELECTIONS:
             raise InvalidInputError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.weight not in WEIGHTS:
+            raise InvalidInputError(f"weight must be one of {', '.join(WEIGHTS)}, got {self.weight!r}")
         if self.check_layer < 0 or self.sinks < 0:
             raise InvalidInputError("check_layer and sinks must be >= 0")
 
@@ -78,7 +86,8 @@ class CacheBlend:
             return finish(executor, layout, buf, torch.arange(layout.length))
         if budget == 0:
             return finish(executor, layout, buf, question)
-        first = min(context, budget * GRADUAL_FACTOR) if self.gradual else budget
+        gradual = self.gradual and self.selection != "random"  # random has no deviation to filter by
+        first = min(context, budget * GRADUAL_FACTOR) if gradual else budget
         probe_work = 0
         if self.selection == "random":
             generator = torch.Generator().manual_seed(self.seed)
@@ -90,7 +99,7 @@ class CacheBlend:
         chosen = self._choose(score, layout, first)
         selected = torch.sort(torch.cat([chosen, question])).values
         shrink = None
-        if self.gradual and self.selection != "random":
+        if gradual:
             shrink = _GradualShrink(executor, self, budget, len(question), self._sink_mask(layout))
         return finish(executor, layout, buf, selected, shrink=shrink, extra_work=probe_work)
 
@@ -122,9 +131,24 @@ class CacheBlend:
         values = torch.empty_like(keys)
         for layer in range(self.check_layer):
             hidden = executor.run_layer(layer, hidden, layout.positions, index, keys, values)
-        _, k, v = executor.qkv(self.check_layer, hidden, layout.positions)
+        q, k, v = executor.qkv(self.check_layer, hidden, layout.positions)
         old = buf[self.check_layer, :, :, :n]
-        return token_deviation(k, v, old[0], old[1], self.selection)
+        deviation = token_deviation(k, v, old[0], old[1], self.selection)
+        if self.weight == "attn":
+            deviation = deviation * question_attention(executor, q[:, layout.question.start :], k)
+        return deviation
+
+
+def question_attention(executor: LayerExecutor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Mean attention weight [N] that the question's queries (q [heads, nq, d], the last nq of
+    the N positions, so every key before them is visible) give each key (k [kv_heads, N, d])."""
+    group = executor.num_heads // executor.num_kv_heads
+    keys = k.float().repeat_interleave(group, dim=0)
+    nq, total = q.shape[1], keys.shape[1]
+    scores = (q.float() @ keys.transpose(-1, -2)) * executor.scale  # [heads, nq, N]
+    causal = torch.arange(total)[None, :] > torch.arange(total - nq, total)[:, None]
+    scores = scores.masked_fill(causal.to(scores.device), float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
 
 
 class _GradualShrink:

@@ -88,9 +88,12 @@ def _ratio(label: str) -> tuple[str, float] | None:
         return None
     if label == "reuse":
         return "cacheblend", 0.0
-    if name == "cacheblend" and "recompute_ratio" in params:
-        return ("cacheblend-random" if params.get("selection") == "random" else "cacheblend"), params["recompute_ratio"]
-    return None
+    if name != "cacheblend" or "recompute_ratio" not in params:
+        return None
+    selection = params.get("selection")
+    if set(params) - {"recompute_ratio", "selection"} or selection not in (None, "random"):
+        return None  # a variant with other options stays off the ratio curves (it is in the table)
+    return ("cacheblend-random" if selection else "cacheblend"), params["recompute_ratio"]
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
@@ -104,7 +107,10 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     full = strategies["full"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for curve, style in (("cacheblend", "o-"), ("cacheblend-random", "s--")):
-        points = sorted((r[1], s) for label, s in strategies.items() if (r := _ratio(label)) and r[0] == curve)
+        points = sorted(
+            ((r[1], s) for label, s in strategies.items() if (r := _ratio(label)) and r[0] == curve),
+            key=lambda point: point[0],
+        )
         if curve == "cacheblend-random" and points:
             points = [(0.0, strategies["reuse"])] + points if "reuse" in strategies else points
         if not points:

@@ -4,6 +4,7 @@ codec bytes. Corrupt entries are deleted and reported as misses."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,30 @@ log = logging.getLogger(__name__)
 
 _INITIAL_MAP_SIZE = 1 << 30
 
+# lmdb allows one open environment per path and process: stores on the same folder share it.
+_ENVS: dict[str, list] = {}  # resolved path -> [environment, users]
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(path: Path, map_size: int) -> lmdb.Environment:
+    with _ENVS_LOCK:
+        entry = _ENVS.get(str(path.resolve()))
+        if entry is None:
+            entry = _ENVS[str(path.resolve())] = [lmdb.open(str(path), map_size=map_size, max_readers=256), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_env(path: Path) -> None:
+    with _ENVS_LOCK:
+        entry = _ENVS.get(str(path.resolve()))
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _ENVS[str(path.resolve())]
+
 
 class LmdbStore:
     """A `KVStore` on lmdb; the map grows by doubling when full."""
@@ -27,7 +52,8 @@ class LmdbStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self.codec = codec
         self.corrupt_entries = 0
-        self._env = lmdb.open(str(self.path), map_size=map_size, max_readers=256)
+        self._env = _open_env(self.path, map_size)
+        self._closed = False
 
     def _begin(self, write: bool = False) -> lmdb.Transaction:
         try:
@@ -84,4 +110,6 @@ class LmdbStore:
         return int(self._env.stat()["entries"])
 
     def close(self) -> None:
-        self._env.close()
+        if not self._closed:
+            self._closed = True
+            _release_env(self.path)

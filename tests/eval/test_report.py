@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from chunkcache.eval.report import aggregate, paired_bootstrap_ci
+from pathlib import Path
+
+from chunkcache.eval.report import aggregate, paired_bootstrap_ci, write_report
 
 
 def _row(full_score: float, other_score: float, full_ttft: float, other_ttft: float, agree: bool) -> dict:
@@ -11,6 +13,20 @@ def _row(full_score: float, other_score: float, full_ttft: float, other_ttft: fl
                 "first_token_kl": kl, "ttft_s": ttft, "recomputed_fraction": 0.5, "timings": {}}
 
     return {"strategies": {"full": stats(full_score, full_ttft, True, 0.0), "x": stats(other_score, other_ttft, agree, 0.2)}}
+
+
+def test_report_with_several_variants_at_one_ratio_is_written_and_plotted(tmp_path: Path) -> None:
+    labels = ["reuse", "cacheblend:0.15", "cacheblend:0.15:gradual=1", "cacheblend:0.15:selection=kv",
+              "cacheblend-random:0.15", "cacheblend:0.3"]
+    rows = []
+    for i in range(3):
+        row = _row(1.0, 0.5, 4.0, 1.0, True)
+        row["strategies"] = {"full": row["strategies"]["full"], **{label: {**row["strategies"]["x"], "first_token_kl": k / 10} for k, label in enumerate(labels)}}
+        rows.append(row)
+    report = write_report(rows, {"model": "m"}, tmp_path)
+    assert set(report["strategies"]) == {"full", *labels}
+    for name in ("report.json", "report.md", "examples.jsonl", "quality_vs_ratio.png", "ttft.png"):
+        assert (tmp_path / name).stat().st_size > 0
 
 
 def test_aggregate_scales_and_pairs() -> None:

@@ -120,3 +120,16 @@ def test_process_killed_mid_write_leaves_only_whole_entries(store_path: Path) ->
     assert len(keys) >= 5
     assert all(store.get(k) is not None for k in keys)
     assert store.corrupt_entries == 0
+
+
+def test_two_stores_on_one_folder_in_one_process_share_it(store_path: Path) -> None:
+    first, second = LmdbStore(store_path, RawCodec()), LmdbStore(store_path, RawCodec())
+    first.put("k", _kv())
+    assert second.contains("k")
+    first.close()
+    first.close()  # closing twice is harmless
+    assert second.get("k") is not None  # the other store still works
+    second.close()
+    third = LmdbStore(store_path, RawCodec())
+    assert third.contains("k")
+    third.close()
