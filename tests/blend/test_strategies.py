@@ -147,3 +147,12 @@ def test_strategy_specs_parse_extra_parameters() -> None:
         parse_strategy_spec("cacheblend:0.1:foo=2")
     with pytest.raises(UnknownStrategyError):
         parse_strategy_spec("warp:2")
+
+
+def test_attention_weighting_keeps_the_budget_and_changes_the_choice(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, gradual=False)
+    weighted, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, gradual=False, weight="attn")
+    assert weighted.reused_tokens == plain.reused_tokens
+    assert not torch.equal(weighted.logits, plain.logits)
+    with pytest.raises(InvalidInputError, match="weight"):
+        _run(smollm2, fusion_input, "cacheblend", weight="bogus")
