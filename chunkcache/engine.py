@@ -243,8 +243,7 @@ class ChunkCacheEngine:
         with collect() as stages:
             if fusion.uses_cache:
                 head_kv, head_hit = self._head()
-                prefix = head_kv if not self._primer_ids else None
-                loaded = [self._chunk(prefix, ids) for ids in pieces.chunks]
+                loaded = [self._chunk(None, ids) for ids in pieces.chunks]
                 chunk_kvs = tuple(kv for kv, _ in loaded)
                 hits = sum(hit for _, hit in loaded)
                 misses = len(loaded) - hits

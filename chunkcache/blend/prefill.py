@@ -9,16 +9,16 @@ deviate less from a full prefill, which is what every fusion strategy has to rep
 
 from __future__ import annotations
 
-import torch
-
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from chunkcache.blend.base import selective_prefill
 from chunkcache.blend.layout import assemble_cache, sequential_layout
+from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
 from chunkcache.model.executor import LayerExecutor
-from chunkcache.errors import InvalidInputError
 from chunkcache.model.prompt import PromptPieces, PromptTemplate
 
 
