@@ -7,7 +7,7 @@ are then computed at every layer, their K/V replacing the reused ones. Options:
 - ``selection``: rank by K deviation (``k``, the paper), V (``v``), both normalised and summed
   (``kv``), or spend the same budget on random tokens (``random``, a control).
 - ``sinks``: the first ``sinks`` tokens of every chunk are always in the budget (each chunk was
-  computed behind the head only, so its first tokens carry the largest deviation: EPIC's
+  computed without the other chunks before it, so its first tokens tend to deviate most: EPIC's
   attention-sink observation).
 - ``per_chunk``: split the budget over chunks by length instead of one global ranking.
 - ``gradual``: choose twice the budget at the check layer and cut it down to the budget over the

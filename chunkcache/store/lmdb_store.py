@@ -20,28 +20,28 @@ log = logging.getLogger(__name__)
 _INITIAL_MAP_SIZE = 1 << 30
 
 # lmdb allows one open environment per path and process: stores on the same folder share it.
-_ENVS: dict[str, list] = {}  # resolved path -> [environment, users]
+_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}  # resolved path -> (environment, users)
 _ENVS_LOCK = threading.Lock()
 
 
 def _open_env(path: Path, map_size: int) -> lmdb.Environment:
+    key = str(path.resolve())
     with _ENVS_LOCK:
-        entry = _ENVS.get(str(path.resolve()))
-        if entry is None:
-            entry = _ENVS[str(path.resolve())] = [lmdb.open(str(path), map_size=map_size, max_readers=256), 0]
-        entry[1] += 1
-        return entry[0]
+        env, users = _ENVS.get(key) or (lmdb.open(str(path), map_size=map_size, max_readers=256), 0)
+        _ENVS[key] = (env, users + 1)
+        return env
 
 
 def _release_env(path: Path) -> None:
+    key = str(path.resolve())
     with _ENVS_LOCK:
-        entry = _ENVS.get(str(path.resolve()))
-        if entry is None:
+        if key not in _ENVS:
             return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            entry[0].close()
-            del _ENVS[str(path.resolve())]
+        env, users = _ENVS.pop(key)
+        if users > 1:
+            _ENVS[key] = (env, users - 1)
+        else:
+            env.close()
 
 
 class LmdbStore:
