@@ -92,7 +92,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     from chunkcache.eval.datasets import load_examples
     from chunkcache.eval.ttft import bench_ttft, format_table, plot_ttft
 
-    dataset = Path(args.dataset) if args.dataset else Path(str(resources.files("chunkcache").joinpath("data/demo.json")))
+    dataset = _bundled_or(args.dataset)
     lengths = [] if args.natural else _ints(args.lengths, "--lengths")
     examples = load_examples(dataset, args.limit if args.natural else None, args.passages if args.natural else None)
     strategies = [s for s in args.strategies.split(",") if s.strip()]
@@ -106,11 +106,36 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     report["dataset"] = str(dataset)
     print(format_table(report))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ttft.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        plot_ttft(report, out / "ttft.png")
-        print(f"wrote {out / 'ttft.json'} and {out / 'ttft.png'}")
+        path = _write_json(Path(args.out), "ttft.json", report)
+        plot_ttft(report, path.with_name("ttft.png"))
+        print(f"wrote {path} and {path.with_name('ttft.png')}")
+    return 0
+
+
+def _bundled_or(dataset: str | None) -> Path:
+    return Path(dataset) if dataset else Path(str(resources.files("chunkcache").joinpath("data/demo.json")))
+
+
+def _write_json(out: Path, name: str, report: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return out / name
+
+
+def cmd_bench_codec(args: argparse.Namespace) -> int:
+    from chunkcache.eval.codec_bench import bench_codecs, format_table
+    from chunkcache.eval.datasets import load_examples
+
+    dataset = _bundled_or(args.dataset)
+    examples = [e for e in load_examples(dataset, None, args.passages) if e.chunks]
+    if not examples:
+        raise CliError(f"{dataset} has no example with passages to encode")
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    report = bench_codecs(_engine(args), examples[0], codecs, args.repeats)
+    report["dataset"] = str(dataset)
+    print(format_table(report))
+    if args.out:
+        print(f"wrote {_write_json(Path(args.out), 'codec.json', report)}")
     return 0
 
 
@@ -131,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from chunkcache.eval.harness import run_eval, strategy_labels
     from chunkcache.eval.report import write_report
 
-    strategy_labels(args.strategies.split(","))  # a bad name fails before the model loads
+    codecs = [c.strip() for c in (args.codec or "").split(",") if c.strip()]
+    strategy_labels(args.strategies.split(","), codecs)  # a bad name fails before the model loads
     engine = _engine(args)
     truncate = None
     if args.chunk_tokens:
@@ -144,12 +170,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.dataset), args.limit, args.passages, args.seed if args.shuffle else None, truncate
     )
     max_new = args.max_new_tokens or 32
-    rows = run_eval(engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet)
+    rows = run_eval(
+        engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet, codecs=codecs
+    )
     metric = "rouge_l" if any(e.task == "summary" for e in examples) else "qa_f1_score"
     meta = {
         "model": engine.settings.model, "dataset": args.dataset, "dtype": engine.settings.dtype,
         "max_new_tokens": max_new, "metric": metric, "seed": args.seed, "passages": args.passages,
-        "shuffled": args.shuffle, "chunk_tokens": args.chunk_tokens,
+        "shuffled": args.shuffle, "chunk_tokens": args.chunk_tokens, "codecs": codecs or [engine.codec.spec],
         "command": "chunkcache " + shlex.join(sys.argv[1:]) if args.record_command else None,
     }
     from chunkcache.eval.report import to_markdown
@@ -203,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passages", type=int, default=None, help="chunks kept per example (default all)")
     p.add_argument("--shuffle", action="store_true", help="shuffle each example's chunks (with --seed)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="token budget per chunk")
+    p.add_argument("--codec", default=None,
+                   help="codec(s) chunk caches pass through, comma-separated (raw, int8, kivi2, cachegen-1..3); "
+                        "with several, each strategy is reported per codec as spec@codec")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-record-command", dest="record_command", action="store_false",
                    help="leave the command line out of the report")
@@ -221,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="folder for ttft.json")
     p.set_defaults(func=cmd_bench_ttft)
+    from chunkcache.codec import BENCH_CODECS
+
+    p = bench.add_parser("codec", help="size, speed and error of each KV codec on real chunks")
+    common(p)
+    p.add_argument("--dataset", help="QA file whose first example's passages are encoded; default: bundled MuSiQue")
+    p.add_argument("--passages", type=int, default=6, help="chunks taken from that example, in order")
+    p.add_argument("--codecs", default=",".join(BENCH_CODECS), help="comma-separated codec specs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="folder for codec.json")
+    p.set_defaults(func=cmd_bench_codec)
     return parser
 
 

@@ -29,6 +29,9 @@ class Settings:
     models_dir: Path = field(default_factory=lambda: _cache_root() / "models")
     store_path: Path = field(default_factory=lambda: _cache_root() / "store")
     zstd_level: int = 3
+    # How chunk caches are stored: raw | int8 | kivi2 | cachegen-1..3 (see codec/__init__.py).
+    # Fixed prefixes (head, primer) are always stored raw: they are small and shared by all.
+    codec: str = "raw"
     system_prompt: str = (
         "You are a helpful assistant. Answer the question briefly, using only the passages."
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from chunkcache.blend import FusionInput, FusionResult, Sampling, generate, make_strategy
 from chunkcache.blend.prefill import prefill_chunk, prefill_head, primer_ids
-from chunkcache.codec import get_codec
+from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings
 from chunkcache.errors import ContextTooLongError, InvalidInputError
 from chunkcache.kv import ChunkKV
@@ -79,7 +79,8 @@ class ChunkCacheEngine:
             self.settings.model, self.settings.models_dir, self.settings.dtype,
             self.settings.device, self.settings.system_prompt, self.settings.question_template,
         )
-        self.codec = get_codec("raw", self.settings.zstd_level)
+        self.codec = get_codec(self.settings.codec, self.settings.zstd_level)
+        self._lossless = RawCodec(self.settings.zstd_level)
         self.store: KVStore = store or LmdbStore(self.settings.store_path, self.codec)
         self._head_ids = self.model.template.head_ids()
         # Chunks are computed behind the head and then the primer; the primer's KV is dropped.
@@ -87,17 +88,24 @@ class ChunkCacheEngine:
         self._prefix_ids = self._head_ids + self._primer_ids
         self._prefix = prefix_fingerprint(self.model.fingerprint, self._prefix_ids)
 
+    def use_codec(self, spec: str) -> None:
+        """Store and read chunk caches with another codec from now on (fixed prefixes stay raw)."""
+        self.codec = get_codec(spec, self.settings.zstd_level)
+
     # --- keys and precompute -------------------------------------------------------------
     def head_key(self) -> str:
         return self._fixed_key(self._head_ids)
 
     def _fixed_key(self, ids: tuple[int, ...]) -> str:
         """Key of a fixed prefix (the head, or head + primer): it has nothing before it."""
-        return chunk_key(self.model.fingerprint, "", self.codec.name, ids)
+        return chunk_key(self.model.fingerprint, "", self._lossless.spec, ids)
 
     def chunk_key(self, chunk: str) -> str:
         ids = self.model.template.chunk_ids(chunk)
-        return chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids)
+        return self._chunk_key(ids)
+
+    def _chunk_key(self, ids: tuple[int, ...], codec: str | None = None) -> str:
+        return chunk_key(self.model.fingerprint, self._prefix, codec or self.codec.spec, ids)
 
     def precompute(self, chunks: Sequence[str]) -> list[str]:
         """Compute and store the KV of every chunk not yet stored; return their keys."""
@@ -108,7 +116,7 @@ class ChunkCacheEngine:
         for chunk in chunks:
             ids = self.model.template.chunk_ids(chunk)
             self._chunk(prefix, ids)
-            keys.append(chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids))
+            keys.append(self._chunk_key(ids))
         return keys
 
     def _head(self) -> tuple[ChunkKV, bool]:
@@ -120,23 +128,30 @@ class ChunkCacheEngine:
 
     def _fixed(self, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
         key = self._fixed_key(ids)
-        kv = self.store.get(key)
+        kv = self.store.get(key, self.model.fingerprint, self.model.executor.device)
         if kv is not None:
             return kv, True
         with stage("miss_prefill_s"):
             kv = prefill_head(self.model.executor, ids, self.model.fingerprint)
-            self.store.put(key, kv)
+            self.store.put(key, kv, self._lossless)
         return kv, False
 
     def _chunk(self, prefix: ChunkKV | None, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
-        """A chunk's stored KV, computed behind ``prefix`` (loaded on first need) on a miss."""
-        key = chunk_key(self.model.fingerprint, self._prefix, self.codec.name, ids)
-        kv = self.store.get(key)
+        """A chunk's stored KV, computed behind ``prefix`` (loaded on first need) on a miss.
+
+        With a lossy codec, a chunk already stored losslessly is re-encoded, not recomputed."""
+        key = self._chunk_key(ids)
+        kv = self.store.get(key, self.model.fingerprint, self.model.executor.device)
         if kv is not None:
             return kv, True
-        with stage("miss_prefill_s"):
-            kv = prefill_chunk(self.model.executor, prefix or self._chunk_prefix(), ids, self._prefix)
-            self.store.put(key, kv)
+        if self.codec.spec != self._lossless.spec:
+            kv = self.store.get(
+                self._chunk_key(ids, self._lossless.spec), self.model.fingerprint, self.model.executor.device
+            )
+        if kv is None:
+            with stage("miss_prefill_s"):
+                kv = prefill_chunk(self.model.executor, prefix or self._chunk_prefix(), ids, self._prefix)
+        self.store.put(key, kv, self.codec)
         return kv, False
 
     # --- answering ----------------------------------------------------------------------

@@ -72,6 +72,27 @@ print(json.dumps([a.cache_hits, a.cache_misses, engine.precompute({CHUNKS!r})]))
     assert keys == engine.precompute(CHUNKS)
 
 
+def test_a_lossy_codec_reencodes_stored_chunks_and_keeps_prefixes_raw(
+    engine: ChunkCacheEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chunkcache.codec import read_header
+    import chunkcache.engine as eng
+
+    raw_keys = engine.precompute(CHUNKS)
+    engine.use_codec("cachegen-2")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a chunk stored raw was prefilled again")
+
+    monkeypatch.setattr(eng, "prefill_chunk", refuse)
+    keys = engine.precompute(CHUNKS)
+    assert set(keys).isdisjoint(raw_keys)  # the codec is part of the key
+    assert {read_header(engine.store.get_bytes(k))["codec"] for k in keys} == {"cachegen"}
+    assert read_header(engine.store.get_bytes(engine.head_key()))["codec"] == "raw"
+    lossy = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=8)
+    assert lossy.cache_hits == 3 and lossy.text
+
+
 def test_stream_yields_the_answer_text(engine: ChunkCacheEngine) -> None:
     pieces = list(engine.stream(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12))
     answer = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12)

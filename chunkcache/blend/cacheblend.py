@@ -13,7 +13,10 @@ are then computed at every layer, their K/V replacing the reused ones. Options:
 - ``gradual``: choose twice the budget at the check layer and cut it down to the budget over the
   following layers by the deviation seen at each layer (the paper's gradual filtering).
 - ``weight``: ``attn`` multiplies each token's deviation by the attention the question's tokens
-  pay to it at the check layer, so the budget goes where a deviation reaches the answer."""
+  pay to it at the check layer, so the budget goes where a deviation reaches the answer;
+  ``qattn`` multiplies it (``qattn_add`` adds it, both normalised) by the attention the question
+  pays to each token averaged over every layer of a question-only pass over the reused cache
+  (the cost of ``reuse``), here and in the gradual filtering."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from chunkcache.timing import stage
 GRADUAL_FACTOR = 2
 GRADUAL_LAYERS = 4
 SELECTIONS = ("k", "v", "kv", "random")
-WEIGHTS = ("none", "attn")
+WEIGHTS = ("none", "attn", "qattn", "qattn_add")
 
 
 def token_deviation(
@@ -89,18 +92,27 @@ class CacheBlend:
         gradual = self.gradual and self.selection != "random"  # random has no deviation to filter by
         first = min(context, budget * GRADUAL_FACTOR) if gradual else budget
         probe_work = 0
+        importance = None
         if self.selection == "random":
             generator = torch.Generator().manual_seed(self.seed)
             score = torch.rand(context, generator=generator)
         else:
             with stage("select_s"):
+                importance = _reuse_attention(executor, layout, buf) if self.weight.startswith("qattn") else None
                 score = self._deviation(executor, layout, buf)[:context]
+                if importance is not None:
+                    score = _weighted(score, importance[:context], self.weight)
             probe_work = self.check_layer * layout.length
+            if importance is not None:
+                probe_work += executor.num_layers * len(question)
         chosen = self._choose(score, layout, first)
         selected = torch.sort(torch.cat([chosen, question])).values
         shrink = None
         if gradual:
-            shrink = _GradualShrink(executor, self, budget, len(question), self._sink_mask(layout))
+            shrink = _GradualShrink(
+                executor, self, budget, len(question), self._sink_mask(layout),
+                None if self.selection == "random" else importance,
+            )
         return finish(executor, layout, buf, selected, shrink=shrink, extra_work=probe_work)
 
     def _sink_mask(self, layout: Layout) -> torch.Tensor:
@@ -139,6 +151,28 @@ class CacheBlend:
         return deviation
 
 
+def _weighted(deviation: torch.Tensor, importance: torch.Tensor, weight: str) -> torch.Tensor:
+    if weight == "qattn_add":
+        return deviation / deviation.mean().clamp_min(1e-12) + importance / importance.mean().clamp_min(1e-12)
+    return deviation * importance
+
+
+def _reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor) -> torch.Tensor:
+    """Attention [N] the question pays to each token, averaged over layers, in a question-only
+    pass over the reused cache (its K/V land at the question's indices, which are recomputed
+    later anyway and which no context token attends to)."""
+    n = layout.length
+    index = question_index(layout)
+    positions = layout.positions[index]
+    hidden = executor.embed(layout.token_ids[index])
+    total = torch.zeros(n)
+    for layer in range(executor.num_layers):
+        q, _, _ = executor.qkv(layer, hidden, positions)
+        hidden = executor.run_layer(layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n])
+        total += question_attention(executor, q, buf[layer, 0, :, :n]).cpu()
+    return total / executor.num_layers
+
+
 def question_attention(executor: LayerExecutor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Mean attention weight [N] that the question's queries (q [heads, nq, d], the last nq of
     the N positions, so every key before them is visible) give each key (k [kv_heads, N, d])."""
@@ -156,9 +190,11 @@ class _GradualShrink:
     check layer, keeping the tokens that deviate most at each layer (sinks always kept)."""
 
     def __init__(
-        self, executor: LayerExecutor, blend: CacheBlend, budget: int, n_question: int, protected: torch.Tensor
+        self, executor: LayerExecutor, blend: CacheBlend, budget: int, n_question: int, protected: torch.Tensor,
+        importance: torch.Tensor | None = None,
     ) -> None:
         self.protected = protected  # bool per sequence index: never dropped (sinks)
+        self.importance = importance  # per sequence index, from the question-only pass (weight=qattn)
         self.executor = executor
         self.blend = blend
         self.budget = budget
@@ -178,6 +214,8 @@ class _GradualShrink:
         where = index[:n_context]
         _, k, v = self.executor.qkv(layer, hidden[:n_context], positions[:n_context])
         deviation = token_deviation(k, v, buf[layer, 0][:, where], buf[layer, 1][:, where], self.blend.selection)
+        if self.importance is not None:
+            deviation = _weighted(deviation.cpu(), self.importance[where], self.blend.weight)
         deviation[self.protected[where]] = float("inf")
         keep = torch.zeros(index.shape[0], dtype=torch.bool)
         keep[torch.topk(deviation, target).indices] = True

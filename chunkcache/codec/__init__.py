@@ -1,17 +1,84 @@
-"""Turning a chunk's KV tensors into self-describing, checksummed bytes and back."""
+"""Turning a chunk's KV tensors into self-describing, checksummed bytes and back.
 
-from chunkcache.codec.base import KVCodec
-from chunkcache.codec.raw import RawCodec
+Codecs are named by a spec: ``raw``, ``int8``, ``kivi2[:group=G]``,
+``cachegen-L[:delta=1[:group=G]]`` (L = quality level 1-3; ``cachegen`` alone is level 2).
+Any entry decodes with `decode_entry`, whichever codec wrote it: its header says how."""
 
-CODECS = {"raw": RawCodec}
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from chunkcache.codec.base import (
+    LEGACY_VERSIONS, CacheMismatchError, KVCodec, LayeredCodec, peek_version, read_header, unpack,
+)
+from chunkcache.codec.cachegen import CacheGenCodec
+from chunkcache.codec.int8 import Int8Codec
+from chunkcache.codec.kivi import Kivi2Codec
+from chunkcache.codec.raw import RawCodec, decode_legacy
+from chunkcache.errors import CorruptCacheError, InvalidInputError
+from chunkcache.kv import ChunkKV
+
+CODECS: dict[str, type[LayeredCodec]] = {
+    "raw": RawCodec, "int8": Int8Codec, "kivi2": Kivi2Codec, "cachegen": CacheGenCodec,
+}
+BENCH_CODECS = ("raw", "int8", "kivi2", "cachegen-1", "cachegen-2", "cachegen-3")
 
 
-def get_codec(name: str, level: int = 3) -> KVCodec:
-    from chunkcache.errors import InvalidInputError
+def _options(spec: str, parts: list[str]) -> dict[str, int]:
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise InvalidInputError(f"codec option {part!r} in {spec!r} must look like name=integer")
+        options[key.strip()] = int(value)
+    return options
 
+
+def get_codec(spec: str, zstd_level: int = 3) -> LayeredCodec:
+    """The codec a spec names (see the module docstring); a bad spec is a clear error."""
+    head, *rest = spec.strip().split(":")
+    name, _, level = head.partition("-")
     if name not in CODECS:
-        raise InvalidInputError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
-    return CODECS[name](level)
+        raise InvalidInputError(f"unknown codec {spec!r}; choose one of {', '.join(BENCH_CODECS)}")
+    options = _options(spec, rest)
+    builders: dict[str, Callable[[], LayeredCodec]] = {
+        "raw": lambda: RawCodec(zstd_level),
+        "int8": lambda: Int8Codec(zstd_level),
+        "kivi2": lambda: Kivi2Codec(group=options.pop("group", 32)),
+        "cachegen": lambda: CacheGenCodec(
+            level=int(level or options.pop("level", 2)), delta=bool(options.pop("delta", 0)),
+            group=options.pop("group", 10),
+        ),
+    }
+    if level and name != "cachegen":
+        raise InvalidInputError(f"only cachegen takes a level suffix, got {spec!r}")
+    if level and not level.isdigit():
+        raise InvalidInputError(f"cachegen level must be 1, 2 or 3, got {spec!r}")
+    codec = builders[name]()
+    if options:
+        raise InvalidInputError(f"codec {name} has no option(s) {', '.join(options)} (in {spec!r})")
+    return codec
 
 
-__all__ = ["CODECS", "KVCodec", "RawCodec", "get_codec"]
+def decode_entry(
+    data: bytes, model_fingerprint: str | None = None, device: torch.device | str | None = None
+) -> ChunkKV:
+    """Decode any entry by the codec its header names, dequantising on ``device``; corrupt or
+    foreign bytes raise `CorruptCacheError`."""
+    if peek_version(data) in LEGACY_VERSIONS:
+        kv = decode_legacy(data, model_fingerprint)
+        return kv if device is None else ChunkKV(kv.kv.to(device), kv.token_ids, kv.position_offset,
+                                                 kv.model_fingerprint, kv.prefix_fingerprint)
+    entry = unpack(data, model_fingerprint=model_fingerprint)
+    name = entry.header["codec"]
+    if name not in CODECS:
+        raise CorruptCacheError(f"cache entry was written by unknown codec {name!r}")
+    return CODECS[name]().decode_entry(entry, device)
+
+
+__all__ = [
+    "BENCH_CODECS", "CODECS", "CacheGenCodec", "CacheMismatchError", "Int8Codec", "KVCodec",
+    "Kivi2Codec", "RawCodec", "decode_entry", "get_codec", "read_header", "unpack",
+]

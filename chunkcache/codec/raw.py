@@ -1,4 +1,4 @@
-"""`raw`: the KV tensors in their own dtype, zstd-compressed; lossless."""
+"""`raw`: the KV tensors in their own dtype, zstd-compressed per layer; lossless."""
 
 from __future__ import annotations
 
@@ -7,58 +7,64 @@ from typing import Any
 import torch
 import zstandard
 
-from chunkcache.codec.base import pack, unpack
+from chunkcache.codec.base import DTYPES, CacheMismatchError, Entry, LayeredCodec, legacy_header
 from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # numpy has no bfloat16: tensors travel as same-width integers and are viewed back.
 _CARRIER = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-class RawCodec:
+def zstd_decompress(buf: memoryview | bytes, size: int) -> bytes:
+    """Decompress exactly ``size`` bytes; anything else is a corrupt entry."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(bytes(buf), max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptCacheError(f"cache entry payload does not decompress: {exc}") from None
+    if len(raw) != size:
+        raise CorruptCacheError("cache entry payload has the wrong size")
+    return raw
+
+
+class RawCodec(LayeredCodec):
     name = "raw"
 
     def __init__(self, level: int = 3) -> None:
         self.level = level
+        self.spec = "raw"
 
-    def encode(self, kv: ChunkKV) -> bytes:
-        tensor = kv.kv.detach().to("cpu").contiguous()
-        dtype_name = str(tensor.dtype).removeprefix("torch.")
-        if tensor.dtype not in _CARRIER:
-            raise ValueError(f"raw codec cannot store dtype {dtype_name}")
-        raw = tensor.view(_CARRIER[tensor.dtype]).numpy().tobytes()
-        header: dict[str, Any] = {
-            "codec": self.name,
-            "dtype": dtype_name,
-            "shape": list(tensor.shape),
-            "raw_bytes": len(raw),
-            "token_ids": list(kv.token_ids),
-            "position_offset": kv.position_offset,
-            "model_fingerprint": kv.model_fingerprint,
-            "prefix_fingerprint": kv.prefix_fingerprint,
-        }
-        return pack(header, zstandard.ZstdCompressor(level=self.level).compress(raw))
+    def encode_layer(self, layer: torch.Tensor, index: int, params: dict[str, Any]) -> bytes:
+        raw = layer.contiguous().view(_CARRIER[layer.dtype]).numpy().tobytes()
+        return zstandard.ZstdCompressor(level=self.level).compress(raw)
 
-    def decode(self, data: bytes) -> ChunkKV:
-        header, payload = unpack(data)
-        try:
-            if header["codec"] != self.name:
-                raise CorruptCacheError(f"entry was written by codec {header['codec']!r}, not {self.name!r}")
-            dtype = _DTYPES[header["dtype"]]
-            shape = [int(s) for s in header["shape"]]
-            raw = zstandard.ZstdDecompressor().decompress(bytes(payload), max_output_size=int(header["raw_bytes"]))
-            if len(raw) != int(header["raw_bytes"]):
-                raise CorruptCacheError("cache entry payload has the wrong size")
-            tensor = torch.frombuffer(bytearray(raw), dtype=_CARRIER[dtype]).view(dtype).reshape(shape)
-            return ChunkKV(
-                kv=tensor,
-                token_ids=tuple(int(t) for t in header["token_ids"]),
-                position_offset=int(header["position_offset"]),
-                model_fingerprint=str(header["model_fingerprint"]),
-                prefix_fingerprint=str(header["prefix_fingerprint"]),
-            )
-        except CorruptCacheError:
+    def decode_layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
+        dtype = entry.dtype
+        shape = entry.layer_shape
+        size = shape[0] * shape[1] * shape[2] * shape[3] * torch.empty((), dtype=dtype).element_size()
+        raw = zstd_decompress(entry.sections[index], size)
+        return torch.frombuffer(bytearray(raw), dtype=_CARRIER[dtype]).view(dtype).reshape(shape).to(device)
+
+
+def decode_legacy(data: bytes, model_fingerprint: str | None = None) -> ChunkKV:
+    """Read a version-1 entry (raw codec, one zstd'd tensor) so stores written before the
+    layered format keep their caches."""
+    header, payload = legacy_header(data)
+    try:
+        if header["codec"] != "raw":
+            raise CorruptCacheError(f"version-1 entry names codec {header['codec']!r}; only raw existed")
+        if model_fingerprint is not None and header["model_fingerprint"] != model_fingerprint:
+            raise CacheMismatchError("cache entry belongs to another model; it cannot be used with this one")
+        dtype = DTYPES[header["dtype"]]
+        raw = zstd_decompress(payload, int(header["raw_bytes"]))
+        tensor = torch.frombuffer(bytearray(raw), dtype=_CARRIER[dtype]).view(dtype)
+        return ChunkKV(
+            kv=tensor.reshape([int(s) for s in header["shape"]]),
+            token_ids=tuple(int(t) for t in header["token_ids"]),
+            position_offset=int(header["position_offset"]),
+            model_fingerprint=str(header["model_fingerprint"]),
+            prefix_fingerprint=str(header["prefix_fingerprint"]),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CorruptCacheError):
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError, zstandard.ZstdError) as exc:
-            raise CorruptCacheError(f"cache entry cannot be decoded: {exc}") from None
+        raise CorruptCacheError(f"version-1 cache entry cannot be decoded: {exc}") from None

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from chunkcache.blend import parse_strategy_spec
+from chunkcache.codec import get_codec
 from chunkcache.engine import Answer, ChunkCacheEngine
 from chunkcache.eval.datasets import Example
 from chunkcache.eval.metrics import answers_agree, first_token_kl, qa_f1_score, rouge_l_score
@@ -24,15 +25,27 @@ def score(example: Example, text: str) -> float | None:
     return None
 
 
-def strategy_labels(strategies: Sequence[str]) -> list[str]:
-    """``full`` first (the reference), then the requested specs in order, without repeats."""
+def strategy_labels(strategies: Sequence[str], codecs: Sequence[str] = ()) -> list[str]:
+    """``full`` first (the reference), then the requested specs in order, without repeats.
+
+    With several codecs every cached strategy is run through each, labelled ``spec@codec``."""
     labels = ["full"]
     for spec in strategies:
         spec = spec.strip()
         if spec and spec not in labels:
             parse_strategy_spec(spec)  # fail before any work on a bad name
             labels.append(spec)
-    return labels
+    for codec in codecs:
+        get_codec(codec)
+    if len(codecs) <= 1:
+        return labels
+    return ["full"] + [f"{label}@{codec.strip()}" for label in labels[1:] for codec in codecs]
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """``spec@codec`` -> (spec, codec); a plain label has no codec."""
+    spec, _, codec = label.partition("@")
+    return spec, codec or None
 
 
 def run_eval(
@@ -42,29 +55,45 @@ def run_eval(
     max_new_tokens: int = 32,
     seed: int = 0,
     progress: bool = True,
+    codecs: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """One row per example with each strategy's answer, score and fidelity to ``full``.
-    Every example's chunks are precomputed before its strategies are timed."""
-    labels = strategy_labels(strategies)
-    specs = [parse_strategy_spec(label) for label in labels]
-    specs = [(n, {**p, "seed": seed}) if p.get("selection") == "random" else (n, p) for n, p in specs]
+    Every example's chunks are precomputed (in every codec) before its strategies are timed;
+    chunk caches pass through the codec, so its loss shows in the scores."""
+    labels = strategy_labels(strategies, codecs)
+    default_codec = engine.codec.spec
+    runs = []
+    for label in labels:
+        spec, codec = split_label(label)
+        name, params = parse_strategy_spec(spec)
+        params = {**params, "seed": seed} if params.get("selection") == "random" else params
+        runs.append((label, name, params, codec or (codecs[0] if codecs else default_codec)))
     usable = [e for e in examples if e.chunks]
-    if usable:  # warm-up: first calls pay one-time costs (allocator, kernels) that are not TTFT
-        engine.precompute(list(usable[0].chunks))
-        for name, params in specs:
-            engine.answer(usable[0].question, list(usable[0].chunks), strategy=name, max_new_tokens=1, **params)
-    rows = []
-    bar = tqdm(usable, desc="eval", unit="example", disable=not progress)
-    for example in bar:
+
+    def answer_all(example: Example, max_new: int, keep_logits: bool) -> dict[str, Answer]:
         chunks = list(example.chunks)
-        engine.precompute(chunks)
-        answers: dict[str, Answer] = {}
-        for label, (name, params) in zip(labels, specs):
+        for codec in dict.fromkeys(run[3] for run in runs):
+            engine.use_codec(codec)
+            engine.precompute(chunks)
+        answers = {}
+        for label, name, params, codec in runs:
+            engine.use_codec(codec)
             answers[label] = engine.answer(
-                example.question, chunks, strategy=name, max_new_tokens=max_new_tokens, keep_logits=True, **params
+                example.question, chunks, strategy=name, max_new_tokens=max_new, keep_logits=keep_logits, **params
             )
-        rows.append(_row(example, answers))
-        bar.set_postfix(tokens=answers["full"].prompt_tokens)
+        return answers
+
+    try:
+        if usable:  # warm-up: first calls pay one-time costs (allocator, kernels) that are not TTFT
+            answer_all(usable[0], 1, False)
+        rows = []
+        bar = tqdm(usable, desc="eval", unit="example", disable=not progress)
+        for example in bar:
+            answers = answer_all(example, max_new_tokens, True)
+            rows.append(_row(example, answers))
+            bar.set_postfix(tokens=answers["full"].prompt_tokens)
+    finally:
+        engine.use_codec(default_codec)
     return rows
 
 

@@ -61,7 +61,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"# chunkcache eval: {report.get('model')} on {Path(str(report.get('dataset'))).name}",
         "",
         f"n = {report['n']} examples ({report['n_scored']} with gold answers), dtype {report.get('dtype')}, "
-        f"max_new_tokens {report.get('max_new_tokens')}, metric {report.get('metric')} (x100, LongBench).",
+        f"max_new_tokens {report.get('max_new_tokens')}, metric {report.get('metric')} (x100, LongBench), "
+        f"chunk caches through codec {', '.join(report.get('codecs') or ['raw'])}.",
         "",
     ]
     if report.get("command"):
@@ -83,9 +84,9 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def _ratio(label: str) -> tuple[str, float] | None:
     """(curve, recompute ratio) for the quality-vs-ratio plot."""
+    if label == "full" or "@" in label:
+        return None  # codec comparisons (spec@codec) are read from the table
     name, params = parse_strategy_spec(label)
-    if label == "full":
-        return None
     if label == "reuse":
         return "cacheblend", 0.0
     if name != "cacheblend" or "recompute_ratio" not in params:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
+from chunkcache.codec import KVCodec
 from chunkcache.kv import ChunkKV
 
 
 class KVStore(Protocol):
-    def get(self, key: str) -> ChunkKV | None:
-        """The cached chunk, or None on a miss (a corrupt entry counts as a miss)."""
+    def get(
+        self, key: str, model_fingerprint: str | None = None, device: torch.device | str | None = None
+    ) -> ChunkKV | None:
+        """The cached chunk on ``device`` (CPU by default), or None on a miss (a corrupt entry,
+        or one written for another model than ``model_fingerprint``, counts as a miss)."""
 
-    def put(self, key: str, kv: ChunkKV) -> None:
-        """Store atomically; readers see the whole entry or none of it."""
+    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> None:
+        """Store atomically, encoded by ``codec`` (the store's default when None); readers see
+        the whole entry or none of it."""
 
     def contains(self, key: str) -> bool: ...
 

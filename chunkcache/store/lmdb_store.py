@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
+import torch
 
-from chunkcache.codec import KVCodec
+from chunkcache.codec import KVCodec, decode_entry
 from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
 from chunkcache.timing import stage
@@ -63,22 +64,27 @@ class LmdbStore:
             self._env.set_mapsize(0)
             return self._env.begin(write=write, buffers=False)
 
-    def get(self, key: str) -> ChunkKV | None:
+    def get(
+        self, key: str, model_fingerprint: str | None = None, device: torch.device | str | None = None
+    ) -> ChunkKV | None:
+        """Decode by whichever codec wrote the entry, onto ``device``; an entry of another model
+        counts as corrupt."""
         with stage("store_read_s"), self._begin() as txn:
             data = txn.get(key.encode())
         if data is None:
             return None
         try:
             with stage("codec_decode_s"):
-                return self.codec.decode(data)
+                return decode_entry(data, model_fingerprint, device)
         except CorruptCacheError as exc:
             log.warning("dropping corrupt cache entry %s: %s", key[:16], exc)
             self.corrupt_entries += 1
             self.delete(key)
             return None
 
-    def put(self, key: str, kv: ChunkKV) -> None:
-        self.put_bytes(key, self.codec.encode(kv))
+    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> None:
+        """Encode with ``codec`` (the store's own by default) and write atomically."""
+        self.put_bytes(key, (codec or self.codec).encode(kv))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         while True:

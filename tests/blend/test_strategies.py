@@ -156,3 +156,11 @@ def test_attention_weighting_keeps_the_budget_and_changes_the_choice(smollm2: Lo
     assert not torch.equal(weighted.logits, plain.logits)
     with pytest.raises(InvalidInputError, match="weight"):
         _run(smollm2, fusion_input, "cacheblend", weight="bogus")
+
+
+@pytest.mark.parametrize("weight", ["qattn", "qattn_add"])
+def test_question_attention_weighting_keeps_the_budget(smollm2: LoadedModel, fusion_input: FusionInput, weight: str) -> None:
+    plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2)
+    weighted, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, weight=weight)
+    assert weighted.reused_tokens == plain.reused_tokens  # same budget after gradual filtering
+    assert not torch.equal(weighted.logits, plain.logits)  # a different choice

@@ -46,3 +46,36 @@ def test_eval_writes_the_report_and_ratio_one_agrees_with_full(tmp_path: Path) -
 def test_eval_refuses_an_unknown_strategy_before_loading(tmp_path: Path) -> None:
     run = chunkcache("eval", "--dataset", str(DEMO), "--strategies", "full,turbo", "--out", str(tmp_path), store=tmp_path / "s")
     assert run.returncode == 2 and "unknown strategy 'turbo'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_eval_runs_each_cached_strategy_through_each_codec(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    run = chunkcache(
+        "eval", "--model", "smollm2-135m", "--dataset", str(DEMO), "--limit", "1", "--passages", "3",
+        "--strategies", "reuse,cacheblend:1.0", "--codec", "raw,kivi2", "--max-new-tokens", "4",
+        "--out", str(out), "--quiet", store=tmp_path / "store",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["strategies"]) == ["full", "reuse@raw", "reuse@kivi2", "cacheblend:1.0@raw", "cacheblend:1.0@kivi2"]
+    assert report["codecs"] == ["raw", "kivi2"]
+    s = report["strategies"]
+    assert s["cacheblend:1.0@kivi2"]["first_token_kl"] < 1e-6  # everything recomputed: the codec cannot matter
+    assert s["reuse@kivi2"]["first_token_kl"] != s["reuse@raw"]["first_token_kl"]  # 2-bit caches were used
+
+
+def test_bench_codec_writes_sizes_speeds_and_errors(tmp_path: Path) -> None:
+    run = chunkcache(
+        "bench", "codec", "--model", "smollm2-135m", "--passages", "2", "--codecs", "raw,int8,cachegen-2",
+        "--repeats", "1", "--out", str(tmp_path / "b"), store=tmp_path / "store",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "b" / "codec.json").read_text())
+    codecs = report["codecs"]
+    assert set(codecs) == {"raw", "int8", "cachegen-2"} and report["cacheblend_recompute_s"] > 0
+    for stats in codecs.values():
+        assert {"ratio_vs_bf16", "encode_MBps", "decode_MBps", "rel_err_k", "rel_err_v"} <= set(stats)
+    assert codecs["raw"]["rel_err_k"] == codecs["raw"]["rel_err_v"] == 0.0
+    assert codecs["cachegen-2"]["ratio_vs_bf16"] > codecs["int8"]["ratio_vs_bf16"] > 1.0
+    assert 0 < codecs["int8"]["rel_err_k"] < codecs["cachegen-2"]["rel_err_k"] < 1.0
+    assert "| cachegen-2 |" in run.stdout

@@ -133,3 +133,16 @@ def test_two_stores_on_one_folder_in_one_process_share_it(store_path: Path) -> N
     third = LmdbStore(store_path, RawCodec())
     assert third.contains("k")
     third.close()
+
+
+def test_entries_decode_by_their_own_codec_and_foreign_models_miss(store_path: Path) -> None:
+    from chunkcache.codec import get_codec
+
+    store = LmdbStore(store_path, RawCodec())
+    kv = _kv(tokens=40)
+    store.put("lossy", kv, get_codec("int8"))
+    back = store.get("lossy", model_fingerprint="m")
+    assert back is not None and not torch.equal(back.kv, kv.kv)
+    assert torch.allclose(back.kv, kv.kv, atol=kv.kv.abs().max().item() / 100)
+    assert store.get("lossy", model_fingerprint="another model") is None
+    assert store.corrupt_entries == 1 and not store.contains("lossy")
