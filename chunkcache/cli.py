@@ -139,6 +139,85 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_store(args: argparse.Namespace) -> int:
+    from chunkcache.eval.datasets import load_examples
+    from chunkcache.eval.store_bench import bench_store, format_table
+
+    dataset = _bundled_or(args.dataset)
+    examples = [e for e in load_examples(dataset, None, args.passages) if e.chunks]
+    if not examples:
+        raise CliError(f"{dataset} has no example with passages")
+    engine = _engine(args)
+    remote = args.remote_url or engine.settings.remote_url or None
+    report = bench_store(engine, examples, remote, args.entry_tokens, args.entries, args.repeats)
+    report["dataset"] = str(dataset)
+    if not remote:
+        report["remote_note"] = "no remote_url given: the remote tier was not measured"
+    print(format_table(report))
+    if args.out:
+        print(f"wrote {_write_json(Path(args.out), 'store.json', report)}")
+    return 0
+
+
+def _persistent_store(args: argparse.Namespace) -> Any:
+    """The configured store's persistent tiers (disk, remote): memory tiers live in one process."""
+    from chunkcache.codec import get_codec
+    from chunkcache.config import Settings
+    from chunkcache.store import build_store
+
+    settings = Settings.load(getattr(args, "config", None), store_path=getattr(args, "store", None))
+    tiers = [t for t in settings.store_tiers.split(",") if t.strip() in ("disk", "remote")]
+    if settings.store_tiers.strip() == "auto":
+        tiers = ["disk"] + (["remote"] if settings.remote_url else [])
+    if not tiers:
+        raise CliError("the configured store has no persistent tier (disk or remote) to inspect")
+    import dataclasses
+
+    return build_store(dataclasses.replace(settings, store_tiers=",".join(tiers)), get_codec(settings.codec))
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from chunkcache.store.policy import parse_bytes, victims
+
+    store = _persistent_store(args)
+    try:
+        if args.cache == "stats":
+            stats = store.stats()
+            if args.json:
+                print(json.dumps(stats, indent=2))
+            for name, s in ({} if args.json else stats).items():
+                budget = "unbounded" if s["budget_bytes"] is None else f"{s['budget_bytes'] / 1e6:.1f} MB"
+                print(f"{name}: {s['entries']} entries, {s['bytes'] / 1e6:.1f} MB (budget {budget})")
+        elif args.cache == "ls":
+            for tier in store.tiers:
+                for info in sorted(tier.infos(), key=lambda i: -i.last_access):
+                    print(f"{tier.name}\t{info.key}\t{info.nbytes}\t{info.tokens}\t{info.hits}")
+        elif args.cache == "evict":
+            tiers = [t for t in store.tiers if args.tier in (None, t.name)]
+            if args.keys:
+                for key in args.keys:
+                    store.evict(key, args.tier)
+                print(f"evicted {len(args.keys)} key(s) from {', '.join(t.name for t in tiers)}")
+            elif args.to_bytes is not None:
+                target = parse_bytes(args.to_bytes) or 0
+                for tier in tiers:
+                    infos = tier.infos()
+                    drop = victims(infos, tier.policy, sum(i.nbytes for i in infos), target, 0)
+                    for info in drop:
+                        tier.delete(info.key)
+                    print(f"{tier.name}: evicted {len(drop)} entries by {tier.policy.name}")
+            else:
+                raise CliError("cache evict needs keys or --to-bytes N")
+        elif args.cache == "clear":
+            if not args.yes:
+                raise CliError("cache clear deletes every entry; add --yes to confirm")
+            store.clear(args.tier)
+            print(f"cleared {args.tier or 'every tier'}")
+    finally:
+        store.close()
+    return 0
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -262,6 +341,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="folder for codec.json")
     p.set_defaults(func=cmd_bench_codec)
+
+    p = bench.add_parser("store", help="put/get speed per store tier, and TTFT with caches served from each")
+    common(p)
+    p.add_argument("--dataset", help="QA file; its first example is timed; default: bundled MuSiQue")
+    p.add_argument("--passages", type=int, default=6, help="chunks of that example, in order")
+    p.add_argument("--remote-url", help="redis:// URL of the remote tier to measure (default: the remote_url setting)")
+    p.add_argument("--entry-tokens", type=int, default=512, help="tokens per entry in the put/get test")
+    p.add_argument("--entries", type=int, default=20, help="entries put and read per tier")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="folder for store.json")
+    p.set_defaults(func=cmd_bench_store)
+
+    cache = sub.add_parser("cache", help="inspect and manage the configured store (disk, remote tiers)")
+    cache_sub = cache.add_subparsers(dest="cache", required=True)
+    for name, text in (("stats", "entries, bytes and budget per tier"), ("ls", "entries: tier, key, bytes, tokens, hits"),
+                       ("evict", "remove keys, or evict by policy down to a size"), ("clear", "delete every entry")):
+        p = cache_sub.add_parser(name, help=text)
+        p.add_argument("--config", help="YAML settings file (also $CHUNKCACHE_CONFIG)")
+        p.add_argument("--store", help="folder of the disk tier (default ~/.cache/chunkcache/store)")
+        if name == "stats":
+            p.add_argument("--json", action="store_true", help="print the stats as JSON")
+        if name in ("evict", "clear"):
+            p.add_argument("--tier", choices=("disk", "remote"), help="only this tier")
+        if name == "evict":
+            p.add_argument("keys", nargs="*", help="chunk keys to remove")
+            p.add_argument("--to-bytes", help="evict by the tier's policy until it holds at most this much (e.g. 1GiB)")
+        if name == "clear":
+            p.add_argument("--yes", action="store_true", help="confirm")
+        p.set_defaults(func=cmd_cache)
     return parser
 
 

@@ -32,6 +32,17 @@ class Settings:
     # How chunk caches are stored: raw | int8 | kivi2 | cachegen-1..3 (see codec/__init__.py).
     # Fixed prefixes (head, primer) are always stored raw: they are small and shared by all.
     codec: str = "raw"
+    # Store tiers, fastest first: "auto" = gpu (when CUDA is present), cpu, disk, and remote when
+    # remote_url is set; or a list such as "cpu,disk,remote". Budgets take 512MiB, 2GB, ...; an
+    # empty budget means unbounded (the remote tier's capacity is the server's maxmemory).
+    store_tiers: str = "auto"
+    gpu_budget: str = "4GiB"
+    cpu_budget: str = "2GiB"
+    disk_budget: str = ""
+    remote_url: str = ""
+    remote_timeout_s: float = 2.0
+    eviction: str = "lru"  # lru | cost (hits x tokens / bytes)
+    write_through: bool = True  # False: writes land in the first tier, reach lower ones on eviction
     system_prompt: str = (
         "You are a helpful assistant. Answer the question briefly, using only the passages."
     )

@@ -15,7 +15,7 @@ from chunkcache.config import Settings
 from chunkcache.errors import ContextTooLongError, InvalidInputError
 from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, PromptPieces, load_model
-from chunkcache.store import KVStore, LmdbStore, chunk_key, prefix_fingerprint
+from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
 from chunkcache.timing import collect, stage
 
 _STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
@@ -81,7 +81,7 @@ class ChunkCacheEngine:
         )
         self.codec = get_codec(self.settings.codec, self.settings.zstd_level)
         self._lossless = RawCodec(self.settings.zstd_level)
-        self.store: KVStore = store or LmdbStore(self.settings.store_path, self.codec)
+        self.store: KVStore = store or build_store(self.settings, self.codec)
         self._head_ids = self.model.template.head_ids()
         # Chunks are computed behind the head and then the primer; the primer's KV is dropped.
         self._primer_ids = primer_ids(self.model.template, self.settings.chunk_primer)
@@ -257,8 +257,15 @@ class ChunkCacheEngine:
         head_kv, chunk_kvs = None, ()
         with collect() as stages:
             if fusion.uses_cache:
+                prefetch = getattr(self.store, "prefetch", None)
+                handle = None
+                if prefetch is not None:  # chunks load in the background while the head loads
+                    handle = prefetch([self._chunk_key(ids) for ids in pieces.chunks], self.model.fingerprint,
+                                      self.model.executor.device)
                 head_kv, head_hit = self._head()
                 loaded = [self._chunk(None, ids) for ids in pieces.chunks]
+                if handle is not None:
+                    stages["prefetch_load_s"] = handle.load_s()  # background time, overlapped
                 chunk_kvs = tuple(kv for kv, _ in loaded)
                 hits = sum(hit for _, hit in loaded)
                 misses = len(loaded) - hits

@@ -172,6 +172,16 @@ def unpack(data: bytes, codec: str | None = None, model_fingerprint: str | None 
     return Entry(header, sections)
 
 
+def peek_tokens(data: bytes | memoryview) -> int:
+    """Token count an entry's header claims, without verifying it (for bookkeeping only)."""
+    try:
+        _, _, head_len = _PREFIX.unpack_from(data)
+        header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + head_len]))
+        return int(header.get("num_tokens", len(header.get("token_ids", ()))))
+    except (struct.error, ValueError, TypeError, AttributeError):
+        return 0
+
+
 def read_header(data: bytes) -> dict[str, Any]:
     """The validated header of an entry (codec name, parameters, shape, ...)."""
     return unpack(data).header

@@ -97,28 +97,35 @@ def test_keys_are_deterministic_across_processes_and_sensitive_to_inputs() -> No
     assert here not in variants and len(variants) == 4
 
 
-def test_process_killed_mid_write_leaves_only_whole_entries(store_path: Path) -> None:
+def test_process_killed_mid_write_leaves_every_acknowledged_entry_intact(store_path: Path, tmp_path: Path) -> None:
+    log = tmp_path / "acknowledged.log"
     code = (
-        "import torch; from pathlib import Path; from chunkcache.codec import RawCodec;"
+        "import sys, torch; from pathlib import Path; from chunkcache.codec import RawCodec;"
         "from chunkcache.kv import ChunkKV; from chunkcache.store import LmdbStore;"
-        f"s = LmdbStore(Path({str(store_path)!r}), RawCodec());"
-        "kv = ChunkKV(torch.randn(4, 2, 2, 256, 32), tuple(range(256)), 0, 'm', 'p');"
-        "i = 0\nwhile True:\n    s.put(f'k{i}', kv); i += 1"
+        f"s = LmdbStore(Path({str(store_path)!r}), RawCodec()); out = open({str(log)!r}, 'w');"
+        "i = 0\nwhile True:\n"
+        "    g = torch.Generator().manual_seed(i)\n"
+        "    s.put(f'k{i}', ChunkKV(torch.randn(4, 2, 2, 256, 32, generator=g), tuple(range(256)), 0, 'm', 'p'))\n"
+        "    out.write(f'{i}\\n'); out.flush(); i += 1"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             time.sleep(0.2)
-            if store_path.exists() and len(LmdbStore(store_path, RawCodec())) >= 5:
+            if log.exists() and len(log.read_text().split()) >= 5:
                 break
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     store = LmdbStore(store_path, RawCodec())
-    keys = list(store.keys())
-    assert len(keys) >= 5
-    assert all(store.get(k) is not None for k in keys)
+    acknowledged = [int(i) for i in log.read_text().split()]
+    assert len(acknowledged) >= 5
+    for i in acknowledged:
+        g = torch.Generator().manual_seed(i)
+        got = store.get(f"k{i}")
+        assert got is not None and torch.equal(got.kv, torch.randn(4, 2, 2, 256, 32, generator=g))
+    assert all(store.get(k) is not None for k in store.keys())  # no torn entry is visible
     assert store.corrupt_entries == 0
 
 

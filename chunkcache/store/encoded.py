@@ -1,0 +1,62 @@
+"""What the byte tiers (disk, remote) share: reading an encoded entry, decoding it by the codec
+its header names, and turning a corrupt one into a counted, deleted miss."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from chunkcache.codec import KVCodec, decode_entry
+from chunkcache.errors import CorruptCacheError
+from chunkcache.kv import ChunkKV
+from chunkcache.store.policy import TierStats
+from chunkcache.timing import stage
+
+log = logging.getLogger(__name__)
+
+
+class EncodedTier:
+    """Base of `LmdbStore` and `RedisStore`; subclasses provide the byte operations."""
+
+    name = ""
+    codec: KVCodec
+    stats: TierStats
+
+    def get_bytes(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes, tokens: int | None = None) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def get(self, key: str, model_fingerprint: str | None = None, device: torch.device | str | None = None) -> ChunkKV | None:
+        """Decode by whichever codec wrote the entry, onto ``device``; a corrupt entry, or one of
+        another model, is deleted, counted and read as a miss."""
+        start = time.perf_counter()
+        with stage("store_read_s"):
+            data = self.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            with stage("codec_decode_s"):
+                kv = decode_entry(data, model_fingerprint, device)
+        except CorruptCacheError as exc:
+            self.drop_corrupt(key, exc)
+            return None
+        self.stats.timed("get", time.perf_counter() - start)
+        return kv
+
+    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> None:
+        """Encode with ``codec`` (the tier's own by default) and write atomically."""
+        self.put_bytes(key, (codec or self.codec).encode(kv), kv.num_tokens)
+
+    def drop_corrupt(self, key: str, exc: Exception) -> None:
+        log.warning("dropping corrupt %s cache entry %s: %s", self.name, key[:16], exc)
+        self.stats.count("corrupt")
+        self.stats.count("hits", -1)
+        self.stats.count("misses")
+        self.delete(key)

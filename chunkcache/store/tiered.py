@@ -1,0 +1,305 @@
+"""`TieredStore`: the store the engine reads through, over tiers ordered fastest first
+(gpu, cpu, disk, remote).
+
+- read-through: a hit in a lower tier is promoted into every tier above it (encoded bytes to
+  byte tiers, decoded tensors to memory tiers);
+- writes go through to every tier by default; with ``write_through=False`` they go to the first
+  tier only and reach the next one when the memory tier evicts them (write-back);
+- a corrupt entry in a byte tier is deleted, counted, and the read falls to the next tier (then,
+  if no tier has it, the engine recomputes the chunk);
+- ``prefetch(keys)`` starts loading in background threads and returns at once; ``get`` waits on
+  a pending load; ``iter_layers`` yields a chunk's layers while later ones are still decoding."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from chunkcache.codec import CODECS, KVCodec, RawCodec, decode_entry, unpack
+from chunkcache.codec.base import LEGACY_VERSIONS, peek_version
+from chunkcache.errors import CorruptCacheError
+from chunkcache.kv import ChunkKV
+from chunkcache.store.memory import MemoryTier
+from chunkcache.store.policy import EntryInfo, TierStats
+from chunkcache.timing import stage
+
+
+class ByteTier(Protocol):
+    """A tier of encoded entries (disk, remote)."""
+
+    name: str
+    budget: int | None
+    stats: TierStats
+
+    def get_bytes(self, key: str) -> bytes | None: ...
+
+    def put_bytes(self, key: str, data: bytes, tokens: int | None = None) -> None: ...
+
+    def drop_corrupt(self, key: str, exc: Exception) -> None: ...
+
+    def contains(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def keys(self) -> Iterator[str]: ...
+
+    def infos(self) -> list[EntryInfo]: ...
+
+    def size(self) -> int: ...
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+Tier = MemoryTier | ByteTier
+
+
+@dataclass
+class PrefetchHandle:
+    """Loads started by `TieredStore.prefetch`; ``wait()`` returns once all have finished."""
+
+    futures: dict[str, Future]
+    seconds: dict[str, float]  # background load time per key, filled as loads finish
+
+    def wait(self) -> dict[str, ChunkKV | None]:
+        return {key: future.result() for key, future in self.futures.items()}
+
+    def load_s(self) -> float:
+        """Seconds the background threads spent loading (summed over keys)."""
+        return sum(self.seconds.values())
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures.values())
+
+
+class TieredStore:
+    """Reads through, writes through and keeps per-tier statistics (see the module docstring)."""
+
+    def __init__(self, tiers: Sequence[Tier], codec: KVCodec, write_through: bool = True, workers: int = 4) -> None:
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        self.tiers = list(tiers)
+        self.codec = codec
+        self.write_through = write_through
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvprefetch")
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        if not write_through:
+            for upper, lower in zip(self.tiers, self.tiers[1:]):
+                if isinstance(upper, MemoryTier):
+                    upper.on_evict.append(lambda key, kv, lower=lower: self._put_tier(lower, key, kv, None, None))
+
+    def tier(self, name: str) -> Tier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    # --- reads ---------------------------------------------------------------------------
+    def get(self, key: str, model_fingerprint: str | None = None, device: torch.device | str | None = None) -> ChunkKV | None:
+        with self._lock:
+            pending = self._pending.pop(key, None)
+        if pending is None:
+            return self._load(key, model_fingerprint, device)
+        kv = pending.result()  # a prefetch already went through every tier: None is a miss
+        if kv is None or (model_fingerprint is not None and kv.model_fingerprint != model_fingerprint):
+            return None
+        if device is not None and kv.kv.device != torch.device(device):
+            kv = _moved(kv, device)
+        return kv
+
+    def _load(self, key: str, model_fingerprint: str | None, device: torch.device | str | None) -> ChunkKV | None:
+        for i, tier in enumerate(self.tiers):
+            if isinstance(tier, MemoryTier):
+                kv = tier.get(key, model_fingerprint, device)
+                if kv is not None:
+                    self._promote(i, key, kv, None)
+                    return kv
+                continue
+            with stage("store_read_s"):
+                data = tier.get_bytes(key)
+            if data is None:
+                continue
+            try:
+                with stage("codec_decode_s"):
+                    kv = decode_entry(data, model_fingerprint, device)
+            except CorruptCacheError as exc:
+                tier.drop_corrupt(key, exc)
+                continue
+            self._promote(i, key, kv, data)
+            return kv
+        return None
+
+    def _promote(self, found_at: int, key: str, kv: ChunkKV, data: bytes | None) -> None:
+        for tier in self.tiers[:found_at]:
+            self._put_tier(tier, key, kv, data, None)
+
+    def prefetch(self, keys: Sequence[str], model_fingerprint: str | None = None,
+                 device: torch.device | str | None = None) -> PrefetchHandle:
+        """Start loading ``keys`` in background threads; `get` picks up the result."""
+        handle = PrefetchHandle({}, {})
+
+        def load(key: str) -> ChunkKV | None:
+            start = time.perf_counter()
+            try:
+                return self._load(key, model_fingerprint, device)
+            finally:
+                handle.seconds[key] = time.perf_counter() - start
+
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                future = self._pending.get(key)
+                if future is None:
+                    future = self._pool.submit(load, key)
+                    self._pending[key] = future
+                handle.futures[key] = future
+        return handle
+
+    def iter_layers(self, key: str, model_fingerprint: str | None = None,
+                    device: torch.device | str | None = None) -> Iterator[torch.Tensor] | None:
+        """The chunk's layers in order as they are decoded, or None on a miss. The whole chunk is
+        promoted into the memory tiers once its last layer has been read."""
+        for i, tier in enumerate(self.tiers):
+            if isinstance(tier, MemoryTier):
+                kv = tier.get(key, model_fingerprint, device)
+                if kv is not None:
+                    return iter(kv.kv.unbind(0))
+                continue
+            data = tier.get_bytes(key)
+            if data is None:
+                continue
+            try:
+                if peek_version(data) in LEGACY_VERSIONS:  # one tensor: nothing to stream
+                    kv = decode_entry(data, model_fingerprint, device)
+                    self._promote(i, key, kv, data)
+                    return iter(kv.kv.unbind(0))
+                entry = unpack(data, model_fingerprint=model_fingerprint)
+                codec = CODECS[entry.header["codec"]]()
+            except (CorruptCacheError, KeyError) as exc:
+                tier.drop_corrupt(key, exc if isinstance(exc, CorruptCacheError) else CorruptCacheError(str(exc)))
+                continue
+            return self._stream(i, key, codec.iter_layers(data, model_fingerprint, device), entry.chunk_kv, data)
+        return None
+
+    def _stream(self, found_at: int, key: str, layers: Iterator[torch.Tensor], build: Any, data: bytes) -> Iterator[torch.Tensor]:
+        got = []
+        for layer in layers:
+            got.append(layer)
+            yield layer
+        self._promote(found_at, key, build(torch.stack(got)), data)
+
+    # --- writes --------------------------------------------------------------------------
+    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> None:
+        """Encode once; every tier (or only the first, write-back) gets the entry."""
+        codec = codec or self.codec
+        data = codec.encode(kv) if any(not isinstance(t, MemoryTier) for t in self.tiers) else None
+        if data is not None and not isinstance(codec, RawCodec):
+            kv = decode_entry(data, None, kv.kv.device)  # memory tiers hold what the lower tiers return
+        for tier in self.tiers if self.write_through else self.tiers[:1]:
+            self._put_tier(tier, key, kv, data, codec)
+
+    def _put_tier(self, tier: Tier, key: str, kv: ChunkKV, data: bytes | None, codec: KVCodec | None) -> None:
+        if isinstance(tier, MemoryTier):
+            tier.put(key, kv)
+        else:
+            tier.put_bytes(key, data if data is not None else (codec or self.codec).encode(kv), kv.num_tokens)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store already encoded bytes in the byte tiers (e.g. copied from another store)."""
+        for tier in self.tiers:
+            if not isinstance(tier, MemoryTier):
+                tier.put_bytes(key, data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The encoded entry from the first byte tier that has it."""
+        for tier in self.tiers:
+            if not isinstance(tier, MemoryTier):
+                data = tier.get_bytes(key)
+                if data is not None:
+                    return data
+        return None
+
+    def contains(self, key: str) -> bool:
+        return any(tier.contains(key) for tier in self.tiers)
+
+    def delete(self, key: str) -> None:
+        for tier in self.tiers:
+            tier.delete(key)
+
+    def evict(self, key: str, tier_name: str | None = None) -> None:
+        for tier in self.tiers:
+            if tier_name in (None, tier.name):
+                tier.delete(key)
+
+    def clear(self, tier_name: str | None = None) -> None:
+        for tier in self.tiers:
+            if tier_name in (None, tier.name):
+                tier.clear()
+
+    def keys(self) -> Iterator[str]:
+        seen: dict[str, None] = {}
+        for tier in self.tiers:
+            seen.update(dict.fromkeys(tier.keys()))
+        return iter(list(seen))
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per tier: entries, bytes, budget and the counters of `TierStats`."""
+        return {
+            tier.name: {"entries": len(tier), "bytes": tier.size(), "budget_bytes": tier.budget, **tier.stats.snapshot()}
+            for tier in self.tiers
+        }
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for tier in self.tiers:
+            tier.close()
+
+
+def _moved(kv: ChunkKV, device: torch.device | str) -> ChunkKV:
+    return ChunkKV(kv.kv.to(device), kv.token_ids, kv.position_offset, kv.model_fingerprint, kv.prefix_fingerprint)
+
+
+TIER_NAMES = ("gpu", "cpu", "disk", "remote")
+
+
+def tier_names(spec: str, remote_url: str) -> list[str]:
+    """The tiers a ``store_tiers`` setting names, fastest first."""
+    from chunkcache.errors import InvalidInputError
+
+    if spec.strip() == "auto":
+        names = (["gpu"] if torch.cuda.is_available() else []) + ["cpu", "disk"]
+        return names + (["remote"] if remote_url else [])
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TIER_NAMES]
+    if unknown or not names:
+        raise InvalidInputError(f"store_tiers takes 'auto' or a list of {', '.join(TIER_NAMES)}, got {spec!r}")
+    if sorted(names, key=TIER_NAMES.index) != names or len(set(names)) != len(names):
+        raise InvalidInputError(f"store_tiers must list each tier once, fastest first ({', '.join(TIER_NAMES)})")
+    if "remote" in names and not remote_url:
+        raise InvalidInputError("the remote tier needs remote_url (redis://host:6379/0)")
+    return names
+
+
+def build_store(settings: Any, codec: KVCodec) -> TieredStore:
+    """The `TieredStore` a `Settings` describes."""
+    from chunkcache.store.lmdb_store import LmdbStore
+    from chunkcache.store.policy import get_policy, parse_bytes
+    from chunkcache.store.redis_store import RedisStore
+
+    tiers: list[Tier] = []
+    for name in tier_names(settings.store_tiers, settings.remote_url):
+        policy = get_policy(settings.eviction)
+        if name in ("gpu", "cpu"):
+            budget = parse_bytes(settings.gpu_budget if name == "gpu" else settings.cpu_budget)
+            tiers.append(MemoryTier(name, budget, policy, "cuda" if name == "gpu" else "cpu"))
+        elif name == "disk":
+            tiers.append(LmdbStore(settings.store_path, codec, budget_bytes=parse_bytes(settings.disk_budget), policy=policy))
+        else:
+            tiers.append(RedisStore(settings.remote_url, codec, timeout_s=settings.remote_timeout_s))
+    return TieredStore(tiers, codec, write_through=settings.write_through)

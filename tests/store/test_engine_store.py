@@ -1,0 +1,58 @@
+"""The engine through the tiered store with SmolLM2: damaged entries on disk or in redis are
+recomputed and the answer is the one a clean store gives; redis down still answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from chunkcache.config import Settings
+from chunkcache.engine import ChunkCacheEngine
+from chunkcache.model import LoadedModel
+from tests.store.conftest import RedisServer
+
+QUESTION = "Which city has the Brandenburg gate?"
+CHUNKS = [
+    "Paris is the capital of France. It has the Eiffel tower.",
+    "Berlin is the capital of Germany. It has the Brandenburg gate.",
+]
+
+
+def _flip(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0x04
+    return bytes(damaged)
+
+
+def test_damaged_entries_are_recomputed_and_the_answer_is_unchanged(
+    smollm2: LoadedModel, store_path: Path, redis_url: str
+) -> None:
+    settings = Settings.load(env={}, store_path=store_path, store_tiers="disk,remote", remote_url=redis_url)
+    engine = ChunkCacheEngine(settings, model=smollm2)
+    clean = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12)
+    disk, remote = engine.store.tiers
+    keys = [engine.chunk_key(c) for c in CHUNKS]
+    client = redis.Redis.from_url(redis_url)
+    for key in keys:
+        disk.put_bytes(key, _flip(disk.get_bytes(key)))
+        client.set(f"chunkcache:e:{key}", _flip(client.get(f"chunkcache:e:{key}")))
+    again = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12)
+    assert again.text == clean.text and again.cache_misses == 2
+    stats = engine.store.stats()
+    assert stats["disk"]["corrupt"] == 2 and stats["remote"]["corrupt"] == 2
+    third = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12)
+    assert third.cache_hits == 2 and third.text == clean.text  # recomputed entries were stored again
+
+
+def test_answers_still_come_when_redis_is_down(smollm2: LoadedModel, store_path: Path, redis_server: RedisServer) -> None:
+    private = RedisServer(redis_server.folder)
+    private.start()
+    settings = Settings.load(env={}, store_path=store_path, store_tiers="remote", remote_url=private.url,
+                             remote_timeout_s=0.5)
+    engine = ChunkCacheEngine(settings, model=smollm2)
+    first = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
+    private.stop()
+    down = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
+    assert down.text == first.text and down.cache_hits == 0  # misses, recomputed
+    assert engine.store.stats()["remote"]["errors"] >= 1

@@ -1,0 +1,160 @@
+"""Memory tiers, eviction policies and the `TieredStore`: budgets, promotion, write policies,
+corruption falling through to a miss, prefetch and layer streaming."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chunkcache.codec import get_codec
+from chunkcache.errors import InvalidInputError
+from chunkcache.kv import ChunkKV
+from chunkcache.store import LmdbStore, MemoryTier, TieredStore
+from chunkcache.store.policy import CostAware, EntryInfo, LRU, parse_bytes
+from chunkcache.store.tiered import tier_names
+
+RAW = get_codec("raw")
+
+
+def _kv(tokens: int = 8, seed: int = 0) -> ChunkKV:
+    g = torch.Generator().manual_seed(seed)
+    return ChunkKV(torch.randn(2, 2, 1, tokens, 4, generator=g), tuple(range(tokens)), 3, "m", "p")
+
+
+def test_memory_tier_stays_within_budget_and_evicts_least_recently_used() -> None:
+    size = _kv().nbytes
+    tier = MemoryTier("cpu", budget_bytes=3 * size)
+    for i in range(3):
+        tier.put(f"k{i}", _kv(seed=i))
+    assert tier.get("k0") is not None  # k0 is now the most recently used
+    tier.put("k3", _kv(seed=3))
+    assert tier.size() <= 3 * size and not tier.contains("k1")
+    assert {k for k in tier.keys()} == {"k0", "k2", "k3"}
+    assert tier.stats.snapshot()["evictions"] == 1
+    tier.put("huge", _kv(tokens=100))  # bigger than the whole budget: not kept, nothing evicted
+    assert not tier.contains("huge") and len(tier) == 3
+
+
+def test_cost_aware_policy_keeps_what_saves_most_recompute_per_byte() -> None:
+    entries = [
+        EntryInfo("cold-big", nbytes=1000, tokens=10, hits=0, last_access=3.0),
+        EntryInfo("hot", nbytes=1000, tokens=10, hits=9, last_access=1.0),
+        EntryInfo("dense", nbytes=100, tokens=10, hits=0, last_access=2.0),
+    ]
+    assert [e.key for e in CostAware().order(entries)] == ["cold-big", "hot", "dense"]
+    assert [e.key for e in LRU().order(entries)] == ["hot", "dense", "cold-big"]
+    tier = MemoryTier("cpu", budget_bytes=2 * _kv().nbytes, policy=CostAware())
+    tier.put("a", _kv(seed=1))
+    tier.put("b", _kv(seed=2))
+    for _ in range(3):
+        tier.get("a")
+    tier.put("c", _kv(seed=3))
+    assert tier.contains("a") and not tier.contains("b")
+
+
+def test_disk_tier_budget_is_never_exceeded_and_evicts_by_policy(store_path: Path) -> None:
+    blob_size = len(RAW.encode(_kv()))
+    disk = LmdbStore(store_path, RAW, budget_bytes=3 * blob_size)
+    for i in range(3):
+        disk.put(f"k{i}", _kv(seed=i))
+        time.sleep(0.01)
+    assert disk.get("k0") is not None
+    disk.put("k3", _kv(seed=3))
+    assert disk.size() <= 3 * blob_size
+    assert set(disk.keys()) == {"k0", "k2", "k3"} and disk.stats.snapshot()["evictions"] == 1
+    disk.close()
+    reopened = LmdbStore(store_path, RAW, budget_bytes=3 * blob_size)
+    assert set(reopened.keys()) == {"k0", "k2", "k3"}  # metadata survives a reopen
+    reopened.close()
+
+
+def test_a_hit_in_a_lower_tier_is_promoted(store_path: Path) -> None:
+    cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, RAW)
+    store = TieredStore([cpu, disk], RAW)
+    disk.put("k", _kv())
+    assert not cpu.contains("k")
+    got = store.get("k")
+    assert got is not None and torch.equal(got.kv, _kv().kv)
+    assert cpu.contains("k")
+    stats = store.stats()
+    assert stats["cpu"]["misses"] == 1 and stats["disk"]["hits"] == 1
+    store.get("k")
+    assert store.stats()["cpu"]["hits"] == 1
+
+
+def test_write_through_and_write_back(store_path: Path, tmp_path: Path) -> None:
+    cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, RAW)
+    TieredStore([cpu, disk], RAW).put("k", _kv())
+    assert cpu.contains("k") and disk.contains("k")
+
+    size = _kv().nbytes
+    cpu2, disk2 = MemoryTier("cpu", 2 * size), LmdbStore(tmp_path / "back", RAW)
+    back = TieredStore([cpu2, disk2], RAW, write_through=False)
+    back.put("a", _kv(seed=1))
+    back.put("b", _kv(seed=2))
+    assert not disk2.contains("a")  # only the first tier so far
+    back.put("c", _kv(seed=3))  # evicts a from memory: it is written down, not lost
+    assert disk2.contains("a") and torch.equal(back.get("a").kv, _kv(seed=1).kv)
+
+
+def test_memory_tiers_hold_what_a_lossy_codec_returns(store_path: Path) -> None:
+    codec = get_codec("int8")
+    cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, codec)
+    store = TieredStore([cpu, disk], codec)
+    kv = _kv(tokens=32)
+    store.put("k", kv)
+    assert torch.equal(cpu.get("k").kv, disk.get("k").kv)  # same answer whichever tier serves it
+    assert not torch.equal(cpu.get("k").kv, kv.kv)
+
+
+def test_a_corrupt_disk_entry_is_deleted_counted_and_read_from_the_next_tier(store_path: Path, tmp_path: Path) -> None:
+    disk, lower = LmdbStore(store_path, RAW), LmdbStore(tmp_path / "lower", RAW)
+    lower.name = "lower"  # stands in for the remote tier
+    store = TieredStore([disk, lower], RAW)
+    store.put("k", _kv())
+    data = bytearray(disk.get_bytes("k"))
+    data[len(data) // 3] ^= 0x10
+    disk.put_bytes("k", bytes(data))
+    got = store.get("k")
+    assert got is not None and torch.equal(got.kv, _kv().kv)  # served from the intact tier
+    assert store.stats()["disk"]["corrupt"] == 1
+    assert torch.equal(disk.get("k").kv, _kv().kv)  # and promoted back, intact
+    lower.put_bytes("k", bytes(data))
+    disk.delete("k")
+    assert store.get("k") is None  # corrupt everywhere: a miss (the engine recomputes)
+
+
+def test_prefetch_then_get_and_layer_streaming(store_path: Path) -> None:
+    codec = get_codec("cachegen-3")
+    cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, codec)
+    store = TieredStore([cpu, disk], codec)
+    for i in range(3):
+        disk.put(f"k{i}", _kv(tokens=20, seed=i))
+    handle = store.prefetch(["k0", "k1", "k2", "missing"])
+    loaded = handle.wait()
+    assert handle.done() and loaded["missing"] is None and handle.load_s() > 0
+    assert torch.equal(store.get("k1").kv, disk.get("k1").kv)
+    assert store.get("missing") is None
+    cpu.clear()
+    layers = store.iter_layers("k2")
+    assert layers is not None and not cpu.contains("k2")
+    streamed = list(layers)
+    assert len(streamed) == 2 and torch.equal(torch.stack(streamed), disk.get("k2").kv)
+    assert cpu.contains("k2")  # promoted once every layer was read
+    assert store.iter_layers("missing") is None
+
+
+def test_settings_name_the_tiers_and_budgets() -> None:
+    assert tier_names("cpu,disk", "") == ["cpu", "disk"]
+    assert tier_names("auto", "redis://x")[-2:] == ["disk", "remote"]
+    for bad in ("disk,cpu", "cpu,cpu", "tape", ""):
+        with pytest.raises(InvalidInputError):
+            tier_names(bad, "")
+    with pytest.raises(InvalidInputError, match="remote_url"):
+        tier_names("cpu,remote", "")
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("") is None
+    with pytest.raises(InvalidInputError):
+        parse_bytes("lots")
