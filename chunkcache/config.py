@@ -43,6 +43,7 @@ class Settings:
     remote_timeout_s: float = 2.0
     eviction: str = "lru"  # lru | cost (hits x tokens / bytes)
     write_through: bool = True  # False: writes land in the first tier, reach lower ones on eviction
+    stream_layers: bool = True  # fuse layer i while later layers of the chunk caches still decode
     system_prompt: str = (
         "You are a helpful assistant. Answer the question briefly, using only the passages."
     )

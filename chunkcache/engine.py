@@ -12,7 +12,7 @@ from chunkcache.blend import FusionInput, FusionResult, Sampling, generate, make
 from chunkcache.blend.prefill import prefill_chunk, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings
-from chunkcache.errors import ContextTooLongError, InvalidInputError
+from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInputError
 from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, PromptPieces, load_model
 from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
@@ -136,12 +136,35 @@ class ChunkCacheEngine:
             self.store.put(key, kv, self._lossless)
         return kv, False
 
-    def _chunk(self, prefix: ChunkKV | None, ids: tuple[int, ...]) -> tuple[ChunkKV, bool]:
+    def _load(self, chunks: Sequence[tuple[int, ...]], stages: dict[str, float]) -> tuple[ChunkKV, tuple[Any, ...], int]:
+        """The head's KV and each chunk's (a `LayerStream` when the store streams layers, so
+        fusion starts before the last layer is decoded), and how many chunks were stored."""
+        stream = getattr(self.store, "stream", None) if self.settings.stream_layers else None
+        sources = None
+        if stream is not None:  # a layer-wise prefetch: loading starts before the head is read
+            sources = stream([self._chunk_key(ids) for ids in chunks], self.model.fingerprint,
+                             self.model.executor.device)
+        head_kv, _ = self._head()
+        out: list[Any] = []
+        hits = 0
+        for i, ids in enumerate(chunks):
+            if sources is not None and sources[i].found():
+                out.append(sources[i])
+                hits += 1
+                continue
+            kv, hit = self._chunk(None, ids, lookup=sources is None)
+            out.append(kv)
+            hits += hit
+        if sources is not None:
+            stages["stream_load_s"] = sum(s.load_s for s in sources)  # background: overlaps compute
+        return head_kv, tuple(out), hits
+
+    def _chunk(self, prefix: ChunkKV | None, ids: tuple[int, ...], lookup: bool = True) -> tuple[ChunkKV, bool]:
         """A chunk's stored KV, computed behind ``prefix`` (loaded on first need) on a miss.
 
         With a lossy codec, a chunk already stored losslessly is re-encoded, not recomputed."""
         key = self._chunk_key(ids)
-        kv = self.store.get(key, self.model.fingerprint, self.model.executor.device)
+        kv = self.store.get(key, self.model.fingerprint, self.model.executor.device) if lookup else None
         if kv is not None:
             return kv, True
         if self.codec.spec != self._lossless.spec:
@@ -257,20 +280,14 @@ class ChunkCacheEngine:
         head_kv, chunk_kvs = None, ()
         with collect() as stages:
             if fusion.uses_cache:
-                prefetch = getattr(self.store, "prefetch", None)
-                handle = None
-                if prefetch is not None:  # chunks load in the background while the head loads
-                    handle = prefetch([self._chunk_key(ids) for ids in pieces.chunks], self.model.fingerprint,
-                                      self.model.executor.device)
-                head_kv, head_hit = self._head()
-                loaded = [self._chunk(None, ids) for ids in pieces.chunks]
-                if handle is not None:
-                    stages["prefetch_load_s"] = handle.load_s()  # background time, overlapped
-                chunk_kvs = tuple(kv for kv, _ in loaded)
-                hits = sum(hit for _, hit in loaded)
-                misses = len(loaded) - hits
+                head_kv, chunk_kvs, hits = self._load(pieces.chunks, stages)
+                misses = len(chunk_kvs) - hits
             loaded_at = time.perf_counter()
-            result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
+            try:
+                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
+            except CorruptCacheError:  # a streamed layer failed to decode: its entry was dropped
+                chunk_kvs = tuple(self._chunk(None, ids)[0] for ids in pieces.chunks)
+                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
         fused_at = time.perf_counter()
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from chunkcache.blend.layout import FusedCache, Layout
+from chunkcache.blend.layout import FusedCache, Layout, LayerSource, wait_layer
 from chunkcache.kv import ChunkKV
 from chunkcache.model.executor import ApeAttention, LayerExecutor
 from chunkcache.model.prompt import PromptPieces
@@ -18,7 +18,7 @@ from chunkcache.timing import stage
 class FusionInput:
     pieces: PromptPieces
     head_kv: ChunkKV | None = None
-    chunk_kvs: tuple[ChunkKV, ...] = ()
+    chunk_kvs: tuple[ChunkKV | LayerSource, ...] = ()  # streamed ones fill in layer by layer
     max_new_tokens: int = 0
 
 
@@ -54,6 +54,7 @@ def selective_prefill(
     positions = layout.positions[index]
     work = 0
     for layer in range(executor.num_layers):
+        wait_layer(buf, layer)  # streamed chunk caches: this layer may still be decoding
         if shrink is not None:
             keep = shrink(layer, hidden, positions, index, buf)
             if keep is not None:
@@ -85,6 +86,7 @@ def finish(
     """Selective prefill, then package the fused cache and counts."""
     with stage("recompute_s"):
         logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink)
+    wait_layer(buf, executor.num_layers - 1)  # generation reads every layer
     cache = FusedCache(buf, layout.length, int(layout.positions[-1]) + 1, ape)
     return FusionResult(
         cache=cache,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
-from chunkcache.blend.layout import Layout, sequential_layout
+from chunkcache.blend.layout import Layout, sequential_layout, wait_layer
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
@@ -144,6 +144,7 @@ class CacheBlend:
         for layer in range(self.check_layer):
             hidden = executor.run_layer(layer, hidden, layout.positions, index, keys, values)
         q, k, v = executor.qkv(self.check_layer, hidden, layout.positions)
+        wait_layer(buf, self.check_layer)
         old = buf[self.check_layer, :, :, :n]
         deviation = token_deviation(k, v, old[0], old[1], self.selection)
         if self.weight == "attn":
@@ -167,6 +168,7 @@ def _reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor)
     hidden = executor.embed(layout.token_ids[index])
     total = torch.zeros(n)
     for layer in range(executor.num_layers):
+        wait_layer(buf, layer)
         q, _, _ = executor.qkv(layer, hidden, positions)
         hidden = executor.run_layer(layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n])
         total += question_attention(executor, q, buf[layer, 0, :, :n]).cpu()

@@ -3,7 +3,9 @@ cache buffer: the head's and chunks' stored KV placed at their indices, keys re-
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -77,17 +79,59 @@ class FusedCache:
         return self.kv[i, 0, :, :n], self.kv[i, 1, :, :n]
 
 
+class LayerSource(Protocol):
+    """A chunk cache that arrives layer by layer (`chunkcache.store.LayerStream`)."""
+
+    token_ids: tuple[int, ...]
+    position_offset: int
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def layer(self, i: int) -> torch.Tensor: ...
+
+
+# Buffers whose streamed layers are filled on first use, by id (tensors compare elementwise, so
+# they cannot be dict keys); an entry goes when its buffer is garbage-collected.
+_LAZY: dict[int, "_LazyLayers"] = {}
+
+
+class _LazyLayers:
+    def __init__(self, executor: LayerExecutor, placed: list[tuple[slice, LayerSource, int]]) -> None:
+        self.executor, self.placed = executor, placed
+        self.filled = 0
+
+    def ensure(self, buf: torch.Tensor, layer: int) -> None:
+        while self.filled <= min(layer, buf.shape[0] - 1):
+            i = self.filled
+            with stage("stream_wait_s"):
+                for span, source, delta in self.placed:
+                    stored = source.layer(i).to(buf.device, buf.dtype)
+                    buf[i, 0, :, span] = self.executor.rerotate(stored[0], delta)
+                    buf[i, 1, :, span] = stored[1]
+            self.filled += 1
+
+
+def wait_layer(buf: torch.Tensor, layer: int) -> None:
+    """Make sure layer ``layer`` of a fused buffer holds its streamed chunks (no-op otherwise)."""
+    lazy = _LAZY.get(id(buf))
+    if lazy is not None:
+        lazy.ensure(buf, layer)
+
+
 def assemble_cache(
     executor: LayerExecutor,
     layout: Layout,
     head_kv: ChunkKV | None,
-    chunk_kvs: tuple[ChunkKV, ...],
+    chunk_kvs: tuple[ChunkKV | LayerSource, ...],
     capacity: int,
 ) -> torch.Tensor:
-    """A cache buffer holding the stored KV of head and chunks at their layout positions."""
+    """A cache buffer holding the stored KV of head and chunks at their layout positions. Chunks
+    given as layer streams are placed layer by layer as the fusion reaches each layer."""
     with stage("rerotate_s"):
         buf = executor.empty_kv(capacity)
         placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
+        streamed = []
         for span, kv in placed:
             if kv.num_tokens != len(span):
                 raise InvalidInputError(
@@ -96,8 +140,14 @@ def assemble_cache(
                 )
             if tuple(int(t) for t in layout.token_ids[span.start : span.stop]) != kv.token_ids:
                 raise InvalidInputError("cached chunk's token ids differ from the prompt's; wrong cache entry")
-            stored = kv.kv.to(buf.device, buf.dtype)
             target = int(layout.positions[span.start]) if len(span) else 0
+            if not isinstance(kv, ChunkKV):
+                streamed.append((slice(span.start, span.stop), kv, target - kv.position_offset))
+                continue
+            stored = kv.kv.to(buf.device, buf.dtype)
             buf[:, 0, :, span.start : span.stop] = executor.rerotate(stored[:, 0], target - kv.position_offset)
             buf[:, 1, :, span.start : span.stop] = stored[:, 1]
+        if streamed:
+            _LAZY[id(buf)] = _LazyLayers(executor, streamed)
+            weakref.finalize(buf, _LAZY.pop, id(buf), None)
         return buf

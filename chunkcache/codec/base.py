@@ -69,15 +69,14 @@ class Entry:
         _, two, heads, tokens, dim = (int(s) for s in self.header["shape"])
         return two, heads, tokens, dim
 
-    def chunk_kv(self, kv: torch.Tensor) -> ChunkKV:
+    def metadata(self) -> tuple[tuple[int, ...], int, str, str]:
+        """(token ids, position offset, model fingerprint, prefix fingerprint)."""
         h = self.header
-        return ChunkKV(
-            kv=kv,
-            token_ids=tuple(int(t) for t in h["token_ids"]),
-            position_offset=int(h["position_offset"]),
-            model_fingerprint=str(h["model_fingerprint"]),
-            prefix_fingerprint=str(h["prefix_fingerprint"]),
-        )
+        return (tuple(int(t) for t in h["token_ids"]), int(h["position_offset"]),
+                str(h["model_fingerprint"]), str(h["prefix_fingerprint"]))
+
+    def chunk_kv(self, kv: torch.Tensor) -> ChunkKV:
+        return ChunkKV(kv, *self.metadata())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -264,6 +263,10 @@ class LayeredCodec:
 
     def open(self, data: bytes, model_fingerprint: str | None = None) -> Entry:
         return unpack(data, self.name, model_fingerprint)
+
+    def layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
+        """One layer of a validated entry, in the entry's dtype, on ``device``."""
+        return self._layer(entry, index, device)
 
     def _layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
         try:

@@ -27,6 +27,7 @@ from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
 from chunkcache.store.memory import MemoryTier
 from chunkcache.store.policy import EntryInfo, TierStats
+from chunkcache.store.stream import LayerStream
 from chunkcache.timing import stage
 
 
@@ -160,6 +161,63 @@ class TieredStore:
                     self._pending[key] = future
                 handle.futures[key] = future
         return handle
+
+    def stream(self, keys: Sequence[str], model_fingerprint: str | None = None,
+               device: torch.device | str | None = None) -> list[LayerStream]:
+        """A layer-wise prefetch: one background job per key reads the entry and decodes it layer
+        by layer into a `LayerStream`, promoting it when complete. Returns at once."""
+        streams = []
+        for key in keys:
+            stream = LayerStream(key)
+            self._pool.submit(self._stream_job, key, model_fingerprint, device, stream)
+            streams.append(stream)
+        return streams
+
+    def _stream_job(self, key: str, model_fingerprint: str | None, device: torch.device | str | None,
+                    stream: LayerStream) -> None:
+        start = time.perf_counter()
+        try:
+            self._fill_stream(key, model_fingerprint, device, stream)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
+            stream.fail(exc)
+        finally:
+            stream.load_s = time.perf_counter() - start
+
+    def _fill_stream(self, key: str, model_fingerprint: str | None, device: torch.device | str | None,
+                     stream: LayerStream) -> None:
+        for i, tier in enumerate(self.tiers):
+            if isinstance(tier, MemoryTier):
+                kv = tier.get(key, model_fingerprint, device)
+                if kv is not None:
+                    stream.start_from(kv)
+                    self._promote(i, key, kv, None)
+                    return
+                continue
+            data = tier.get_bytes(key)
+            if data is None:
+                continue
+            try:
+                if peek_version(data) in LEGACY_VERSIONS:
+                    kv = decode_entry(data, model_fingerprint, device)
+                    stream.start_from(kv)
+                    self._promote(i, key, kv, data)
+                    return
+                entry = unpack(data, model_fingerprint=model_fingerprint)
+                codec = CODECS[entry.header["codec"]]()
+            except (CorruptCacheError, KeyError) as exc:
+                tier.drop_corrupt(key, exc)
+                continue
+            stream.start(len(entry.sections), *entry.metadata())
+            dev = torch.device(device or "cpu")
+            try:
+                for layer in range(len(entry.sections)):
+                    stream.push(codec.layer(entry, layer, dev))
+            except CorruptCacheError as exc:
+                tier.drop_corrupt(key, exc)  # never served: the engine recomputes the chunk
+                raise
+            self._promote(i, key, stream.result(), data)
+            return
+        stream.miss()
 
     def iter_layers(self, key: str, model_fingerprint: str | None = None,
                     device: torch.device | str | None = None) -> Iterator[torch.Tensor] | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
+import torch
 
 from chunkcache.config import Settings
 from chunkcache.engine import ChunkCacheEngine
@@ -56,3 +58,38 @@ def test_answers_still_come_when_redis_is_down(smollm2: LoadedModel, store_path:
     down = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
     assert down.text == first.text and down.cache_hits == 0  # misses, recomputed
     assert engine.store.stats()["remote"]["errors"] >= 1
+
+
+def test_streamed_layers_fuse_exactly_like_whole_loads(smollm2: LoadedModel, store_path: Path) -> None:
+    answers = {}
+    for stream in (False, True):
+        settings = Settings.load(env={}, store_path=store_path, store_tiers="disk", codec="cachegen-2",
+                                 stream_layers=stream)
+        engine = ChunkCacheEngine(settings, model=smollm2)
+        engine.precompute(CHUNKS)
+        answers[stream] = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8, keep_logits=True)
+    assert answers[True].cache_hits == 2 and "stream_load_s" in answers[True].timings
+    assert answers[True].text == answers[False].text
+    assert torch.equal(answers[True].first_token_logits, answers[False].first_token_logits)
+
+
+def test_a_layer_failing_mid_stream_is_dropped_and_recomputed(
+    smollm2: LoadedModel, store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chunkcache.codec.base import LayeredCodec
+    from chunkcache.errors import CorruptCacheError
+
+    settings = Settings.load(env={}, store_path=store_path, store_tiers="disk")
+    engine = ChunkCacheEngine(settings, model=smollm2)
+    clean = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
+    original = LayeredCodec.layer
+
+    def broken(self, entry, index, device):  # type: ignore[no-untyped-def]
+        if index == 5:
+            raise CorruptCacheError("simulated decode failure")
+        return original(self, entry, index, device)
+
+    monkeypatch.setattr(LayeredCodec, "layer", broken)
+    again = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
+    assert again.text == clean.text
+    assert engine.store.stats()["disk"]["corrupt"] == 2

@@ -1,0 +1,94 @@
+"""`LayerStream`: a chunk cache arriving layer by layer from a background load, so fusion can
+compute layer i while layer i + 1 is still being read or decoded."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from chunkcache.errors import CorruptCacheError
+from chunkcache.kv import ChunkKV
+
+
+class LayerStream:
+    """Filled by one background job; read by the fusing thread. ``found()`` waits for the header
+    (False on a miss); ``layer(i)`` waits for layer i; ``result()`` for the whole chunk."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._cond = threading.Condition()
+        self._known = False
+        self._hit = False
+        self._layers: list[torch.Tensor] = []
+        self._num_layers = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self.token_ids: tuple[int, ...] = ()
+        self.position_offset = 0
+        self.model_fingerprint = ""
+        self.prefix_fingerprint = ""
+        self.load_s = 0.0  # background seconds spent reading and decoding (set when done)
+
+    # --- producer ------------------------------------------------------------------------
+    def start(self, num_layers: int, token_ids: tuple[int, ...], position_offset: int,
+              model_fingerprint: str, prefix_fingerprint: str) -> None:
+        with self._cond:
+            self._num_layers = num_layers
+            self.token_ids, self.position_offset = token_ids, position_offset
+            self.model_fingerprint, self.prefix_fingerprint = model_fingerprint, prefix_fingerprint
+            self._known = self._hit = True
+            self._cond.notify_all()
+
+    def start_from(self, kv: ChunkKV) -> None:
+        self.start(kv.num_layers, kv.token_ids, kv.position_offset, kv.model_fingerprint, kv.prefix_fingerprint)
+        for layer in kv.kv.unbind(0):
+            self.push(layer)
+
+    def push(self, layer: torch.Tensor) -> None:
+        with self._cond:
+            self._layers.append(layer)
+            self._done = len(self._layers) == self._num_layers
+            self._cond.notify_all()
+
+    def miss(self) -> None:
+        with self._cond:
+            self._known, self._done = True, True
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._known, self._done = True, True
+            self._cond.notify_all()
+
+    # --- consumer ------------------------------------------------------------------------
+    def _wait(self, ready) -> None:  # type: ignore[no-untyped-def]
+        with self._cond:
+            self._cond.wait_for(lambda: ready() or self._error is not None)
+            if self._error is not None:
+                raise CorruptCacheError(f"chunk cache {self.key[:16]} failed while streaming: {self._error}")
+
+    def found(self) -> bool:
+        self._wait(lambda: self._known)
+        return self._hit
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer ``i`` as ``[2, kv_heads, tokens, head_dim]``, once it has arrived."""
+        self._wait(lambda: len(self._layers) > i or self._done)
+        if i >= len(self._layers):
+            raise CorruptCacheError(f"chunk cache {self.key[:16]} ended before layer {i}")
+        return self._layers[i]
+
+    def result(self) -> ChunkKV:
+        self._wait(lambda: self._done)
+        return ChunkKV(torch.stack(self._layers), self.token_ids, self.position_offset,
+                       self.model_fingerprint, self.prefix_fingerprint)
