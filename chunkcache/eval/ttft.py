@@ -17,7 +17,10 @@ from chunkcache.engine import ChunkCacheEngine
 from chunkcache.eval.datasets import Example
 from chunkcache.eval.harness import strategy_labels
 
-STAGES = ("store_read_s", "codec_decode_s", "miss_prefill_s", "rerotate_s", "select_s", "recompute_s", "first_token_s")
+STAGES = (
+    "store_read_s", "codec_decode_s", "stream_load_s", "stream_wait_s", "miss_prefill_s", "rerotate_s", "select_s",
+    "recompute_s", "first_token_s",
+)
 
 
 def time_strategies(
