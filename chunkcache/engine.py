@@ -16,6 +16,7 @@ from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInp
 from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, PromptPieces, load_model
 from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
+from chunkcache.store.stream import LayerStream
 from chunkcache.timing import collect, stage
 
 _STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
@@ -88,6 +89,18 @@ class ChunkCacheEngine:
         self._prefix_ids = self._head_ids + self._primer_ids
         self._prefix = prefix_fingerprint(self.model.fingerprint, self._prefix_ids)
 
+    def close(self) -> None:
+        """Flush and close the store (write-back entries reach the lower tiers)."""
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "ChunkCacheEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def use_codec(self, spec: str) -> None:
         """Store and read chunk caches with another codec from now on (fixed prefixes stay raw)."""
         self.codec = get_codec(spec, self.settings.zstd_level)
@@ -155,8 +168,6 @@ class ChunkCacheEngine:
             kv, hit = self._chunk(None, ids, lookup=sources is None)
             out.append(kv)
             hits += hit
-        if sources is not None:
-            stages["stream_load_s"] = sum(s.load_s for s in sources)  # background: overlaps compute
         return head_kv, tuple(out), hits
 
     def _chunk(self, prefix: ChunkKV | None, ids: tuple[int, ...], lookup: bool = True) -> tuple[ChunkKV, bool]:
@@ -288,6 +299,10 @@ class ChunkCacheEngine:
             except CorruptCacheError:  # a streamed layer failed to decode: its entry was dropped
                 chunk_kvs = tuple(self._chunk(None, ids)[0] for ids in pieces.chunks)
                 result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
+            streams = [kv for kv in chunk_kvs if isinstance(kv, LayerStream)]
+            if streams:  # background load time vs what fusion still waited for: the overlap
+                stages["stream_load_s"] = sum(s.load_s for s in streams)
+                stages["stream_wait_s"] = sum(s.wait_s for s in streams)
         fused_at = time.perf_counter()
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]

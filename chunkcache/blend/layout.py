@@ -104,12 +104,14 @@ class _LazyLayers:
     def ensure(self, buf: torch.Tensor, layer: int) -> None:
         while self.filled <= min(layer, buf.shape[0] - 1):
             i = self.filled
-            with stage("stream_wait_s"):
-                for span, source, delta in self.placed:
-                    stored = source.layer(i).to(buf.device, buf.dtype)
-                    buf[i, 0, :, span] = self.executor.rerotate(stored[0], delta)
-                    buf[i, 1, :, span] = stored[1]
+            for span, source, delta in self.placed:
+                stored = source.layer(i).to(buf.device, buf.dtype)
+                buf[i, 0, :, span] = self.executor.rerotate(stored[0], delta)
+                buf[i, 1, :, span] = stored[1]
             self.filled += 1
+        if self.filled == buf.shape[0]:  # every layer placed: let the streams' tensors go
+            self.placed = []
+            _LAZY.pop(id(buf), None)
 
 
 def wait_layer(buf: torch.Tensor, layer: int) -> None:

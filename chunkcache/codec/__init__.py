@@ -11,13 +11,14 @@ from typing import Callable
 import torch
 
 from chunkcache.codec.base import (
-    LEGACY_VERSIONS, CacheMismatchError, KVCodec, LayeredCodec, peek_version, read_header, unpack,
+    LEGACY_VERSIONS, CacheMismatchError, KVCodec, LayeredCodec, UnsupportedCacheError, peek_version,
+    read_header, unpack,
 )
 from chunkcache.codec.cachegen import CacheGenCodec
 from chunkcache.codec.int8 import Int8Codec
 from chunkcache.codec.kivi import Kivi2Codec
 from chunkcache.codec.raw import RawCodec, decode_legacy
-from chunkcache.errors import CorruptCacheError, InvalidInputError
+from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
 
 CODECS: dict[str, type[LayeredCodec]] = {
@@ -73,12 +74,17 @@ def decode_entry(
                                                  kv.model_fingerprint, kv.prefix_fingerprint)
     entry = unpack(data, model_fingerprint=model_fingerprint)
     name = entry.header["codec"]
+    return codec_for(name).decode_entry(entry, device)
+
+
+def codec_for(name: str) -> LayeredCodec:
+    """A decoder for entries a codec of this name wrote (parameters come from each entry)."""
     if name not in CODECS:
-        raise CorruptCacheError(f"cache entry was written by unknown codec {name!r}")
-    return CODECS[name]().decode_entry(entry, device)
+        raise UnsupportedCacheError(f"cache entry was written by codec {name!r}, unknown to this chunkcache")
+    return CODECS[name]()
 
 
 __all__ = [
-    "BENCH_CODECS", "CODECS", "CacheGenCodec", "CacheMismatchError", "Int8Codec", "KVCodec",
+    "BENCH_CODECS", "CODECS", "CacheGenCodec", "CacheMismatchError", "UnsupportedCacheError", "codec_for", "Int8Codec", "KVCodec",
     "Kivi2Codec", "RawCodec", "decode_entry", "get_codec", "read_header", "unpack",
 ]

@@ -36,6 +36,11 @@ class CacheMismatchError(CorruptCacheError):
     """An intact entry that belongs to another model (or prefix) than the one asking for it."""
 
 
+class UnsupportedCacheError(CorruptCacheError):
+    """An intact entry this version of chunkcache cannot read (a newer format or an unknown
+    codec): a miss here, but never deleted, since newer servers sharing the store can read it."""
+
+
 class KVCodec(Protocol):
     """Turns a chunk's KV into bytes and back, whole or one layer at a time."""
 
@@ -145,6 +150,11 @@ def legacy_header(data: bytes) -> tuple[dict[str, Any], memoryview]:
 def unpack(data: bytes, codec: str | None = None, model_fingerprint: str | None = None) -> Entry:
     """Validate the container (checksum, version, codec, model); return its header and sections."""
     version, head_len, body = _checked_body(data)
+    if version > FORMAT_VERSION:
+        raise UnsupportedCacheError(
+            f"cache entry has format version {version}, this chunkcache reads version "
+            f"{FORMAT_VERSION}; upgrade chunkcache to use it (it is left in the store)"
+        )
     if version != FORMAT_VERSION:
         raise CorruptCacheError(
             f"cache entry has format version {version}, this chunkcache reads version "
@@ -186,13 +196,16 @@ def read_header(data: bytes) -> dict[str, Any]:
     return unpack(data).header
 
 
-def bf16_bits(x: torch.Tensor, round_up: bool = False) -> np.ndarray:
+def bf16_bits(x: torch.Tensor, round_up: bool = False, round_down: bool = False) -> np.ndarray:
     """float values as bfloat16 bit patterns (int16): fp32's range, so no overflow to inf.
 
-    ``round_up`` makes every stored magnitude >= the input's (scales that must cover a maximum)."""
+    ``round_up`` stores every magnitude >= the input's (scales that must cover a maximum);
+    ``round_down`` stores every value <= the input (a minimum the codes count up from)."""
     x = x.float()
     if round_up:
         x = x * (1.0 + 2.0**-7)  # bf16 rounds to nearest within 2**-8 relative
+    if round_down:
+        x = x - x.abs() * 2.0**-7
     return x.to(torch.bfloat16).view(torch.int16).numpy()
 
 
@@ -271,8 +284,8 @@ class LayeredCodec:
     def _layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
         try:
             out = self.decode_layer(entry, index, device)
-        except CorruptCacheError:
-            raise
+        except (CorruptCacheError, torch.OutOfMemoryError):
+            raise  # out of memory is not the entry's fault: it must not be deleted
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise CorruptCacheError(f"cache entry layer {index} cannot be decoded: {exc}") from None
         if tuple(out.shape) != entry.layer_shape:

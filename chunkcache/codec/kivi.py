@@ -45,7 +45,7 @@ def _groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
 def quantize_groups(x: torch.Tensor, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """2-bit codes of ``x`` in groups along its last axis; bfloat16 minimum and step per group."""
     g, _ = _groups(x.float(), group)
-    lo_bits = bf16_bits(g.amin(dim=-1, keepdim=True))
+    lo_bits = bf16_bits(g.amin(dim=-1, keepdim=True), round_down=True)
     lo = torch.from_numpy(lo_bits).view(torch.bfloat16).float()
     step_bits = bf16_bits((g.amax(dim=-1, keepdim=True) - lo) / _LEVELS, round_up=True)
     step = torch.from_numpy(step_bits).view(torch.bfloat16).float()

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from chunkcache.codec import KVCodec, decode_entry
+from chunkcache.codec import KVCodec, UnsupportedCacheError, decode_entry
 from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
 from chunkcache.store.policy import TierStats
@@ -55,8 +55,13 @@ class EncodedTier:
         self.put_bytes(key, (codec or self.codec).encode(kv), kv.num_tokens)
 
     def drop_corrupt(self, key: str, exc: Exception) -> None:
-        log.warning("dropping corrupt %s cache entry %s: %s", self.name, key[:16], exc)
-        self.stats.count("corrupt")
+        """A damaged entry is deleted and counted; one this chunkcache cannot read (newer format,
+        unknown codec) is a miss but stays for the servers that can."""
         self.stats.count("hits", -1)
         self.stats.count("misses")
+        if isinstance(exc, UnsupportedCacheError):
+            log.warning("skipping %s cache entry %s: %s", self.name, key[:16], exc)
+            return
+        log.warning("dropping corrupt %s cache entry %s: %s", self.name, key[:16], exc)
+        self.stats.count("corrupt")
         self.delete(key)

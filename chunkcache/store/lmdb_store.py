@@ -8,9 +8,11 @@ committed entries (lmdb's copy-on-write commit)."""
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,22 +24,64 @@ from chunkcache.store.encoded import EncodedTier
 from chunkcache.store.policy import LRU, EntryInfo, EvictionPolicy, TierStats, victims
 
 
-_INITIAL_MAP_SIZE = 1 << 30
+# A large virtual map (the file only grows as data is written, sparse on Linux) so that resizing,
+# which lmdb allows only while no transaction is open in the process, almost never happens.
+log = logging.getLogger(__name__)
+
+_INITIAL_MAP_SIZE = 1 << 40
+_MAX_DOUBLINGS = 8
 _META_DB = b"chunkcache-meta"
 _META = struct.Struct("<QQQd")  # bytes, tokens, hits, last access (unix time: shared by processes)
 _FLUSH_EVERY = 64  # access records buffered before they are written
 
+class _SharedLock:
+    """Many transactions at once (shared), or one map resize alone (exclusive)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._shared == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 # lmdb allows one open environment per path and process: stores on the same folder share it.
-_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}  # resolved path -> (environment, users)
+_ENVS: dict[str, tuple[lmdb.Environment, _SharedLock, int]] = {}  # resolved path -> (env, lock, users)
 _ENVS_LOCK = threading.Lock()
 
 
-def _open_env(path: Path, map_size: int) -> lmdb.Environment:
+def _open_env(path: Path, map_size: int) -> tuple[lmdb.Environment, _SharedLock]:
     key = str(path.resolve())
     with _ENVS_LOCK:
-        env, users = _ENVS.get(key) or (lmdb.open(str(path), map_size=map_size, max_readers=256, max_dbs=2), 0)
-        _ENVS[key] = (env, users + 1)
-        return env
+        found = _ENVS.get(key)
+        if found is None:
+            env = lmdb.open(str(path), map_size=map_size, max_readers=256, max_dbs=2)
+            found = (env, _SharedLock(), 0)
+        _ENVS[key] = (found[0], found[1], found[2] + 1)
+        return found[0], found[1]
 
 
 def _release_env(path: Path) -> None:
@@ -45,9 +89,9 @@ def _release_env(path: Path) -> None:
     with _ENVS_LOCK:
         if key not in _ENVS:
             return
-        env, users = _ENVS.pop(key)
+        env, lock, users = _ENVS.pop(key)
         if users > 1:
-            _ENVS[key] = (env, users - 1)
+            _ENVS[key] = (env, lock, users - 1)
         else:
             env.close()
 
@@ -65,41 +109,68 @@ class LmdbStore(EncodedTier):
         self.budget = budget_bytes
         self.policy = policy or LRU()
         self.stats = TierStats()
-        self._env = _open_env(self.path, map_size)
+        self._env, self._lock = _open_env(self.path, map_size)
         self._closed = False
         self._accesses: dict[str, float] = {}  # key -> last access, not yet written
         self._hits: dict[str, int] = {}
         self._access_lock = threading.Lock()
-        self._meta = self._retry(lambda: self._env.open_db(_META_DB))
+        with self._txn(write=True) as txn:  # creates the metadata sub-database on first use
+            self._meta = self._env.open_db(_META_DB, txn=txn)
 
     @property
     def corrupt_entries(self) -> int:
         return self.stats.corrupt
 
-    def _retry(self, fn):  # type: ignore[no-untyped-def]
-        try:
-            return fn()
-        except lmdb.MapResizedError:
-            # Another process grew the map: adopt its size (0 = the size now on disk) and retry.
-            self._env.set_mapsize(0)
-            return fn()
+    def _resize(self, size: int) -> None:
+        with self._lock.exclusive():  # lmdb: no transaction of this process may be open
+            self._env.set_mapsize(size)
 
-    def _begin(self, write: bool = False) -> lmdb.Transaction:
-        return self._retry(lambda: self._env.begin(write=write, buffers=False))
+    @contextmanager
+    def _txn(self, write: bool = False) -> Iterator[lmdb.Transaction]:
+        """One transaction, held open under the environment's shared lock."""
+        for _ in range(2):
+            with self._lock.shared():
+                try:
+                    txn = self._env.begin(write=write, buffers=False)
+                except lmdb.MapResizedError:
+                    pass  # another process grew the map: adopt its size below, then retry
+                else:
+                    with txn:
+                        yield txn
+                    return
+            self._resize(0)  # 0 = the size now on disk
+        raise lmdb.MapResizedError("the lmdb map kept changing size while opening a transaction")
+
+    def _begin(self, write: bool = False):  # type: ignore[no-untyped-def]
+        return self._txn(write)
 
     def _write(self, fn) -> None:  # type: ignore[no-untyped-def]
         """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
-        while True:
+        for _ in range(_MAX_DOUBLINGS):
             try:
-                with self._begin(write=True) as txn:
+                with self._txn(write=True) as txn:
                     fn(txn)
                 return
             except lmdb.MapFullError:
-                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+                self._resize(self._env.info()["map_size"] * 2)
+        raise lmdb.MapFullError(f"the lmdb map of {self.path} stayed full after {_MAX_DOUBLINGS} doublings")
 
     # --- reads ---------------------------------------------------------------------------
+    def _io_error(self, what: str, exc: Exception) -> None:
+        """A disk failure is a miss (or a skipped write), counted and logged, never a failed answer."""
+        self.stats.count("errors")
+        log.warning("disk cache %s failed at %s (%s: %s); check free space and permissions of store_path, "
+                    "or lower disk_budget", what, self.path, type(exc).__name__, exc)
+
     def get_bytes(self, key: str) -> bytes | None:
         """The encoded entry (a hit is recorded for eviction), or None."""
+        try:
+            return self._read(key)
+        except lmdb.Error as exc:
+            self._io_error("read", exc)
+            return None
+
+    def _read(self, key: str) -> bytes | None:
         with self._begin() as txn:
             data = txn.get(key.encode())
         if data is None:
@@ -151,7 +222,11 @@ class LmdbStore(EncodedTier):
                     txn.delete(info.key.encode(), db=self._meta)
                     evicted.append(info.key)
 
-        self._write(write)
+        try:
+            self._write(write)
+        except lmdb.Error as exc:
+            self._io_error("write", exc)
+            return
         self.stats.count("evictions", len(evicted))
         self.stats.timed("put", time.perf_counter() - start)
 
@@ -178,7 +253,8 @@ class LmdbStore(EncodedTier):
 
     def keys(self) -> Iterator[str]:
         with self._begin() as txn:
-            yield from list(self._keys(txn))
+            found = list(self._keys(txn))
+        return iter(found)
 
     def _infos(self, txn: lmdb.Transaction) -> list[EntryInfo]:
         infos = []

@@ -53,15 +53,18 @@ class MemoryTier:
         self.stats.count("hits")
         kv = found[0]
         if device is not None and torch.device(device) != kv.kv.device:
-            kv = ChunkKV(kv.kv.to(device, non_blocking=True), kv.token_ids, kv.position_offset,
+            target = torch.device(device)
+            # non_blocking only towards CUDA: a GPU -> host copy may return before it has landed
+            kv = ChunkKV(kv.kv.to(target, non_blocking=target.type == "cuda"), kv.token_ids, kv.position_offset,
                          kv.model_fingerprint, kv.prefix_fingerprint)
         return kv
 
-    def put(self, key: str, kv: ChunkKV, codec: object = None) -> None:
+    def put(self, key: str, kv: ChunkKV, codec: object = None) -> bool:
+        """Keep ``kv`` (evicting by the policy); False when it is bigger than the whole budget."""
         start = time.perf_counter()
         nbytes = kv.nbytes
         if self.budget is not None and nbytes > self.budget:
-            return
+            return False
         placed = self._place(kv)
         evicted = []
         with self._lock:
@@ -80,6 +83,7 @@ class MemoryTier:
             for callback in self.on_evict:
                 callback(evicted_key, evicted_kv)
         self.stats.timed("put", time.perf_counter() - start)
+        return True
 
     def contains(self, key: str) -> bool:
         with self._lock:

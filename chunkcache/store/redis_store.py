@@ -63,7 +63,7 @@ class RedisStore(EncodedTier):
             return default
         try:
             result = fn()
-        except self._redis.RedisError as exc:
+        except (self._redis.ConnectionError, self._redis.TimeoutError) as exc:
             with self._lock:
                 first = self._down_until == 0.0
                 self._down_until = time.monotonic() + self._retry_s
@@ -71,6 +71,10 @@ class RedisStore(EncodedTier):
             if first:
                 log.warning("remote cache %s unavailable (%s: %s); serving without it, retrying every %.0f s",
                             self.url, what, exc, self._retry_s)
+            return default
+        except self._redis.RedisError as exc:  # the service answered with an error: not an outage
+            self.stats.count("errors")
+            log.warning("remote cache %s refused %s: %s", self.url, what, exc)
             return default
         if self._down_until:
             with self._lock:

@@ -4,6 +4,7 @@ compute layer i while layer i + 1 is still being read or decoded."""
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -28,7 +29,9 @@ class LayerStream:
         self.position_offset = 0
         self.model_fingerprint = ""
         self.prefix_fingerprint = ""
-        self.load_s = 0.0  # background seconds spent reading and decoding (set when done)
+        self._created = time.perf_counter()
+        self.load_s = 0.0  # seconds from the request for this chunk until its last layer arrived
+        self.wait_s = 0.0  # seconds the fusing thread waited for layers of this chunk
 
     # --- producer ------------------------------------------------------------------------
     def start(self, num_layers: int, token_ids: tuple[int, ...], position_offset: int,
@@ -49,6 +52,8 @@ class LayerStream:
         with self._cond:
             self._layers.append(layer)
             self._done = len(self._layers) == self._num_layers
+            if self._done:
+                self.load_s = time.perf_counter() - self._created
             self._cond.notify_all()
 
     def miss(self) -> None:
@@ -59,19 +64,22 @@ class LayerStream:
     def fail(self, error: BaseException) -> None:
         with self._cond:
             self._error = error
-            self._known, self._done = True, True
+            self._known = True
             self._cond.notify_all()
 
     # --- consumer ------------------------------------------------------------------------
     def _wait(self, ready) -> None:  # type: ignore[no-untyped-def]
+        """Wait until ``ready()``; raise only if the load failed before it became true."""
         with self._cond:
             self._cond.wait_for(lambda: ready() or self._error is not None)
-            if self._error is not None:
-                raise CorruptCacheError(f"chunk cache {self.key[:16]} failed while streaming: {self._error}")
+            if not ready() and self._error is not None:
+                raise CorruptCacheError(f"chunk cache {self.key[:16]} failed while loading: {self._error}")
 
     def found(self) -> bool:
-        self._wait(lambda: self._known)
-        return self._hit
+        """True once the entry's header is known; False on a miss (or a load that failed first)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._known)
+            return self._hit and (self._error is None or bool(self._layers))
 
     @property
     def num_tokens(self) -> int:
@@ -83,9 +91,9 @@ class LayerStream:
 
     def layer(self, i: int) -> torch.Tensor:
         """Layer ``i`` as ``[2, kv_heads, tokens, head_dim]``, once it has arrived."""
-        self._wait(lambda: len(self._layers) > i or self._done)
-        if i >= len(self._layers):
-            raise CorruptCacheError(f"chunk cache {self.key[:16]} ended before layer {i}")
+        start = time.perf_counter()
+        self._wait(lambda: len(self._layers) > i)
+        self.wait_s += time.perf_counter() - start
         return self._layers[i]
 
     def result(self) -> ChunkKV:

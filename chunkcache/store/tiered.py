@@ -12,16 +12,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
-from chunkcache.codec import CODECS, KVCodec, RawCodec, decode_entry, unpack
+from chunkcache.codec import KVCodec, RawCodec, codec_for, decode_entry, unpack
 from chunkcache.codec.base import LEGACY_VERSIONS, peek_version
 from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
@@ -29,6 +30,10 @@ from chunkcache.store.memory import MemoryTier
 from chunkcache.store.policy import EntryInfo, TierStats
 from chunkcache.store.stream import LayerStream
 from chunkcache.timing import stage
+
+
+log = logging.getLogger(__name__)
+_MAX_PENDING = 256
 
 
 class ByteTier(Protocol):
@@ -70,9 +75,14 @@ class PrefetchHandle:
 
     futures: dict[str, Future]
     seconds: dict[str, float]  # background load time per key, filled as loads finish
+    release: Callable[[Sequence[str]], None] = lambda keys: None
 
     def wait(self) -> dict[str, ChunkKV | None]:
-        return {key: future.result() for key, future in self.futures.items()}
+        """The loaded caches (None for misses); the store then forgets them (use `get` instead
+        to take one at a time)."""
+        out = {key: future.result() for key, future in self.futures.items()}
+        self.release(list(self.futures))
+        return out
 
     def load_s(self) -> float:
         """Seconds the background threads spent loading (summed over keys)."""
@@ -94,10 +104,12 @@ class TieredStore:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvprefetch")
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
-        if not write_through:
-            for upper, lower in zip(self.tiers, self.tiers[1:]):
-                if isinstance(upper, MemoryTier):
-                    upper.on_evict.append(lambda key, kv, lower=lower: self._put_tier(lower, key, kv, None, None))
+        # write-back: entries written to the first tier only, with their codec and bytes, until
+        # that tier evicts them (or the store closes); then every lower tier gets them
+        self._dirty: dict[str, tuple[KVCodec, bytes | None]] = {}
+        first = self.tiers[0]
+        if not write_through and isinstance(first, MemoryTier):
+            first.on_evict.append(self._write_down)
 
     def tier(self, name: str) -> Tier | None:
         return next((t for t in self.tiers if t.name == name), None)
@@ -144,7 +156,7 @@ class TieredStore:
     def prefetch(self, keys: Sequence[str], model_fingerprint: str | None = None,
                  device: torch.device | str | None = None) -> PrefetchHandle:
         """Start loading ``keys`` in background threads; `get` picks up the result."""
-        handle = PrefetchHandle({}, {})
+        handle = PrefetchHandle({}, {}, self._forget_pending)
 
         def load(key: str) -> ChunkKV | None:
             start = time.perf_counter()
@@ -154,6 +166,9 @@ class TieredStore:
                 handle.seconds[key] = time.perf_counter() - start
 
         with self._lock:
+            if len(self._pending) > _MAX_PENDING:  # prefetches nobody read: keep the newest
+                for old in [k for k, f in self._pending.items() if f.done()][: len(self._pending) - _MAX_PENDING]:
+                    del self._pending[old]
             for key in dict.fromkeys(keys):
                 future = self._pending.get(key)
                 if future is None:
@@ -175,13 +190,10 @@ class TieredStore:
 
     def _stream_job(self, key: str, model_fingerprint: str | None, device: torch.device | str | None,
                     stream: LayerStream) -> None:
-        start = time.perf_counter()
         try:
             self._fill_stream(key, model_fingerprint, device, stream)
         except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
             stream.fail(exc)
-        finally:
-            stream.load_s = time.perf_counter() - start
 
     def _fill_stream(self, key: str, model_fingerprint: str | None, device: torch.device | str | None,
                      stream: LayerStream) -> None:
@@ -203,8 +215,8 @@ class TieredStore:
                     self._promote(i, key, kv, data)
                     return
                 entry = unpack(data, model_fingerprint=model_fingerprint)
-                codec = CODECS[entry.header["codec"]]()
-            except (CorruptCacheError, KeyError) as exc:
+                codec = codec_for(entry.header["codec"])
+            except CorruptCacheError as exc:
                 tier.drop_corrupt(key, exc)
                 continue
             stream.start(len(entry.sections), *entry.metadata())
@@ -215,7 +227,10 @@ class TieredStore:
             except CorruptCacheError as exc:
                 tier.drop_corrupt(key, exc)  # never served: the engine recomputes the chunk
                 raise
-            self._promote(i, key, stream.result(), data)
+            try:
+                self._promote(i, key, stream.result(), data)
+            except Exception as exc:  # noqa: BLE001 - the chunk was served; only the copy failed
+                log.warning("could not promote chunk cache %s: %s", key[:16], exc)
             return
         stream.miss()
 
@@ -238,9 +253,9 @@ class TieredStore:
                     self._promote(i, key, kv, data)
                     return iter(kv.kv.unbind(0))
                 entry = unpack(data, model_fingerprint=model_fingerprint)
-                codec = CODECS[entry.header["codec"]]()
-            except (CorruptCacheError, KeyError) as exc:
-                tier.drop_corrupt(key, exc if isinstance(exc, CorruptCacheError) else CorruptCacheError(str(exc)))
+                codec = codec_for(entry.header["codec"])
+            except CorruptCacheError as exc:
+                tier.drop_corrupt(key, exc)
                 continue
             return self._stream(i, key, codec.iter_layers(data, model_fingerprint, device), entry.chunk_kv, data)
         return None
@@ -256,10 +271,27 @@ class TieredStore:
     def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> None:
         """Encode once; every tier (or only the first, write-back) gets the entry."""
         codec = codec or self.codec
+        self._forget_pending([key])
         data = codec.encode(kv) if any(not isinstance(t, MemoryTier) for t in self.tiers) else None
         if data is not None and not isinstance(codec, RawCodec):
             kv = decode_entry(data, None, kv.kv.device)  # memory tiers hold what the lower tiers return
-        for tier in self.tiers if self.write_through else self.tiers[:1]:
+        first = self.tiers[0]
+        if self.write_through or not isinstance(first, MemoryTier):
+            for tier in self.tiers:
+                self._put_tier(tier, key, kv, data, codec)
+            return
+        with self._lock:
+            self._dirty[key] = (codec, data)
+        if not first.put(key, kv):  # too big for the first tier: straight to the ones below
+            self._write_down(key, kv)
+
+    def _write_down(self, key: str, kv: ChunkKV) -> None:
+        with self._lock:
+            dirty = self._dirty.pop(key, None)
+        if dirty is None:
+            return  # clean: the lower tiers already have it
+        codec, data = dirty
+        for tier in self.tiers[1:]:
             self._put_tier(tier, key, kv, data, codec)
 
     def _put_tier(self, tier: Tier, key: str, kv: ChunkKV, data: bytes | None, codec: KVCodec | None) -> None:
@@ -267,6 +299,19 @@ class TieredStore:
             tier.put(key, kv)
         else:
             tier.put_bytes(key, data if data is not None else (codec or self.codec).encode(kv), kv.num_tokens)
+
+    def flush(self) -> None:
+        """Write every entry still only in the first tier (write-back) to the tiers below."""
+        first = self.tiers[0]
+        for key in list(self._dirty):
+            kv = first.get(key) if isinstance(first, MemoryTier) else None
+            if kv is not None:
+                self._write_down(key, kv)
+
+    def _forget_pending(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._pending.pop(key, None)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store already encoded bytes in the byte tiers (e.g. copied from another store)."""
@@ -287,15 +332,23 @@ class TieredStore:
         return any(tier.contains(key) for tier in self.tiers)
 
     def delete(self, key: str) -> None:
+        self._forget_pending([key])
+        with self._lock:
+            self._dirty.pop(key, None)
         for tier in self.tiers:
             tier.delete(key)
 
     def evict(self, key: str, tier_name: str | None = None) -> None:
+        self._forget_pending([key])
         for tier in self.tiers:
             if tier_name in (None, tier.name):
                 tier.delete(key)
 
     def clear(self, tier_name: str | None = None) -> None:
+        with self._lock:
+            self._pending.clear()
+            if tier_name in (None, self.tiers[0].name):
+                self._dirty.clear()
         for tier in self.tiers:
             if tier_name in (None, tier.name):
                 tier.clear()
@@ -315,6 +368,7 @@ class TieredStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.flush()
         for tier in self.tiers:
             tier.close()
 
@@ -326,12 +380,12 @@ def _moved(kv: ChunkKV, device: torch.device | str) -> ChunkKV:
 TIER_NAMES = ("gpu", "cpu", "disk", "remote")
 
 
-def tier_names(spec: str, remote_url: str) -> list[str]:
+def tier_names(spec: str, remote_url: str, on_gpu: bool = False) -> list[str]:
     """The tiers a ``store_tiers`` setting names, fastest first."""
     from chunkcache.errors import InvalidInputError
 
     if spec.strip() == "auto":
-        names = (["gpu"] if torch.cuda.is_available() else []) + ["cpu", "disk"]
+        names = (["gpu"] if on_gpu else []) + ["cpu", "disk"]
         return names + (["remote"] if remote_url else [])
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in TIER_NAMES]
@@ -351,7 +405,10 @@ def build_store(settings: Any, codec: KVCodec) -> TieredStore:
     from chunkcache.store.redis_store import RedisStore
 
     tiers: list[Tier] = []
-    for name in tier_names(settings.store_tiers, settings.remote_url):
+    from chunkcache.model.loader import pick_device
+
+    on_gpu = pick_device(settings.device).type == "cuda"  # a gpu tier only serves a model on the GPU
+    for name in tier_names(settings.store_tiers, settings.remote_url, on_gpu):
         policy = get_policy(settings.eviction)
         if name in ("gpu", "cpu"):
             budget = parse_bytes(settings.gpu_budget if name == "gpu" else settings.cpu_budget)

@@ -54,11 +54,22 @@ def test_kivi2_error_is_at_most_half_a_group_step() -> None:
     out = get_codec("kivi2").decode(get_codec("kivi2").encode(kv)).kv
     k = kv.kv[:, 0].reshape(4, 2, 2, 32, 32)  # groups of 32 tokens per channel
     k_step = (k.amax(dim=3, keepdim=True) - k.amin(dim=3, keepdim=True)) / 3
+    # bfloat16 minimum rounded down and step rounded up: the step grows by at most the rounding
     k_err = (out[:, 0].reshape(4, 2, 2, 32, 32) - k).abs()
-    assert (k_err <= k_step / 2 * 1.02 + 0.01 * k.abs().amax(dim=3, keepdim=True)).all()
+    k_slack = 2**-6 * k.abs().amax(dim=3, keepdim=True) / 3
+    assert (k_err <= (k_step + k_slack) / 2 * 1.01).all()
     v = kv.kv[:, 1]  # one group of 32 channels per token
     v_step = (v.amax(dim=3, keepdim=True) - v.amin(dim=3, keepdim=True)) / 3
-    assert ((out[:, 1] - v).abs() <= v_step / 2 * 1.02 + 0.01 * v.abs().amax(dim=3, keepdim=True)).all()
+    v_slack = 2**-6 * v.abs().amax(dim=3, keepdim=True) / 3
+    assert ((out[:, 1] - v).abs() <= (v_step + v_slack) / 2 * 1.01).all()
+
+
+def test_kivi2_bound_holds_for_a_group_far_from_zero() -> None:
+    # a narrow range at a large offset: rounding the minimum up would cost a whole step
+    x = torch.linspace(100.3, 100.33, 32).repeat(1, 1, 1, 1, 1).expand(1, 2, 1, 32, 32).clone()
+    kv = ChunkKV(x, tuple(range(32)), 0, "m", "p")
+    out = get_codec("kivi2").decode(get_codec("kivi2").encode(kv)).kv
+    assert (out - x).abs().max() < 0.2 * 0.5
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
@@ -163,11 +174,22 @@ def test_bad_specs_are_clear_errors(spec: str) -> None:
         get_codec(spec)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: dequantisation on the GPU")
 @pytest.mark.parametrize("spec", BENCH_CODECS)
 def test_decoding_onto_a_device_gives_the_same_tensors(spec: str) -> None:
-    # CUDA when present (dequantisation then runs on the GPU); the CPU device otherwise.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda"
     data = get_codec(spec).encode(_kv())
     on_device = decode_entry(data, device=device).kv
     assert on_device.device.type == device
     assert torch.allclose(on_device.cpu(), decode_entry(data).kv, atol=1e-6)
+
+
+def test_a_newer_format_or_unknown_codec_is_unsupported_not_corrupt() -> None:
+    from chunkcache.codec import UnsupportedCacheError
+
+    data = get_codec("raw").encode(_kv())
+    body = bytearray(data[:-32])
+    struct.pack_into("<4sH", body, 0, MAGIC, 99)
+    newer = bytes(body) + hashlib.blake2b(bytes(body), digest_size=32).digest()
+    with pytest.raises(UnsupportedCacheError, match="upgrade chunkcache"):
+        decode_entry(newer)

@@ -158,3 +158,71 @@ def test_settings_name_the_tiers_and_budgets() -> None:
     assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("") is None
     with pytest.raises(InvalidInputError):
         parse_bytes("lots")
+
+
+def test_streams_deliver_layers_in_order_and_report_misses(store_path: Path) -> None:
+    codec = get_codec("int8")
+    cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, codec)
+    store = TieredStore([cpu, disk], codec)
+    disk.put("k", _kv(tokens=24))
+    hit, miss = store.stream(["k", "nope"])
+    assert hit.found() and not miss.found()
+    assert hit.token_ids == tuple(range(24)) and hit.position_offset == 3
+    assert torch.equal(torch.stack([hit.layer(0), hit.layer(1)]), disk.get("k").kv)
+    assert hit.load_s > 0 and hit.wait_s >= 0
+    for _ in range(100):  # promotion happens right after the last layer, in the background
+        if cpu.contains("k"):
+            break
+        time.sleep(0.01)
+    assert cpu.contains("k")
+
+
+def test_a_stream_that_fails_after_its_header_raises_only_for_missing_layers() -> None:
+    from chunkcache.errors import CorruptCacheError
+    from chunkcache.store.stream import LayerStream
+
+    stream = LayerStream("k")
+    stream.start(3, (1, 2), 0, "m", "p")
+    stream.push(torch.zeros(2, 1, 2, 4))
+    stream.fail(CorruptCacheError("layer 1 is damaged"))
+    assert stream.found()  # its header and first layer are good
+    assert stream.layer(0).shape == (2, 1, 2, 4)
+    with pytest.raises(CorruptCacheError, match="layer 1 is damaged"):
+        stream.layer(1)
+    early = LayerStream("e")
+    early.fail(CorruptCacheError("unreadable"))
+    assert not early.found()  # nothing usable: read as a miss, and the chunk is recomputed
+
+
+def test_an_entry_of_a_newer_format_is_a_miss_but_is_kept(store_path: Path) -> None:
+    import hashlib
+    import struct
+
+    from chunkcache.codec.base import MAGIC
+
+    disk = LmdbStore(store_path, RAW)
+    body = bytearray(RAW.encode(_kv())[:-32])
+    struct.pack_into("<4sH", body, 0, MAGIC, 99)
+    disk.put_bytes("k", bytes(body) + hashlib.blake2b(bytes(body), digest_size=32).digest())
+    assert TieredStore([disk], RAW).get("k") is None
+    assert disk.contains("k") and disk.stats.snapshot()["corrupt"] == 0
+
+
+def test_write_back_keeps_each_entry_s_codec_and_flushes_on_close(tmp_path: Path) -> None:
+    lossy = get_codec("cachegen-2")
+    size = _kv(tokens=32).nbytes
+    cpu, disk = MemoryTier("cpu", 2 * size), LmdbStore(tmp_path / "d", RAW)
+    store = TieredStore([cpu, disk], RAW, write_through=False)
+    store.put("lossy", _kv(tokens=32, seed=1), lossy)
+    store.put("plain", _kv(tokens=32, seed=2))
+    store.put("third", _kv(tokens=32, seed=3))  # evicts "lossy": written down with ITS codec
+    from chunkcache.codec import read_header
+
+    assert read_header(disk.get_bytes("lossy"))["codec"] == "cachegen"
+    store.put("huge", _kv(tokens=200, seed=4))  # bigger than the memory budget: straight down
+    assert disk.contains("huge")
+    store.get("lossy")  # promoted back: clean, so evicting it again writes nothing new
+    store.close()  # "plain"/"third" were only in memory: flushed now
+    reopened = LmdbStore(tmp_path / "d", RAW)
+    assert {"lossy", "plain", "third", "huge"} <= set(reopened.keys())
+    assert torch.equal(reopened.get("plain").kv, _kv(tokens=32, seed=2).kv)
