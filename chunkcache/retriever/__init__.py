@@ -1,1 +1,25 @@
-"""Retrieval: chunking, embeddings, the faiss index and the docstore (grown by the retriever issue)."""
+"""Retrieval: reading and chunking documents, embedding chunks, and `ChunkIndex` (faiss vectors,
+lmdb docstore, manifest). Heavy libraries (torch, transformers) load only when embedding starts."""
+
+from chunkcache.retriever.chunking import Chunk, Chunker, Document, content_hash, token_counter
+from chunkcache.retriever.embedder import DEFAULT_EMBEDDER, Embedder, MiniLMEmbedder, default_model_path
+from chunkcache.retriever.errors import (
+    DocumentReadError,
+    EmbedderMismatchError,
+    EmbedderNotFoundError,
+    IndexChangedError,
+    IndexCorruptError,
+    IndexExistsError,
+    IndexNotFoundError,
+    UnknownDocumentError,
+)
+from chunkcache.retriever.index import ChunkIndex
+from chunkcache.retriever.manifest import Hit, IngestReport
+from chunkcache.retriever.readers import FORMATS, html_to_text, read_documents, read_file
+
+__all__ = [
+    "Chunk", "Chunker", "ChunkIndex", "DEFAULT_EMBEDDER", "Document", "DocumentReadError", "Embedder",
+    "EmbedderMismatchError", "EmbedderNotFoundError", "FORMATS", "Hit", "IndexChangedError", "IndexCorruptError",
+    "IndexExistsError", "IndexNotFoundError", "IngestReport", "MiniLMEmbedder", "UnknownDocumentError",
+    "content_hash", "default_model_path", "html_to_text", "read_documents", "read_file", "token_counter",
+]

@@ -1,0 +1,296 @@
+"""`ChunkIndex`: chunk vectors in faiss (an `IndexIDMap2` around any factory index; inner product on
+L2-normalised vectors, i.e. cosine), chunk texts in the lmdb docstore, described by manifest.json.
+
+On disk: ``DIR/index.faiss`` (faiss ``write_index``), ``DIR/docstore/`` (lmdb) and
+``DIR/manifest.json`` (embedder name, dimension and fingerprint, metric, factory, counts, the
+docstore generation the faiss file belongs to). Every update is worked out first, then embedded,
+then committed to lmdb in one transaction, then index.faiss and manifest.json are each replaced
+atomically (temp file + ``os.replace``). If a crash leaves the faiss file behind the docstore,
+`load` notices the generation mismatch and re-embeds the docstore's chunks. One writer at a time.
+GPU faiss is used for search when the installed faiss reports a GPU."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from chunkcache.errors import InvalidInputError
+from chunkcache.retriever.chunking import Chunk, Chunker, Document
+from chunkcache.retriever.docstore import DocStore
+from chunkcache.retriever.embedder import Embedder
+from chunkcache.retriever.errors import IndexChangedError, IndexCorruptError, IndexExistsError, UnknownDocumentError
+from chunkcache.retriever.faiss_io import Searcher, new_index, write_atomic, writer_lock
+from chunkcache.retriever.manifest import (FAISS_FILE, DOCSTORE_DIR, LOCK_FILE, MANIFEST_FILE, Hit, IngestReport,
+                                           check_embedder, embedder_for, make_manifest, read_manifest,
+                                           write_manifest)
+from chunkcache.retriever.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+class ChunkIndex:
+    """Build with `ChunkIndex.build`, open with `ChunkIndex.load`; close when done (or use `with`)."""
+
+    def __init__(self, directory: Path, embedder: Embedder, manifest: dict[str, Any],
+                 index: faiss.IndexIDMap2, store: DocStore) -> None:
+        self.directory = directory
+        self.embedder = embedder
+        self._manifest = manifest
+        self._index = index
+        self._store = store
+        self._lock = threading.RLock()
+        self._searcher = Searcher()
+
+    @classmethod
+    def build(cls, directory: str | Path, embedder: Embedder | None = None, factory: str = "Flat",
+              chunks: Iterable[Chunk] = (), *, overwrite: bool = False) -> ChunkIndex:
+        """A new index in ``directory`` (refused where one exists unless ``overwrite``), holding ``chunks``."""
+        directory = Path(directory)
+        exists = (directory / MANIFEST_FILE).exists() or (directory / DOCSTORE_DIR).exists()
+        if exists and not overwrite:
+            raise IndexExistsError(
+                f"{directory} already holds a chunk index; open it with ChunkIndex.load to add to "
+                "it, or pass overwrite=True to replace it"
+            )
+        if embedder is None:
+            from chunkcache.retriever.embedder import MiniLMEmbedder
+            embedder = MiniLMEmbedder()
+        index = new_index(embedder.dim, factory)  # a bad factory string fails before anything is removed
+        if exists:
+            (directory / MANIFEST_FILE).unlink(missing_ok=True)
+            (directory / FAISS_FILE).unlink(missing_ok=True)
+            shutil.rmtree(directory / DOCSTORE_DIR, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        self = cls(directory, embedder, make_manifest(embedder, factory), index, DocStore(directory / DOCSTORE_DIR))
+        self._save(self._store.generation())
+        chunks = list(chunks)
+        if chunks:
+            self.add(chunks)
+        return self
+
+    @classmethod
+    def load(cls, directory: str | Path, embedder: Embedder | None = None) -> ChunkIndex:
+        """Open an index; ``embedder`` defaults to the one its manifest names (refused if it differs)."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        embedder = embedder if embedder is not None else embedder_for(manifest, directory)
+        check_embedder(manifest, embedder, directory)
+        if not (directory / DOCSTORE_DIR / "data.mdb").is_file():
+            raise IndexCorruptError(f"{directory / DOCSTORE_DIR} is missing; rebuild the index")
+        faiss_path = directory / FAISS_FILE
+        try:
+            index = faiss.read_index(str(faiss_path)) if faiss_path.is_file() else None
+        except RuntimeError as exc:
+            raise IndexCorruptError(f"cannot read {faiss_path} ({exc}); delete it to re-embed the docstore") from None
+        if index is not None and not isinstance(index, faiss.IndexIDMap2):
+            raise IndexCorruptError(f"{faiss_path} is not a chunkcache index (no id map)")
+        self = cls(directory, embedder, manifest, index or new_index(embedder.dim, manifest["factory"]),
+                   DocStore(directory / DOCSTORE_DIR))
+        if index is None or manifest.get("generation") != self._store.generation():
+            log.warning("%s: index.faiss is missing or behind the docstore (interrupted write): "
+                        "re-embedding the docstore's chunks", directory)
+            self.rebuild_vectors()
+        return self
+
+    # ---- reading -------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return dict(self._manifest)
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def documents(self) -> list[str]:
+        return self._store.doc_ids()
+
+    def doc_chunks(self, doc_id: str) -> list[str]:
+        doc = self._store.doc(doc_id)
+        if doc is None:
+            raise UnknownDocumentError(f"no document {doc_id!r} in {self.directory}; see .documents()")
+        return list(doc["chunk_ids"])
+
+    def get(self, chunk_id: str) -> Hit | None:
+        """The stored chunk (score nan), or None."""
+        return self._hit(chunk_id, float("nan"))
+
+    def search(self, query: str, k: int = 5) -> list[Hit]:
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 5) -> list[list[Hit]]:
+        """The ``k`` best chunks per query, best first (score: cosine similarity)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        with self._lock:
+            if self._index.ntotal == 0 or not queries:
+                return [[] for _ in queries]
+            vectors = self._vectors(list(queries))
+            scores, ids = self._searcher.search(self._index, vectors, min(k, int(self._index.ntotal)))
+        out = []
+        for row_scores, row_ids in zip(scores, ids):
+            hits = []
+            for score, fid in zip(row_scores, row_ids):
+                cid = self._store.chunk_id_for(int(fid)) if fid >= 0 else None
+                hit = self._hit(cid, float(score)) if cid is not None else None
+                if hit is not None:
+                    hits.append(hit)
+            out.append(hits)
+        return out
+
+    def _hit(self, chunk_id: str, score: float) -> Hit | None:
+        rec = self._store.chunk(chunk_id)
+        if rec is None:
+            return None
+        doc = self._store.doc(rec["doc_id"]) or {}
+        meta = {**doc.get("metadata", {}), **rec.get("metadata", {})}
+        return Hit(chunk_id, rec["doc_id"], score, rec["text"], meta)
+
+    def _vectors(self, texts: list[str]) -> np.ndarray:
+        vectors = np.asarray(self.embedder.embed(texts))
+        if vectors.shape != (len(texts), self.embedder.dim):
+            raise InvalidInputError(f"embedder {self.embedder.name!r} returned shape {vectors.shape} for "
+                                    f"{len(texts)} texts; expected ({len(texts)}, {self.embedder.dim})")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+        faiss.normalize_L2(vectors)
+        return vectors
+
+    # ---- writing -------------------------------------------------------------------------------
+    def add(self, chunks: Iterable[Chunk]) -> int:
+        """Add chunks to their documents (new documents are created); returns new vectors."""
+        plan = Plan(self._store)
+        by_doc: dict[str, list[Chunk]] = {}
+        for c in chunks:
+            by_doc.setdefault(c.doc_id, []).append(c)
+        for doc_id, doc_chunks in by_doc.items():
+            plan.link(doc_id, doc_chunks, {}, None, None, append=True)
+        return self._commit(plan)[0]
+
+    def delete(self, doc_id: str) -> int:
+        """Remove a document; returns how many chunk vectors went (shared chunks stay)."""
+        plan = Plan(self._store)
+        if plan.doc(doc_id) is None:
+            raise UnknownDocumentError(f"no document {doc_id!r} in {self.directory}; see .documents()")
+        plan.unlink(doc_id)
+        return self._commit(plan)[1]
+
+    def ingest_documents(self, documents: Iterable[Document], chunker: Chunker,
+                         commit_every: int = 5000) -> IngestReport:
+        """Chunk and index documents: unchanged ones (same text and chunker) are skipped, changed
+        ones replace their chunks. Committed every ``commit_every`` documents."""
+        report, seen, plan, pending = IngestReport(), set(), Plan(self._store), 0
+        for doc in documents:
+            if doc.doc_id in seen:
+                raise InvalidInputError(f"document id {doc.doc_id!r} appears twice in one ingest")
+            seen.add(doc.doc_id)
+            old = plan.doc(doc.doc_id)
+            if old is not None and old["content_hash"] == doc.content_hash and old["chunker"] == chunker.signature:
+                report.unchanged += 1
+                continue
+            if old is not None:
+                plan.unlink(doc.doc_id)
+                report.updated += 1
+            else:
+                report.added += 1
+            plan.link(doc.doc_id, chunker.chunk(doc), doc.metadata, doc.content_hash, chunker.signature, False)
+            pending += 1
+            if pending >= commit_every:
+                report.count(*self._commit(plan))
+                plan, pending = Plan(self._store), 0
+        if pending:
+            report.count(*self._commit(plan))
+        return report
+
+    def rebuild_vectors(self) -> None:
+        """Re-embed every chunk of the docstore into a fresh faiss index and save it."""
+        with self._lock, writer_lock(self.directory / DOCSTORE_DIR / LOCK_FILE):
+            records = list(self._store.iter_chunks())
+            index = new_index(self.embedder.dim, self._manifest["factory"])
+            if records:
+                vectors = self._vectors([rec["text"] for _, rec in records])
+                ids = np.array([int(rec["faiss_id"]) for _, rec in records], dtype=np.int64)
+                self._train(index, vectors)
+                index.add_with_ids(vectors, ids)
+            self._index = index
+            self._searcher.invalidate()
+            self._save(self._store.generation())
+
+    def _commit(self, plan: Plan) -> tuple[int, int]:
+        if not plan.docs and not plan.chunks:
+            return 0, 0
+        new, removed = plan.finish()
+        with self._lock:
+            vectors = self._vectors([c.text for c in new]) if new else None
+            with writer_lock(self.directory / DOCSTORE_DIR / LOCK_FILE):
+                if self._store.generation() != self._manifest["generation"]:
+                    raise IndexChangedError(
+                        f"{self.directory} was changed by another process since it was opened; "
+                        "open it again with ChunkIndex.load and retry (one writer at a time)"
+                    )
+                ids = np.array(plan.assign_ids(new, removed), dtype=np.int64)
+                try:
+                    if removed:
+                        self._remove(np.array(sorted(removed.values()), dtype=np.int64))
+                    if vectors is not None:
+                        self._train(self._index, vectors)
+                        self._index.add_with_ids(vectors, ids)
+                    generation = self._store.write(plan.chunks, plan.docs, removed)
+                except BaseException:  # the faiss file on disk still matches the docstore
+                    self._index = faiss.read_index(str(self.directory / FAISS_FILE))
+                    raise
+                finally:
+                    self._searcher.invalidate()
+                self._save(generation)
+        return len(new), len(removed)
+
+    def _train(self, index: faiss.Index, vectors: np.ndarray) -> None:
+        if index.is_trained:
+            return
+        try:
+            index.train(vectors)
+        except RuntimeError as exc:
+            raise InvalidInputError(
+                f"faiss factory {self._manifest['factory']!r} must be trained, and {len(vectors)} "
+                f"chunks are too few ({str(exc).strip().splitlines()[-1]}); add more chunks in the "
+                "first call, or use 'Flat' or 'HNSW32,Flat'"
+            ) from None
+
+    def _remove(self, ids: np.ndarray) -> None:
+        try:
+            self._index.remove_ids(ids)
+            return
+        except RuntimeError:  # e.g. HNSW cannot remove: rebuild from the stored vectors
+            pass
+        keep_ids = faiss.vector_to_array(self._index.id_map)
+        vectors = self._index.index.reconstruct_n(0, self._index.ntotal)
+        mask = ~np.isin(keep_ids, ids)
+        index = new_index(self.embedder.dim, self._manifest["factory"])
+        self._train(index, vectors[mask] if mask.any() else vectors)
+        index.add_with_ids(vectors[mask], keep_ids[mask])
+        self._index = index
+
+    def _save(self, generation: int) -> None:
+        counts = {**self._store.counts(), "vectors": int(self._index.ntotal)}
+        self._manifest = {**self._manifest, "counts": counts, "generation": generation}
+        write_atomic(self._index, self.directory / FAISS_FILE)
+        write_manifest(self.directory, self._manifest)
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._store.close()
+            self._searcher.invalidate()
+
+    def __enter__(self) -> ChunkIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ChunkIndex({str(self.directory)!r}, chunks={len(self)}, embedder={self.embedder.name!r})"
