@@ -185,8 +185,8 @@ class ChunkCacheEngine:
         if kv is None:
             with stage("miss_prefill_s"):
                 kv = prefill_chunk(self.model.executor, prefix or self._chunk_prefix(), ids, self._prefix)
-        self.store.put(key, kv, self.codec)
-        return kv, False
+        served = self.store.put(key, kv, self.codec)  # a lossy codec: what later hits will get
+        return served if served is not None else kv, False
 
     # --- answering ----------------------------------------------------------------------
     def answer(

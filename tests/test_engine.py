@@ -78,6 +78,7 @@ def test_a_lossy_codec_reencodes_stored_chunks_and_keeps_prefixes_raw(
     from chunkcache.codec import read_header
     import chunkcache.engine as eng
 
+    engine.use_codec("raw")
     raw_keys = engine.precompute(CHUNKS)
     engine.use_codec("cachegen-2")
 

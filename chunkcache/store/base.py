@@ -17,9 +17,9 @@ class KVStore(Protocol):
         """The cached chunk on ``device`` (CPU by default), or None on a miss (a corrupt entry,
         or one written for another model than ``model_fingerprint``, counts as a miss)."""
 
-    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> None:
+    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> ChunkKV | None:
         """Store atomically, encoded by ``codec`` (the store's default when None); readers see
-        the whole entry or none of it."""
+        the whole entry or none of it. May return the KV as it will be served (decoded)."""
 
     def contains(self, key: str) -> bool: ...
 

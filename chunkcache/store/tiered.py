@@ -268,8 +268,10 @@ class TieredStore:
         self._promote(found_at, key, build(torch.stack(got)), data)
 
     # --- writes --------------------------------------------------------------------------
-    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> None:
-        """Encode once; every tier (or only the first, write-back) gets the entry."""
+    def put(self, key: str, kv: ChunkKV, codec: KVCodec | None = None) -> ChunkKV:
+        """Encode once; every tier (or only the first, write-back) gets the entry. Returns the
+        KV as the store will serve it (a lossy codec's decoded tensors), so that an answer does
+        not depend on whether its chunks were hits or misses."""
         codec = codec or self.codec
         self._forget_pending([key])
         data = codec.encode(kv) if any(not isinstance(t, MemoryTier) for t in self.tiers) else None
@@ -279,11 +281,12 @@ class TieredStore:
         if self.write_through or not isinstance(first, MemoryTier):
             for tier in self.tiers:
                 self._put_tier(tier, key, kv, data, codec)
-            return
+            return kv
         with self._lock:
             self._dirty[key] = (codec, data)
         if not first.put(key, kv):  # too big for the first tier: straight to the ones below
             self._write_down(key, kv)
+        return kv
 
     def _write_down(self, key: str, kv: ChunkKV) -> None:
         with self._lock:

@@ -95,3 +95,12 @@ def test_a_layer_failing_mid_stream_is_dropped_and_recomputed(
     again = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
     assert again.text == clean.text
     assert engine.store.stats()["disk"]["corrupt"] == 2
+
+
+def test_with_a_lossy_codec_a_miss_answers_like_the_hits_after_it(smollm2: LoadedModel, store_path: Path) -> None:
+    settings = Settings.load(env={}, store_path=store_path, codec="cachegen-1")
+    engine = ChunkCacheEngine(settings, model=smollm2)
+    first = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=4, keep_logits=True)
+    second = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=4, keep_logits=True)
+    assert (first.cache_misses, second.cache_hits) == (2, 2)
+    assert torch.equal(first.first_token_logits, second.first_token_logits)
