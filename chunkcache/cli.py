@@ -159,6 +159,48 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from chunkcache.config import Settings
+    from chunkcache.jobs.ingest import ingest
+
+    if not args.paths and not args.delete:
+        raise CliError("give files or folders to ingest, or --delete DOC_ID")
+    settings = Settings.load(getattr(args, "config", None), model=args.model)
+    report, removed, total = ingest(
+        args.paths, Path(args.index), settings, args.text_field, args.chunk_tokens, args.overlap, args.factory,
+        args.delete or (),
+    )
+    print(f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, {removed} deleted "
+          f"documents; +{report.chunks_added} / -{report.chunks_removed} chunks; {total} chunks in {args.index}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from chunkcache.pipeline import RAGPipeline
+    from chunkcache.retriever import ChunkIndex
+
+    index = ChunkIndex.load(args.index)
+    try:
+        engine = _engine(args)
+        params = {} if args.recompute_ratio is None else {"recompute_ratio": args.recompute_ratio}
+        result = RAGPipeline(index, engine).answer(
+            args.question, top_k=args.top_k, strategy=args.strategy, max_new_tokens=args.max_new_tokens, **params
+        )
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.text)
+    print("\nsources:")
+    for hit in result.sources:
+        print(f"  {hit.score:.3f}  {hit.doc_id}  {hit.chunk_id[:12]}")
+    t = result.timings
+    print(f"\ntimings: retrieve {t['retrieve_s'] * 1e3:.0f} ms, load {t['load_s'] * 1e3:.0f} ms, "
+          f"blend {t['blend_s'] * 1e3:.0f} ms, first token {t['ttft_s'] * 1e3:.0f} ms")
+    return 0
+
+
 def _persistent_store(args: argparse.Namespace) -> Any:
     """The configured store's persistent tiers (disk, remote): memory tiers live in one process."""
     from chunkcache.codec import get_codec
@@ -352,6 +394,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="folder for store.json")
     p.set_defaults(func=cmd_bench_store)
+
+    p = sub.add_parser("ingest", help="chunk, embed and index documents (.txt .md .html .jsonl); incremental")
+    p.add_argument("paths", nargs="*", help="files or folders")
+    p.add_argument("--index", required=True, help="index folder (created if missing)")
+    p.add_argument("--model", help="serving model whose tokenizer counts chunk tokens (default: settings)")
+    p.add_argument("--config", help="YAML settings file (also $CHUNKCACHE_CONFIG)")
+    p.add_argument("--text-field", default="text", help=".jsonl: the field holding the text")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk at most")
+    p.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive chunks")
+    p.add_argument("--factory", default="Flat", help="faiss index factory for a new index (Flat, HNSW32,Flat, IVF...)")
+    p.add_argument("--delete", action="append", metavar="DOC_ID", help="remove a document (repeatable)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("query", help="retrieve chunks for a question and answer from their cached KV")
+    common(p)
+    p.add_argument("question")
+    p.add_argument("--index", required=True, help="index folder built by chunkcache ingest")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--strategy", default=None, choices=sorted(STRATEGIES), help="fusion strategy (default: settings)")
+    p.add_argument("--recompute-ratio", type=float, default=None, help="cacheblend: share of tokens to recompute")
+    p.add_argument("--json", action="store_true", help="print answer, sources and timings as one JSON object")
+    p.set_defaults(func=cmd_query)
 
     cache = sub.add_parser("cache", help="inspect and manage the configured store (disk, remote tiers)")
     cache_sub = cache.add_subparsers(dest="cache", required=True)

@@ -408,9 +408,9 @@ def build_store(settings: Any, codec: KVCodec) -> TieredStore:
     from chunkcache.store.redis_store import RedisStore
 
     tiers: list[Tier] = []
-    from chunkcache.model.loader import pick_device
-
-    on_gpu = pick_device(settings.device).type == "cuda"  # a gpu tier only serves a model on the GPU
+    device = str(settings.device)
+    # a gpu tier only serves a model that runs on the GPU ("auto" picks CUDA when present)
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     for name in tier_names(settings.store_tiers, settings.remote_url, on_gpu):
         policy = get_policy(settings.eviction)
         if name in ("gpu", "cpu"):

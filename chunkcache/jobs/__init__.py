@@ -1,0 +1,1 @@
+"""Offline jobs over a whole corpus: ingesting documents into a chunk index."""
