@@ -69,3 +69,21 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dic
 @pytest.fixture()
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "store"
+
+
+@pytest.fixture(scope="session")
+def embedder():  # type: ignore[no-untyped-def]
+    """The real packaged MiniLM embedder (retriever and recall tests)."""
+    from chunkcache.retriever import MiniLMEmbedder
+
+    return MiniLMEmbedder()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():  # type: ignore[no-untyped-def]
+    """MiniLM's (real, fast) tokenizer: chunking tests count tokens with it."""
+    from transformers import AutoTokenizer
+
+    from chunkcache.retriever import default_model_path
+
+    return AutoTokenizer.from_pretrained(str(default_model_path()), local_files_only=True)

@@ -9,7 +9,6 @@ import pytest
 
 from chunkcache.eval.recall import hotpot_recall
 from chunkcache.retriever import MiniLMEmbedder
-from tests.retriever.conftest import embedder  # noqa: F401 - the shared real-embedder fixture
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "hotpotqa_distractor_train100.jsonl"
 

@@ -36,12 +36,12 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
 
 
 @pytest.mark.parametrize(("size", "overlap"), [(32, 0), (48, 8), (64, 16), (20, 12)])
-def test_chunks_respect_size_overlap_and_cover_the_text(tokenizer: Any, size: int, overlap: int) -> None:
-    chunker = Chunker(tokenizer, size, overlap)
+def test_chunks_respect_size_overlap_and_cover_the_text(minilm_tokenizer: Any, size: int, overlap: int) -> None:
+    chunker = Chunker(minilm_tokenizer, size, overlap)
     text = _text(size)
     spans = chunker.split(text)
     assert len(spans) > 3
-    count = token_counter(tokenizer)
+    count = token_counter(minilm_tokenizer)
     for s, e in spans:
         assert 0 < count(text[s:e]) <= size
     overlaps = 0
@@ -58,46 +58,46 @@ def test_chunks_respect_size_overlap_and_cover_the_text(tokenizer: Any, size: in
     assert all(i in covered for i, ch in enumerate(text) if not ch.isspace())
 
 
-def test_chunks_end_at_sentence_ends(tokenizer: Any) -> None:
+def test_chunks_end_at_sentence_ends(minilm_tokenizer: Any) -> None:
     text = _text(3)
-    spans = Chunker(tokenizer, 64, 0).split(text)
+    spans = Chunker(minilm_tokenizer, 64, 0).split(text)
     assert all(text[s:e].endswith(".") for s, e in spans)  # every sentence is shorter than 64 tokens
     assert all(text[s].isupper() for s, _ in spans)
 
 
-def test_a_paragraph_end_is_preferred_to_filling_the_chunk(tokenizer: Any) -> None:
+def test_a_paragraph_end_is_preferred_to_filling_the_chunk(minilm_tokenizer: Any) -> None:
     rng = random.Random(1)
     first = " ".join(_sentence(rng, 8) for _ in range(4))
     second = " ".join(_sentence(rng, 8) for _ in range(4))
-    count = token_counter(tokenizer)
+    count = token_counter(minilm_tokenizer)
     size = count(first) + count(second) // 2  # the first paragraph plus half the second would fit
-    chunks = Chunker(tokenizer, size, 0).chunk(Document("d", f"{first}\n\n{second}"))
+    chunks = Chunker(minilm_tokenizer, size, 0).chunk(Document("d", f"{first}\n\n{second}"))
     assert chunks[0].text == first
     assert chunks[1].text == second
 
 
-def test_long_sentences_and_huge_words_are_cut_within_the_size(tokenizer: Any) -> None:
+def test_long_sentences_and_huge_words_are_cut_within_the_size(minilm_tokenizer: Any) -> None:
     rng = random.Random(2)
     run_on = " ".join(rng.choice(WORDS) for _ in range(400))  # no punctuation at all
     blob = "x9Qz" * 300  # one 1200-character "word"
     text = f"{run_on}\n\n{blob}\n\nA short closing sentence."
-    chunker = Chunker(tokenizer, 40, 8)
-    count = token_counter(tokenizer)
+    chunker = Chunker(minilm_tokenizer, 40, 8)
+    count = token_counter(minilm_tokenizer)
     chunks = chunker.chunk(Document("d", text))
     assert all(count(c.text) <= 40 for c in chunks)
     assert "".join(c.text for c in chunks).count("x9Qz") >= 300
     assert chunks[-1].text.endswith("A short closing sentence.")
 
 
-def test_chunk_metadata_and_ids(tokenizer: Any) -> None:
+def test_chunk_metadata_and_ids(minilm_tokenizer: Any) -> None:
     doc = Document("doc-1", _text(5))
-    chunks = Chunker(tokenizer, 48, 8).chunk(doc)
+    chunks = Chunker(minilm_tokenizer, 48, 8).chunk(doc)
     for n, c in enumerate(chunks):
         assert c.doc_id == "doc-1"
         assert c.chunk_id == hashlib.sha256(c.text.encode()).hexdigest() == content_hash(c.text)
         assert c.metadata["chunk_index"] == n
         assert doc.text[c.metadata["start"]:c.metadata["end"]] == c.text
-    again = Chunker(tokenizer, 48, 8).chunk(Document("doc-1", _text(5)))
+    again = Chunker(minilm_tokenizer, 48, 8).chunk(Document("doc-1", _text(5)))
     assert [c.chunk_id for c in again] == [c.chunk_id for c in chunks]
 
 

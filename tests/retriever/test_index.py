@@ -42,8 +42,8 @@ def _docs(**changes: str) -> list[Document]:
 
 
 @pytest.fixture()
-def chunker(tokenizer: Any) -> Chunker:
-    return Chunker(tokenizer, 24, 4)
+def chunker(minilm_tokenizer: Any) -> Chunker:
+    return Chunker(minilm_tokenizer, 24, 4)
 
 
 @pytest.fixture()
