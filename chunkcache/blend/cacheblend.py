@@ -178,13 +178,14 @@ def _reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor)
 def question_attention(executor: LayerExecutor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Mean attention weight [N] that the question's queries (q [heads, nq, d], the last nq of
     the N positions, so every key before them is visible) give each key (k [kv_heads, N, d])."""
-    group = executor.num_heads // executor.num_kv_heads
-    keys = k.float().repeat_interleave(group, dim=0)
-    nq, total = q.shape[1], keys.shape[1]
-    scores = (q.float() @ keys.transpose(-1, -2)) * executor.scale  # [heads, nq, N]
+    kv_heads, total, dim = k.shape
+    nq = q.shape[1]
+    # the query heads sharing a key head attend to it together: no copy of the keys per head
+    grouped = q.float().reshape(kv_heads, -1, dim)  # [kv_heads, group * nq, d]
+    scores = (grouped @ k.float().transpose(-1, -2)) * executor.scale  # [kv_heads, group * nq, N]
     causal = torch.arange(total)[None, :] > torch.arange(total - nq, total)[:, None]
-    scores = scores.masked_fill(causal.to(scores.device), float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+    scores = scores.view(kv_heads, -1, nq, total).masked_fill(causal.to(scores.device), float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=(0, 1, 2))
 
 
 class _GradualShrink:
