@@ -120,6 +120,15 @@ class ChunkCacheEngine:
     def _chunk_key(self, ids: tuple[int, ...], codec: str | None = None) -> str:
         return chunk_key(self.model.fingerprint, self._prefix, codec or self.codec.spec, ids)
 
+    def stored(self, chunk: str) -> bool:
+        """Whether the chunk's cache (in the current codec) is in the store (no decoding)."""
+        return self.store.contains(self.chunk_key(chunk))
+
+    def prefill_only(self, chunk: str) -> ChunkKV:
+        """The chunk's KV as precompute computes it, without touching the store (for timing)."""
+        ids = self.model.template.chunk_ids(chunk)
+        return prefill_chunk(self.model.executor, self._chunk_prefix(), ids, self._prefix)
+
     def precompute(self, chunks: Sequence[str]) -> list[str]:
         """Compute and store the KV of every chunk not yet stored; return their keys."""
         _check_chunks(chunks)

@@ -37,3 +37,41 @@ def test_ingest_is_incremental_and_query_answers_with_sources(tmp_path: Path) ->
     after = json.loads(chunkcache("query", "Which city has the Brandenburg gate?", "--index", str(index),
                                   "--top-k", "2", "--max-new-tokens", "4", "--json", store=store).stdout)
     assert all("Brandenburg" not in s["text"] for s in after["sources"])
+
+
+def test_precompute_is_resumable_after_kill_9(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from chunkcache.codec import get_codec
+    from chunkcache.store import LmdbStore
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(8):
+        (docs / f"d{i}.txt").write_text(f"Document {i}. " + " ".join(f"Fact {j} about item {i}." for j in range(30)))
+    index, store = tmp_path / "index", tmp_path / "store"
+    assert chunkcache("ingest", str(docs), "--index", str(index), "--chunk-tokens", "64", "--overlap", "0",
+                      store=store).returncode == 0
+    script = Path(sys.executable).with_name("chunkcache")
+    env = {**__import__("os").environ, "CHUNKCACHE_STORE_PATH": str(store)}
+    proc = subprocess.Popen([str(script), "precompute", "--index", str(index), "--batch", "1", "--quiet"], env=env)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if store.exists() and len(LmdbStore(store, get_codec("raw"))) >= 4:  # head, primer, 2 chunks
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    rerun = chunkcache("precompute", "--index", str(index), "--quiet", "--json", store=store)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] >= 1 and summary["skipped"] + summary["computed"] == summary["chunks"]
+    assert summary["bare_tokens_per_s"] > 0
+    final = json.loads(chunkcache("precompute", "--index", str(index), "--quiet", "--json",
+                                  store=store).stdout.strip().splitlines()[-1])
+    assert final["computed"] == 0 and final["skipped"] == final["chunks"]  # idempotent
