@@ -70,21 +70,12 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    sample = json.loads(resources.files("chunkcache").joinpath("data/demo.json").read_text(encoding="utf-8"))
+    from chunkcache.demo import run_demo
+
     engine = _engine(args)
-    print(f"model {engine.settings.model} ({engine.settings.dtype}); {sample['attribution']}\n")
-    for example in sample["examples"][: args.limit]:
-        question, chunks = example["question"], example["chunks"]
-        engine.precompute(chunks)  # offline step: every chunk's KV computed once and stored
-        rows = []
-        for strategy, params in (("full", {}), ("cacheblend", {"recompute_ratio": args.recompute_ratio})):
-            answer = engine.answer(question, chunks, strategy=strategy, max_new_tokens=args.max_new_tokens, **params)
-            rows.append((f"{strategy}{'' if not params else ':' + str(params['recompute_ratio'])}", answer))
-        print(f"Q: {question}   (gold: {'; '.join(map(str, example['answers']))}, {rows[0][1].prompt_tokens} prompt tokens)")
-        for label, answer in rows:
-            print(f"  {label:<16} ttft {answer.ttft_s * 1000:7.0f} ms   {answer.text!r}")
-        speedup = rows[0][1].ttft_s / max(rows[1][1].ttft_s, 1e-9)
-        print(f"  TTFT speed-up of {rows[1][0]} over full prefill: {speedup:.1f}x\n")
+    index_dir = Path(args.index) if args.index else engine.settings.store_path.parent / "demo-index"
+    run_demo(engine, index_dir, args.limit, args.recompute_ratio, args.max_new_tokens)
+    engine.close()
     return 0
 
 
@@ -359,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the answer and its stats as one JSON object")
     p.set_defaults(func=cmd_answer)
 
-    p = sub.add_parser("demo", help="answer bundled MuSiQue questions with full prefill and cacheblend")
+    p = sub.add_parser("demo", help="ingest a bundled corpus, precompute it, answer by retrieval with full prefill and cacheblend")
     common(p)
     p.add_argument("--limit", type=int, default=2, help="how many bundled questions (max 3)")
+    p.add_argument("--index", help="index folder for the bundled corpus (default: next to the store)")
     p.add_argument("--recompute-ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_demo, max_new_tokens=32)
 

@@ -75,3 +75,12 @@ def test_precompute_is_resumable_after_kill_9(tmp_path: Path) -> None:
     final = json.loads(chunkcache("precompute", "--index", str(index), "--quiet", "--json",
                                   store=store).stdout.strip().splitlines()[-1])
     assert final["computed"] == 0 and final["skipped"] == final["chunks"]  # idempotent
+
+
+def test_demo_runs_the_retrieval_path_and_reuses_its_work(tmp_path: Path) -> None:
+    args = ("demo", "--limit", "1", "--max-new-tokens", "8", "--index", str(tmp_path / "demo-index"))
+    first = chunkcache(*args, store=tmp_path / "store")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "sources: demo/q1-" in first.stdout and "TTFT speed-up of cacheblend" in first.stdout
+    second = chunkcache(*args, store=tmp_path / "store")
+    assert "precompute: 0 chunk caches computed" in second.stdout and "0 documents added" in second.stdout
