@@ -172,9 +172,17 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
     index = ChunkIndex.load(args.index)
     try:
-        engine = _engine(args)
-        summary = precompute_index(engine, index, args.batch, progress=not args.quiet)
-        engine.close()
+        if args.backend == "ray":
+            from chunkcache.config import Settings
+            from chunkcache.jobs.ray_backend import precompute_ray
+
+            settings = Settings.load(getattr(args, "config", None), model=args.model, dtype=args.dtype,
+                                     store_path=getattr(args, "store", None))
+            summary, _ = precompute_ray(index, settings, args.workers, args.batch, args.ray_address)
+        else:
+            engine = _engine(args)
+            summary = precompute_index(engine, index, args.batch, progress=not args.quiet)
+            engine.close()
     finally:
         index.close()
     s = summary
@@ -427,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--index", required=True, help="index folder built by chunkcache ingest")
     p.add_argument("--batch", type=int, default=16, help="chunks per batch")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="ray: Ray Data map_batches, one actor per GPU or --workers CPU actors (chunkcache[ray])")
+    p.add_argument("--workers", type=int, default=2, help="ray: actors when there is no GPU")
+    p.add_argument("--ray-address", help="ray: cluster address (default: start a local Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.set_defaults(func=cmd_precompute)

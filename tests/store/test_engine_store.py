@@ -12,7 +12,7 @@ import torch
 from chunkcache.config import Settings
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.model import LoadedModel
-from tests.store.conftest import RedisServer
+from tests.conftest import RedisServer
 
 QUESTION = "Which city has the Brandenburg gate?"
 CHUNKS = [

@@ -14,7 +14,7 @@ from chunkcache.codec import get_codec
 from chunkcache.kv import ChunkKV
 from chunkcache.store import LmdbStore, MemoryTier, TieredStore
 from chunkcache.store.redis_store import RedisStore
-from tests.store.conftest import RedisServer
+from tests.conftest import RedisServer
 
 RAW = get_codec("raw")
 

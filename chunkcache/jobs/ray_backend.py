@@ -1,0 +1,87 @@
+"""`chunkcache precompute --backend ray`: the same job as Ray Data `map_batches` over the index's
+chunks, one actor per GPU (or ``workers`` CPU actors), each with its own engine writing to the
+shared store (normally the remote tier, so that every server reads the result).
+
+Workers get the settings as plain values (JSON-able), build their engine once, and skip chunks
+that are already stored, so a rerun after a failure finishes the rest. Install with
+``pip install 'chunkcache[ray]'``."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from chunkcache.config import Settings
+from chunkcache.errors import InvalidInputError
+from chunkcache.jobs.precompute import PrecomputeSummary, index_chunks
+from chunkcache.retriever import ChunkIndex
+
+
+def _plain(settings: Settings) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
+
+
+class _Worker:
+    """One Ray actor: an engine built once, then batches of chunk texts precomputed."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from chunkcache.engine import ChunkCacheEngine
+
+        self.engine = ChunkCacheEngine(Settings.load(env={}, **settings))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        texts = [str(t) for t in batch["text"]]
+        todo = [t for t in texts if not self.engine.stored(t)]
+        if todo:
+            self.engine.precompute(todo)
+        count = self.engine.model.template.chunk_ids
+        return {
+            "key": [self.engine.chunk_key(t) for t in texts],
+            "computed": [t in todo for t in texts],
+            "tokens": [len(count(t)) for t in texts],
+        }
+
+
+def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batch_size: int = 16,
+                   address: str | None = None) -> tuple[PrecomputeSummary, list[str]]:
+    """Precompute every chunk of ``index`` on a Ray cluster (``address``; a local one when None)."""
+    try:
+        import ray
+    except ImportError:
+        raise InvalidInputError("the ray backend needs Ray: pip install 'chunkcache[ray]'") from None
+    if address and not settings.remote_url:  # workers on other machines share no local disk
+        raise InvalidInputError(
+            "on a Ray cluster the workers share their results through the remote tier: set remote_url "
+            "(redis://...) and store_tiers=remote"
+        )
+    texts = list(index_chunks(index))
+    started = ray.is_initialized()
+    if not started:
+        ray.init(address=address, num_cpus=None if address else max(workers, 1), include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    try:
+        import torch
+
+        gpus = 1 if torch.cuda.is_available() else 0
+        start = time.perf_counter()
+        dataset = ray.data.from_items([{"text": t} for t in texts])
+        out = dataset.map_batches(
+            _Worker, fn_constructor_kwargs={"settings": _plain(settings)}, batch_size=batch_size,
+            concurrency=workers, num_gpus=gpus, num_cpus=1,
+        )
+        rows = list(out.iter_rows())
+        seconds = time.perf_counter() - start
+    finally:
+        if not started:
+            ray.shutdown()
+    computed = [r for r in rows if r["computed"]]
+    summary = PrecomputeSummary(
+        chunks=len(texts), skipped=len(rows) - len(computed), computed=len(computed),
+        tokens=sum(int(r["tokens"]) for r in computed), seconds=seconds,
+    )
+    if summary.computed:
+        summary.chunks_per_s = summary.computed / seconds
+        summary.tokens_per_s = summary.tokens / seconds
+    return summary, sorted(str(r["key"]) for r in rows)

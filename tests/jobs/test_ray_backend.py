@@ -1,0 +1,45 @@
+"""The Ray backend on a local Ray instance with 2 workers writing to a real redis-server gives the
+same keys and the same bytes as the local backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from chunkcache.codec import get_codec
+from chunkcache.config import Settings
+from chunkcache.engine import ChunkCacheEngine
+from chunkcache.jobs.precompute import index_chunks, precompute_index
+from chunkcache.retriever import ChunkIndex, Chunker, Document
+from chunkcache.store import LmdbStore
+
+pytest.importorskip("ray")
+
+
+def test_ray_backend_matches_the_local_backend(tmp_path: Path, redis_url: str, embedder) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    from chunkcache.jobs.ray_backend import precompute_ray
+    from chunkcache.model.registry import resolve_model_dir
+
+    local = Settings.load(env={}, store_path=tmp_path / "local", store_tiers="disk", threads=1)
+    index = ChunkIndex.build(tmp_path / "index", embedder)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(local.model, local.models_dir)))
+    docs = [Document(f"d{i}", f"Item {i} is made in town {i}. " * 12) for i in range(5)]
+    index.ingest_documents(docs, Chunker(tokenizer, 64, 0, name=local.model))
+
+    engine = ChunkCacheEngine(local)
+    summary = precompute_index(engine, index, progress=False)
+    keys = sorted(engine.chunk_key(text) for text in index_chunks(index))
+    engine.close()
+
+    remote = Settings.load(env={}, store_path=tmp_path / "unused", store_tiers="remote", remote_url=redis_url, threads=1)
+    ray_summary, ray_keys = precompute_ray(index, remote, workers=2, batch_size=2)
+    index.close()
+    assert ray_keys == keys and ray_summary.computed == summary.computed == len(keys)
+    disk = LmdbStore(tmp_path / "local", get_codec("raw"))
+    client = redis.Redis.from_url(redis_url)
+    for key in keys:
+        assert client.get(f"chunkcache:e:{key}") == disk.get_bytes(key)
