@@ -312,6 +312,9 @@ class ChunkCacheEngine:
             if streams:  # background load time vs what fusion still waited for: the overlap
                 stages["stream_load_s"] = sum(s.load_s for s in streams)
                 stages["stream_wait_s"] = sum(s.wait_s for s in streams)
+                # read and decode ran in the loader threads: report them under the same stage names
+                stages["store_read_s"] = stages.get("store_read_s", 0.0) + sum(s.read_s for s in streams)
+                stages["codec_decode_s"] = stages.get("codec_decode_s", 0.0) + sum(s.decode_s for s in streams)
         fused_at = time.perf_counter()
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]

@@ -32,6 +32,8 @@ class LayerStream:
         self._created = time.perf_counter()
         self.load_s = 0.0  # seconds from the request for this chunk until its last layer arrived
         self.wait_s = 0.0  # seconds the fusing thread waited for layers of this chunk
+        self.read_s = 0.0  # of load_s: reading the entry's bytes from a lower tier
+        self.decode_s = 0.0  # of load_s: decoding those bytes into layers
 
     # --- producer ------------------------------------------------------------------------
     def start(self, num_layers: int, token_ids: tuple[int, ...], position_offset: int,

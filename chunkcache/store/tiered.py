@@ -205,12 +205,16 @@ class TieredStore:
                     self._promote(i, key, kv, None)
                     return
                 continue
+            read_at = time.perf_counter()
             data = tier.get_bytes(key)
+            stream.read_s += time.perf_counter() - read_at
             if data is None:
                 continue
+            decode_at = time.perf_counter()
             try:
                 if peek_version(data) in LEGACY_VERSIONS:
                     kv = decode_entry(data, model_fingerprint, device)
+                    stream.decode_s += time.perf_counter() - decode_at
                     stream.start_from(kv)
                     self._promote(i, key, kv, data)
                     return
@@ -227,6 +231,8 @@ class TieredStore:
             except CorruptCacheError as exc:
                 tier.drop_corrupt(key, exc)  # never served: the engine recomputes the chunk
                 raise
+            finally:
+                stream.decode_s += time.perf_counter() - decode_at
             try:
                 self._promote(i, key, stream.result(), data)
             except Exception as exc:  # noqa: BLE001 - the chunk was served; only the copy failed
