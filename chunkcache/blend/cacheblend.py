@@ -54,13 +54,14 @@ def token_deviation(
 class CacheBlend:
     recompute_ratio: float = 0.15
     check_layer: int = 1
-    # K and V deviation with gradual filtering beat the paper's K-only, single-layer choice on
-    # Qwen2.5-0.5B (docs/quality.md); selection=k, gradual=0 is the plain algorithm.
+    # K and V deviation with gradual filtering, weighted by the question's attention from a
+    # question-only pass, beat the paper's K-only, single-layer choice on Qwen2.5-0.5B
+    # (docs/quality.md); selection=k, gradual=0, weight=none is the plain algorithm.
     selection: str = "kv"
     sinks: int = 0
     per_chunk: bool = False
     gradual: bool = True
-    weight: str = "none"
+    weight: str = "qattn"
     seed: int = 0
     name = "cacheblend"
     uses_cache = True

@@ -150,7 +150,7 @@ def test_strategy_specs_parse_extra_parameters() -> None:
 
 
 def test_attention_weighting_keeps_the_budget_and_changes_the_choice(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
-    plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, gradual=False)
+    plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, gradual=False, weight="none")
     weighted, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, gradual=False, weight="attn")
     assert weighted.reused_tokens == plain.reused_tokens
     assert not torch.equal(weighted.logits, plain.logits)
@@ -160,7 +160,7 @@ def test_attention_weighting_keeps_the_budget_and_changes_the_choice(smollm2: Lo
 
 @pytest.mark.parametrize("weight", ["qattn", "qattn_add"])
 def test_question_attention_weighting_keeps_the_budget(smollm2: LoadedModel, fusion_input: FusionInput, weight: str) -> None:
-    plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2)
+    plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, weight="none")
     weighted, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, weight=weight)
     assert weighted.reused_tokens == plain.reused_tokens  # same budget after gradual filtering
     assert not torch.equal(weighted.logits, plain.logits)  # a different choice
