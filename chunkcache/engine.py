@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from chunkcache.blend import FusionInput, FusionResult, Sampling, generate, make_strategy
-from chunkcache.blend.prefill import prefill_chunk, prefill_head, primer_ids
+from chunkcache.blend.prefill import prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings
 from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInputError
@@ -37,6 +37,7 @@ class Answer:
     cache_hits: int = 0
     cache_misses: int = 0
     token_ids: tuple[int, ...] = ()
+    finish_reason: str = "stop"  # stop: EOS, a stop request or a full context; length: max_new_tokens
     # next-token logits after the prompt, kept only when asked for (evaluation)
     first_token_logits: Any = field(default=None, repr=False, compare=False)
 
@@ -124,22 +125,49 @@ class ChunkCacheEngine:
         """Whether the chunk's cache (in the current codec) is in the store (no decoding)."""
         return self.store.contains(self.chunk_key(chunk))
 
-    def prefill_only(self, chunk: str) -> ChunkKV:
-        """The chunk's KV as precompute computes it, without touching the store (for timing)."""
-        ids = self.model.template.chunk_ids(chunk)
-        return prefill_chunk(self.model.executor, self._chunk_prefix(), ids, self._prefix)
+    def prefill_only(self, chunks: Sequence[str]) -> list[ChunkKV]:
+        """The chunks' KV as precompute computes them (one batch), without touching the store:
+        the bare loop that precompute's throughput is compared with."""
+        ids = [self.model.template.chunk_ids(c) for c in chunks]
+        return prefill_chunks(self.model.executor, self._chunk_prefix(), ids, self._prefix)
 
-    def precompute(self, chunks: Sequence[str]) -> list[str]:
-        """Compute and store the KV of every chunk not yet stored; return their keys."""
+    def precompute(self, chunks: Sequence[str], batch_size: int | None = None) -> list[str]:
+        """Compute and store the KV of every chunk not yet stored (``batch_size`` chunks per
+        batched prefill, default ``Settings.precompute_batch``); return the keys of all of them."""
         _check_chunks(chunks)
+        batch_size = self.settings.precompute_batch if batch_size is None else batch_size
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
         self._head()  # answering needs the head's KV too
-        prefix = self._chunk_prefix()
-        keys = []
-        for chunk in chunks:
-            ids = self.model.template.chunk_ids(chunk)
-            self._chunk(prefix, ids)
-            keys.append(self._chunk_key(ids))
+        ids = [self.model.template.chunk_ids(c) for c in chunks]
+        keys = [self._chunk_key(i) for i in ids]
+        todo = list({k: i for k, i in zip(keys, ids) if not self.store.contains(k)}.values())
+        for start in range(0, len(todo), batch_size):
+            self._compute(todo[start : start + batch_size])
         return keys
+
+    def _compute(self, chunks: Sequence[tuple[int, ...]]) -> list[ChunkKV]:
+        """Store the caches of ``chunks`` (distinct, not stored in the current codec) and return
+        them as the store will serve them. With a lossy codec, a chunk already stored losslessly
+        is re-encoded, not recomputed; the rest are prefilled in one batch."""
+        found: dict[int, ChunkKV] = {}
+        if self.codec.spec != self._lossless.spec:
+            for i, ids in enumerate(chunks):
+                kv = self.store.get(self._chunk_key(ids, self._lossless.spec), self.model.fingerprint,
+                                    self.model.executor.device)
+                if kv is not None:
+                    found[i] = kv
+        todo = [i for i in range(len(chunks)) if i not in found]
+        if todo:
+            with stage("miss_prefill_s"):
+                computed = prefill_chunks(self.model.executor, self._chunk_prefix(), [chunks[i] for i in todo],
+                                          self._prefix)
+            found.update(zip(todo, computed))
+        served = []
+        for i, ids in enumerate(chunks):
+            kv = self.store.put(self._chunk_key(ids), found[i], self.codec)  # lossy: what later hits get
+            served.append(kv if kv is not None else found[i])
+        return served
 
     def _head(self) -> tuple[ChunkKV, bool]:
         return self._fixed(self._head_ids)
@@ -162,40 +190,27 @@ class ChunkCacheEngine:
         """The head's KV and each chunk's (a `LayerStream` when the store streams layers, so
         fusion starts before the last layer is decoded), and how many chunks were stored."""
         stream = getattr(self.store, "stream", None) if self.settings.stream_layers else None
-        sources = None
+        keys = [self._chunk_key(ids) for ids in chunks]
+        got: list[Any] = [None] * len(chunks)
         if stream is not None:  # a layer-wise prefetch: loading starts before the head is read
-            sources = stream([self._chunk_key(ids) for ids in chunks], self.model.fingerprint,
-                             self.model.executor.device)
+            sources = stream(keys, self.model.fingerprint, self.model.executor.device)
         head_kv, _ = self._head()
-        out: list[Any] = []
-        hits = 0
-        for i, ids in enumerate(chunks):
-            if sources is not None and sources[i].found():
-                out.append(sources[i])
-                hits += 1
-                continue
-            kv, hit = self._chunk(None, ids, lookup=sources is None)
-            out.append(kv)
-            hits += hit
-        return head_kv, tuple(out), hits
+        if stream is not None:
+            got = [s if s.found() else None for s in sources]
+        out, hits = self._complete(keys, chunks, got, lookup=stream is None)
+        return head_kv, out, hits
 
-    def _chunk(self, prefix: ChunkKV | None, ids: tuple[int, ...], lookup: bool = True) -> tuple[ChunkKV, bool]:
-        """A chunk's stored KV, computed behind ``prefix`` (loaded on first need) on a miss.
-
-        With a lossy codec, a chunk already stored losslessly is re-encoded, not recomputed."""
-        key = self._chunk_key(ids)
-        kv = self.store.get(key, self.model.fingerprint, self.model.executor.device) if lookup else None
-        if kv is not None:
-            return kv, True
-        if self.codec.spec != self._lossless.spec:
-            kv = self.store.get(
-                self._chunk_key(ids, self._lossless.spec), self.model.fingerprint, self.model.executor.device
-            )
-        if kv is None:
-            with stage("miss_prefill_s"):
-                kv = prefill_chunk(self.model.executor, prefix or self._chunk_prefix(), ids, self._prefix)
-        served = self.store.put(key, kv, self.codec)  # a lossy codec: what later hits will get
-        return served if served is not None else kv, False
+    def _complete(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]], got: Sequence[Any],
+                  lookup: bool = True) -> tuple[tuple[Any, ...], int]:
+        """Fill the gaps (None) of ``got``: from the store when ``lookup``, the rest prefilled
+        together in one batch. Returns the caches and how many came from the store."""
+        dev = self.model.executor.device
+        filled = [kv if kv is not None or not lookup else self.store.get(key, self.model.fingerprint, dev)
+                  for kv, key in zip(got, keys)]
+        missing = {key: ids for kv, key, ids in zip(filled, keys, chunks) if kv is None}
+        computed = dict(zip(missing, self._compute(list(missing.values())))) if missing else {}
+        hits = len(keys) - sum(kv is None for kv in filled)
+        return tuple(kv if kv is not None else computed[key] for kv, key in zip(filled, keys)), hits
 
     # --- answering ----------------------------------------------------------------------
     def answer(
@@ -206,20 +221,37 @@ class ChunkCacheEngine:
         max_new_tokens: int | None = None,
         sampling: Sampling | None = None,
         keep_logits: bool = False,
+        on_text: Callable[[str], bool | None] | None = None,
         **params: Any,
     ) -> Answer:
-        """Answer ``question`` from ``chunks`` with a fusion strategy (default from Settings)."""
+        """Answer ``question`` from ``chunks`` with a fusion strategy (default from Settings).
+
+        ``on_text`` is called with each new piece of text as it is generated (whole characters);
+        when it returns True generation stops there (a stop sequence, a client gone) and the
+        answer's ``finish_reason`` is ``stop``."""
         prepared = self._prepare(question, chunks, strategy, max_new_tokens, params)
         first_logits = prepared.result.logits.clone() if keep_logits else None
         tokens: list[int] = []
         ttft = 0.0
         decode_start = time.perf_counter()
+        deltas = _TextDeltas(self._detokenize)
+        limit = self._max_new(max_new_tokens)
+        finish = "length"
         for token in self._tokens(prepared, max_new_tokens, sampling):
             if not tokens:
                 ttft = time.perf_counter() - prepared.started
                 decode_start = time.perf_counter()
                 prepared.timings["first_token_s"] = decode_start - prepared.first_token_from
             tokens.append(token)
+            if token in self.model.eos_token_ids:
+                finish = "stop"
+            if on_text is not None:
+                piece = deltas.add(token)
+                if piece and on_text(piece):
+                    finish = "stop"
+                    break
+        if finish == "length" and len(tokens) < limit:
+            finish = "stop"  # the context is full: nothing more can follow
         timings = dict(prepared.timings)
         timings["decode_s"] = time.perf_counter() - decode_start
         timings["total_s"] = time.perf_counter() - prepared.started
@@ -235,6 +267,7 @@ class ChunkCacheEngine:
             cache_hits=prepared.hits,
             cache_misses=prepared.misses,
             token_ids=tuple(tokens),
+            finish_reason=finish,
             first_token_logits=first_logits,
         )
 
@@ -249,15 +282,11 @@ class ChunkCacheEngine:
     ) -> Iterator[str]:
         """Yield the answer's text as it is generated."""
         prepared = self._prepare(question, chunks, strategy, max_new_tokens, params)
-        tokens: list[int] = []
-        emitted = ""
+        deltas = _TextDeltas(self._detokenize)
         for token in self._tokens(prepared, max_new_tokens, sampling):
-            tokens.append(token)
-            text = self._detokenize(tokens)
-            if text.startswith(emitted) and not text.endswith("\ufffd"):  # whole characters only
-                if len(text) > len(emitted):
-                    yield text[len(emitted) :]
-                emitted = text
+            piece = deltas.add(token)
+            if piece:
+                yield piece
 
     def _tokens(self, prepared: _Prepared, max_new_tokens: int | None, sampling: Sampling | None) -> Iterator[int]:
         limit = self._max_new(max_new_tokens)
@@ -306,7 +335,8 @@ class ChunkCacheEngine:
             try:
                 result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
             except CorruptCacheError:  # a streamed layer failed to decode: its entry was dropped
-                chunk_kvs = tuple(self._chunk(None, ids)[0] for ids in pieces.chunks)
+                keys = [self._chunk_key(ids) for ids in pieces.chunks]
+                chunk_kvs, _ = self._complete(keys, pieces.chunks, [None] * len(keys))
                 result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
             streams = [kv for kv in chunk_kvs if isinstance(kv, LayerStream)]
             if streams:  # background load time vs what fusion still waited for: the overlap
@@ -319,6 +349,23 @@ class ChunkCacheEngine:
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]
         return _Prepared(result, pieces, started, timings, hits, misses, name, used, fused_at)
+
+
+class _TextDeltas:
+    """The new text each token adds to the detokenized answer, in whole characters only."""
+
+    def __init__(self, detokenize: Callable[[list[int]], str]) -> None:
+        self._detokenize = detokenize
+        self._tokens: list[int] = []
+        self._emitted = ""
+
+    def add(self, token: int) -> str:
+        self._tokens.append(token)
+        text = self._detokenize(self._tokens)
+        if not text.startswith(self._emitted) or text.endswith("\ufffd"):
+            return ""  # a multi-byte character is not complete yet
+        piece, self._emitted = text[len(self._emitted) :], text
+        return piece
 
 
 def check_request(question: str, chunks: Sequence[str]) -> None:

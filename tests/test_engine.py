@@ -60,7 +60,7 @@ import json, chunkcache.engine as eng
 from chunkcache.config import Settings
 def refuse(*a, **k):
     raise SystemExit("a chunk was prefilled although its cache was stored")
-eng.prefill_chunk = eng.prefill_head = refuse
+eng.prefill_chunks = eng.prefill_head = refuse
 engine = eng.ChunkCacheEngine(Settings.load(env={{}}, store_path={str(store_path)!r}))
 a = engine.answer({QUESTION!r}, {CHUNKS!r}, strategy="cacheblend", max_new_tokens=4)
 print(json.dumps([a.cache_hits, a.cache_misses, engine.precompute({CHUNKS!r})]))
@@ -85,7 +85,7 @@ def test_a_lossy_codec_reencodes_stored_chunks_and_keeps_prefixes_raw(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a chunk stored raw was prefilled again")
 
-    monkeypatch.setattr(eng, "prefill_chunk", refuse)
+    monkeypatch.setattr(eng, "prefill_chunks", refuse)
     keys = engine.precompute(CHUNKS)
     assert set(keys).isdisjoint(raw_keys)  # the codec is part of the key
     assert {read_header(engine.store.get_bytes(k))["codec"] for k in keys} == {"cachegen"}

@@ -9,13 +9,14 @@ deviate less from a full prefill, which is what every fusion strategy has to rep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from chunkcache.blend.base import selective_prefill
-from chunkcache.blend.layout import assemble_cache, sequential_layout
+from chunkcache.blend.layout import sequential_layout
 from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
 from chunkcache.model.executor import LayerExecutor
@@ -61,11 +62,34 @@ def prefill_chunk(
 ) -> ChunkKV:
     """KV of one chunk computed behind ``head`` (the head, or head + primer), rotated for the
     positions right after it."""
-    layout = sequential_layout(PromptPieces(head.token_ids, (), chunk_ids))
-    buf = assemble_cache(executor, layout, head, (), layout.length)
-    span = layout.question  # the chunk sits where a question would
-    selective_prefill(executor, layout, buf, torch.arange(span.start, span.stop))
-    return ChunkKV(
-        buf[:, :, :, span.start : span.stop].clone(), chunk_ids, span.start,
-        head.model_fingerprint, prefix_fingerprint,
+    return prefill_chunks(executor, head, [chunk_ids], prefix_fingerprint)[0]
+
+
+def prefill_chunks(
+    executor: LayerExecutor, head: ChunkKV, chunks: Sequence[tuple[int, ...]], prefix_fingerprint: str
+) -> list[ChunkKV]:
+    """`prefill_chunk` for several chunks at once (each still behind ``head`` alone): the chunks
+    are right-padded into one batch so the projections and MLP run as large matrix products."""
+    if not chunks:
+        return []
+    if any(len(ids) == 0 for ids in chunks):
+        raise InvalidInputError("a chunk has no tokens; drop empty chunks before precomputing")
+    start = len(head.token_ids)
+    lengths = [len(ids) for ids in chunks]
+    longest = max(lengths)
+    tokens = torch.zeros(len(chunks), longest, dtype=torch.long)
+    for row, ids in enumerate(chunks):
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    positions = torch.arange(start, start + longest)
+    hidden = executor.embed(tokens)
+    out = executor.empty_kv(0).new_empty(
+        (len(chunks), executor.num_layers, 2, executor.num_kv_heads, longest, executor.head_dim)
     )
+    for layer in range(executor.num_layers):
+        prefix = head.kv[layer].to(executor.device)
+        hidden, k, v = executor.run_layer_batch(layer, hidden, positions, lengths, prefix[0], prefix[1])
+        out[:, layer, 0], out[:, layer, 1] = k, v
+    return [
+        ChunkKV(out[row, :, :, :, : len(ids)].clone(), tuple(ids), start, head.model_fingerprint, prefix_fingerprint)
+        for row, ids in enumerate(chunks)
+    ]

@@ -2,17 +2,18 @@
 
 Idempotent and resumable: chunks whose cache is already stored are skipped (checked without
 decoding), so after Ctrl-C or kill -9 a rerun finishes the rest; every stored entry was written
-atomically. The summary compares its throughput with a bare prefill loop over the same chunks
-(no store, no codec), measured in the same run."""
+atomically. The summary compares its throughput with the bare batched prefill loop (no store,
+no codec) on a sample of the same batches, each timed right before or after its precompute."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from chunkcache.engine import ChunkCacheEngine
+from chunkcache.errors import InvalidInputError
 from chunkcache.retriever import ChunkIndex
 
 
@@ -22,12 +23,14 @@ class PrecomputeSummary:
     skipped: int = 0  # already stored
     computed: int = 0
     tokens: int = 0  # of the computed chunks
-    seconds: float = 0.0
+    seconds: float = 0.0  # precompute only (the bare loop's time is not in it)
     chunks_per_s: float = 0.0
     tokens_per_s: float = 0.0
     stored_bytes: int | None = None  # of the store's byte tiers after the run
-    bare_tokens_per_s: float | None = None  # a bare prefill loop over a sample of the same chunks
-    vs_bare: float | None = None
+    batch_size: int = 0
+    bare_batches: int = 0  # batches also run through the bare loop, right after precompute
+    bare_tokens_per_s: float | None = None  # the bare batched prefill loop on those batches
+    vs_bare: float | None = None  # precompute's tokens/s over the bare loop's, on the same batches
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,42 +49,64 @@ def index_chunks(index: ChunkIndex) -> Iterator[str]:
                 yield hit.text
 
 
-def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def precompute_index(
-    engine: ChunkCacheEngine, index: ChunkIndex, batch_size: int = 16, progress: bool = True, bare_sample: int = 8,
+    engine: ChunkCacheEngine, index: ChunkIndex, batch_size: int | None = None, progress: bool = True,
+    bare_every: int = 10,
 ) -> PrecomputeSummary:
-    texts = list(index_chunks(index))
+    """Precompute every chunk of ``index`` not yet stored (see `precompute_texts`)."""
+    return precompute_texts(engine, list(index_chunks(index)), batch_size, progress, bare_every)
+
+
+def precompute_texts(
+    engine: ChunkCacheEngine, texts: Sequence[str], batch_size: int | None = None, progress: bool = True,
+    bare_every: int = 10,
+) -> PrecomputeSummary:
+    """Store every chunk's cache, ``batch_size`` chunks per batched prefill. Every
+    ``bare_every``-th batch (and the first; 0: never) is also run through the bare batched
+    prefill loop (no store, no codec) right after or before it (alternating), so the two are
+    compared side by side on the same chunks while the machine is in the same state."""
+    batch_size = engine.settings.precompute_batch if batch_size is None else batch_size
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
     todo = [t for t in texts if not engine.stored(t)]
-    summary = PrecomputeSummary(chunks=len(texts), skipped=len(texts) - len(todo))
+    summary = PrecomputeSummary(chunks=len(texts), skipped=len(texts) - len(todo), batch_size=batch_size)
     count = engine.model.template.chunk_ids
-    start = time.perf_counter()
+    matched_s = bare_s = 0.0
+    matched_tokens = 0
     with _progress(progress, len(todo)) as advance:
-        for batch in _batches(todo, batch_size):
-            engine.precompute(list(batch))
+        for number, start in enumerate(range(0, len(todo), batch_size)):
+            batch = todo[start : start + batch_size]
             tokens = sum(len(count(t)) for t in batch)
+            sampled = bare_every > 0 and number % bare_every == 0
+            bare_first = sampled and summary.bare_batches % 2 == 1  # alternate who runs warm
+            if bare_first:
+                bare_s += _timed(engine.prefill_only, batch)
+            took = _timed(engine.precompute, batch, batch_size)
+            if sampled and not bare_first:
+                bare_s += _timed(engine.prefill_only, batch)
+            if sampled:
+                matched_s += took
+                matched_tokens += tokens
+                summary.bare_batches += 1
+            summary.seconds += took
             summary.computed += len(batch)
             summary.tokens += tokens
             advance(len(batch), tokens)
-    summary.seconds = time.perf_counter() - start
     if summary.computed:
         summary.chunks_per_s = summary.computed / summary.seconds
         summary.tokens_per_s = summary.tokens / summary.seconds
-    sample = (todo or texts)[:bare_sample]
-    if sample:
-        t0 = time.perf_counter()
-        for text in sample:
-            engine.prefill_only(text)
-        bare_s = time.perf_counter() - t0
-        summary.bare_tokens_per_s = sum(len(count(t)) for t in sample) / bare_s
-        if summary.computed:
-            summary.vs_bare = summary.tokens_per_s / summary.bare_tokens_per_s
+    if matched_tokens:
+        summary.bare_tokens_per_s = matched_tokens / bare_s
+        summary.vs_bare = bare_s / matched_s
     sizes = [t.size() for t in getattr(engine.store, "tiers", []) if t.name in ("disk", "remote")]
     summary.stored_bytes = sum(sizes) if sizes else None
     return summary
+
+
+def _timed(fn: Callable[..., object], *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 class _progress:

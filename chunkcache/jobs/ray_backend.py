@@ -9,6 +9,7 @@ that are already stored, so a rerun after a failure finishes the rest. Install w
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ class _Worker:
         self.engine = ChunkCacheEngine(Settings.load(env={}, **settings))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        texts = [str(t) for t in batch["text"]]
+        # one row = one prefill batch, formed on the driver as the local backend forms it, so
+        # both backends prefill the same chunks together and write the same bytes
+        texts = [str(t) for group in batch["group"] for t in json.loads(str(group))]
         todo = [t for t in texts if not self.engine.stored(t)]
         if todo:
-            self.engine.precompute(todo)
+            self.engine.precompute(todo, len(todo))
         count = self.engine.model.template.chunk_ids
         return {
             "key": [self.engine.chunk_key(t) for t in texts],
@@ -44,9 +47,13 @@ class _Worker:
         }
 
 
-def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batch_size: int = 16,
+def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batch_size: int | None = None,
                    address: str | None = None) -> tuple[PrecomputeSummary, list[str]]:
-    """Precompute every chunk of ``index`` on a Ray cluster (``address``; a local one when None)."""
+    """Precompute every chunk of ``index`` on a Ray cluster (``address``; a local one when None),
+    ``batch_size`` chunks per batched prefill (default ``Settings.precompute_batch``)."""
+    batch_size = settings.precompute_batch if batch_size is None else batch_size
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
     try:
         import ray
     except ImportError:
@@ -66,9 +73,10 @@ def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batc
 
         gpus = 1 if torch.cuda.is_available() else 0
         start = time.perf_counter()
-        dataset = ray.data.from_items([{"text": t} for t in texts])
+        groups = [json.dumps(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        dataset = ray.data.from_items([{"group": g} for g in groups])
         out = dataset.map_batches(
-            _Worker, fn_constructor_kwargs={"settings": _plain(settings)}, batch_size=batch_size,
+            _Worker, fn_constructor_kwargs={"settings": _plain(settings)}, batch_size=1,
             concurrency=workers, num_gpus=gpus, num_cpus=1,
         )
         rows = list(out.iter_rows())

@@ -127,6 +127,45 @@ class LayerExecutor:
         hidden = hidden + block.self_attn.o_proj(out)
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
+    @torch.inference_mode()
+    def run_layer_batch(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: list[int],
+        prefix_k: torch.Tensor,
+        prefix_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute ``layer`` for B right-padded sequences (``hidden`` [B, L, hidden], real lengths
+        ``lengths``) that all follow the same prefix (``prefix_k``/``prefix_v`` [kv_heads, P, d])
+        at ``positions`` [L]. Returns the new hidden states and each sequence's fresh K and V
+        [B, kv_heads, L, d] (padding rows hold garbage).
+
+        Projections and MLP run on the whole batch; attention runs per sequence over exactly its
+        own keys (no padding enters a softmax). A sequence's result depends on its batch only
+        through float rounding (matrix kernels may change with the batch's size)."""
+        b, length, width = hidden.shape
+        q, k, v = self.qkv(layer, hidden.reshape(b * length, width), positions.repeat(b))
+        gqa = self.num_heads != self.num_kv_heads
+        out = q.new_zeros(b * length, self.num_heads * self.head_dim)
+        prefix = prefix_k.shape[1]
+        for i, n in enumerate(lengths):
+            rows = slice(i * length, i * length + n)
+            keys = torch.cat((prefix_k, k[:, rows]), dim=1)
+            values = torch.cat((prefix_v, v[:, rows]), dim=1)
+            mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device)
+            mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            attended = F.scaled_dot_product_attention(
+                q[None, :, rows], keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=gqa
+            )[0]
+            out[rows] = attended.transpose(0, 1).reshape(n, -1)
+        block = self.layers[layer]
+        flat = hidden.reshape(b * length, width) + block.self_attn.o_proj(out)
+        flat = flat + block.mlp(block.post_attention_layernorm(flat))
+        split = (self.num_kv_heads, b, length, self.head_dim)
+        return (flat.view(b, length, width), k.view(split).transpose(0, 1), v.view(split).transpose(0, 1))
+
     def _attend(
         self,
         q: torch.Tensor,

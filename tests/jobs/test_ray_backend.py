@@ -1,5 +1,5 @@
 """The Ray backend on a local Ray instance with 2 workers writing to a real redis-server gives the
-same keys and the same bytes as the local backend."""
+same keys and the same bytes as the local backend with the same batch size."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_ray_backend_matches_the_local_backend(tmp_path: Path, redis_url: str, e
     index.ingest_documents(docs, Chunker(tokenizer, 64, 0, name=local.model))
 
     engine = ChunkCacheEngine(local)
-    summary = precompute_index(engine, index, progress=False)
+    summary = precompute_index(engine, index, batch_size=2, progress=False)  # the same prefill batches
     keys = sorted(engine.chunk_key(text) for text in index_chunks(index))
     engine.close()
 
