@@ -79,3 +79,21 @@ class PromptTemplate:
             chunks=tuple(self.chunk_ids(c) for c in chunks),
             question=self.question_ids(question),
         )
+
+
+def question_from_chat(turns: list[tuple[str, str]]) -> str:
+    """The question piece for a chat: system instructions, the earlier turns, then the last user
+    message. They all go into the uncached question, so the cached head stays the same for every
+    request. ``turns`` are (role, text) with roles system/developer/user/assistant (others are
+    dropped); the last one must be the user's."""
+    from chunkcache.errors import InvalidInputError
+
+    if not turns or turns[-1][0] != "user":
+        raise InvalidInputError("the last message must be the user's question (role 'user')")
+    question = turns[-1][1]
+    if not question.strip():
+        raise InvalidInputError("the user's last message is empty")
+    system = [text for role, text in turns if role in ("system", "developer") and text]
+    earlier = [f"{role.capitalize()}: {text}" for role, text in turns[:-1] if role in ("user", "assistant") and text]
+    parts = system + (["Conversation so far:\n" + "\n".join(earlier)] if earlier else []) + [question]
+    return "\n\n".join(parts)

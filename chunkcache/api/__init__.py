@@ -1,0 +1,7 @@
+"""The HTTP service (`chunkcache serve`): OpenAI-compatible and native RAG endpoints over one
+engine worker, with metrics."""
+
+from chunkcache.api.app import create_app
+from chunkcache.api.service import RagService
+
+__all__ = ["RagService", "create_app"]

@@ -1,0 +1,145 @@
+"""The FastAPI application: error mapping (every client error is a 4xx with a message, in OpenAI's
+error shape), the optional API key, request metrics, /health, /metrics, /v1/models, and the
+routers of the OpenAI-compatible and native RAG endpoints."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chunkcache.api import schemas as s
+from chunkcache.api.service import ModelNotFoundError, NoIndexError, RagService, RequestTooLargeError
+from chunkcache.api.worker import CancelledRequestError, QueueFullError
+from chunkcache.errors import ChunkCacheError, ContextTooLongError, InvalidInputError, UnknownStrategyError
+
+log = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[Exception], int, str]] = [  # most specific first
+    (QueueFullError, 429, "rate_limit_error"),
+    (RequestTooLargeError, 413, "invalid_request_error"),
+    (ContextTooLongError, 413, "invalid_request_error"),
+    (NoIndexError, 400, "invalid_request_error"),
+    (ModelNotFoundError, 404, "invalid_request_error"),
+    (UnknownStrategyError, 422, "invalid_request_error"),
+    (InvalidInputError, 422, "invalid_request_error"),
+    (CancelledRequestError, 499, "cancelled"),
+]
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = s.ErrorResponse(error=s.ErrorBody(message=message, type=kind, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def status_of(exc: Exception) -> tuple[int, str] | None:
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            return status, kind
+    return None
+
+
+def create_app(service: RagService) -> FastAPI:
+    from chunkcache.api.openai_routes import router as openai_router
+    from chunkcache.api.rag_routes import router as rag_router
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="chunkcache", version="0.1.0", lifespan=lifespan,
+        description="RAG answers from precomputed chunk KV caches: OpenAI-compatible and native endpoints.",
+        responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 413, 422, 429)},
+    )
+    app.state.service = service
+    key = os.environ.get(service.settings.api_key_env, "") if service.settings.api_key_env else ""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        path = request.url.path
+        if key and path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                response: Response = error_response(
+                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                service.metrics.requests.labels(_endpoint(request), "401").inc()
+                return response
+        response = await call_next(request)
+        endpoint = _endpoint(request)
+        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        service.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                            for e in exc.errors()[:5])
+        return error_response(422, message or "invalid request body", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                              else "server_error", headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ChunkCacheError)
+    async def refused(request: Request, exc: ChunkCacheError) -> JSONResponse:
+        mapped = status_of(exc)
+        if mapped is None:
+            return _internal(exc)
+        if isinstance(exc, QueueFullError):
+            service.metrics.rejected.inc()
+        return error_response(mapped[0], str(exc), mapped[1])
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        return _internal(exc)
+
+    @app.get("/health", response_model=s.Health, tags=["service"])
+    async def health() -> s.Health:
+        return s.Health(status="ok", model=service.model_id, queued=service.worker.waiting,
+                        index=service.index is not None)
+
+    @app.get("/metrics", tags=["service"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}})
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=s.ModelList, tags=["openai"])
+    async def models() -> s.ModelList:
+        return s.ModelList(data=[s.ModelCard(id=service.model_id, created=service.started)])
+
+    app.include_router(openai_router)
+    app.include_router(rag_router)
+    return app
+
+
+def _internal(exc: BaseException) -> JSONResponse:
+    log.error("request failed", exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def _endpoint(request: Request) -> str:
+    """The route's path template (bounded label values); refused before routing: the path when
+    it is a route's literal path, else 'unmatched'."""
+    route = request.scope.get("route")
+    if route is not None:
+        return str(getattr(route, "path", "unmatched"))
+    path = request.url.path
+    return path if any(getattr(r, "path", None) == path for r in request.app.routes) else "unmatched"

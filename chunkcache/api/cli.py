@@ -1,0 +1,63 @@
+"""`chunkcache serve`: build the service from Settings (YAML + CHUNKCACHE_* env, then flags) and
+run it with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+
+def add_serve_parser(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the HTTP service (OpenAI-compatible and /v1/rag/* endpoints)")
+    common(p)
+    p.add_argument("--index", help="index folder to retrieve from and add documents to (setting index_path)")
+    p.add_argument("--host", help="address to listen on (setting host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (setting port, default 8000)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from chunkcache.api import RagService, create_app
+    from chunkcache.config import Settings
+
+    settings = Settings.load(args.config, model=args.model, dtype=args.dtype, store_path=args.store,
+                             index_path=args.index, host=args.host, port=args.port,
+                             max_new_tokens=args.max_new_tokens)
+    service = RagService(settings)
+    key_note = (f"API key required (from ${settings.api_key_env})"
+                if settings.api_key_env and os.environ.get(settings.api_key_env) else "no API key")
+    print(f"chunkcache serve: {settings.model} on http://{settings.host}:{settings.port} "
+          f"(index: {settings.index_path or 'none'}; {key_note})", flush=True)
+    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def add_load_parser(bench: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+    p = bench.add_parser("load", help="concurrent streaming clients against a chunkcache serve process")
+    p.add_argument("--model", help="model the server loads (default: settings)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds measured, after the warm-up")
+    p.add_argument("--warmup", type=float, default=15.0, help="seconds of load before measuring")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--out", help="folder for load.json")
+    p.set_defaults(func=cmd_bench_load)
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from chunkcache.eval.load import format_table, run_load
+
+    report = run_load(args.model, args.clients, args.duration, args.warmup, args.max_tokens)
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "load.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out / 'load.json'}")
+    return 1 if report["server_errors"] else 0

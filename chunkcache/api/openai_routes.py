@@ -1,0 +1,123 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`, OpenAI-compatible (vLLM's conventions),
+with RAG extras in the body: `documents`, `doc_ids`, `retrieval: {top_k}`, `cache: {strategy,
+recompute_ratio}`. The last user message (or the prompt) is the question; system messages and
+earlier turns go into the uncached question piece, so the cached head stays the same for all."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from chunkcache.api import schemas as s
+from chunkcache.api.run import answer_once, answer_stream, sse
+from chunkcache.api.service import AnswerRequest, AnswerResult, ModelNotFoundError, RagService
+from chunkcache.blend import Sampling
+from chunkcache.errors import InvalidInputError
+from chunkcache.model.prompt import question_from_chat
+
+router = APIRouter(tags=["openai"])
+_SSE = {200: {"content": {"text/event-stream": {}}, "description": "with stream: true, server-sent events"}}
+
+
+def _service(request: Request) -> RagService:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+@router.post("/v1/chat/completions", response_model=s.ChatCompletion, responses=_SSE)
+async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Any:
+    service = _service(request)
+    req = _answer_request(service, body, chat_question(body.messages), body.max_completion_tokens or body.max_tokens)
+    return await _respond(request, service, body, req, chat=True)
+
+
+@router.post("/v1/completions", response_model=s.Completion, responses=_SSE)
+async def completions(body: s.CompletionRequest, request: Request) -> Any:
+    service = _service(request)
+    if body.echo:
+        raise InvalidInputError("echo is not supported: the prompt is the question, not a text to continue")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise InvalidInputError(f"send one prompt per request (got {len(prompts)})")
+    return await _respond(request, service, body, _answer_request(service, body, prompts[0], body.max_tokens),
+                          chat=False)
+
+
+async def _respond(request: Request, service: RagService, body: Any, req: AnswerRequest, chat: bool) -> Any:
+    rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        items = await answer_stream(service, req)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_events(items, chat, rid, created, service.model_id, include_usage),
+                                 media_type="text/event-stream")
+    result = await answer_once(request, service, req)
+    common = {"id": rid, "created": created, "model": service.model_id, "usage": result.usage(),
+              "chunkcache": result.info()}
+    finish: Any = result.finish_reason
+    if chat:
+        message = s.AssistantMessage(content=result.text)
+        return s.ChatCompletion(choices=[s.ChatChoice(index=0, message=message, finish_reason=finish)], **common)
+    return s.Completion(choices=[s.CompletionChoice(index=0, text=result.text, finish_reason=finish)], **common)
+
+
+def chat_question(messages: list[s.ChatMessage]) -> str:
+    """The question piece: system instructions, earlier turns, then the last user message."""
+    return question_from_chat([(m.role, _text(m)) for m in messages])
+
+
+def _text(message: s.ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
+
+
+def _answer_request(service: RagService, body: Any, question: str, max_tokens: int | None) -> AnswerRequest:
+    if body.model and body.model != service.model_id:
+        raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {service.model_id!r}")
+    service.check_documents(body.documents)
+    cache = body.cache or s.CacheOptions()
+    params = {} if cache.recompute_ratio is None else {"recompute_ratio": cache.recompute_ratio}
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return AnswerRequest(
+        question=question, documents=tuple(body.documents or ()), doc_ids=tuple(body.doc_ids or ()),
+        top_k=body.retrieval.top_k if body.retrieval else None, strategy=cache.strategy, params=params,
+        max_tokens=service.max_tokens(max_tokens),
+        sampling=Sampling(body.temperature or 0.0, body.top_p if body.top_p is not None else 1.0, body.seed),
+        stop=tuple(x for x in stop if x),
+    )
+
+
+async def _events(items: AsyncIterator[str | AnswerResult], chat: bool, rid: str, created: int, model: str,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """SSE chunks as OpenAI streams them: chat deltas (a first one with the role) or text pieces,
+    one with the finish reason, with include_usage a last one with no choices and the usage."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def piece(text: str | None, **delta: Any) -> dict[str, Any]:
+        if not chat:
+            return {"text": text or ""}
+        return {"delta": delta | ({} if text is None else {"content": text})}
+
+    def chunk(content: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> str:
+        choices = [] if content is None else [{"index": 0, **content, "finish_reason": finish, "logprobs": None}]
+        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return sse(body)
+
+    if chat:
+        yield chunk(piece("", role="assistant"))
+    async for item in items:
+        if isinstance(item, str):
+            yield chunk(piece(item))
+            continue
+        yield chunk(piece(None), item.finish_reason)
+        if include_usage:
+            yield chunk(None, usage=item.usage().model_dump())
+    yield sse("[DONE]")

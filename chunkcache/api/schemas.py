@@ -1,0 +1,225 @@
+"""Request and response bodies of the service (pydantic), so the OpenAPI schema describes exactly
+what is accepted and returned. OpenAI-compatible bodies follow vLLM's conventions: unknown fields
+are ignored, RAG fields (`documents`, `doc_ids`, `retrieval`, `cache`) come in the body's extras."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+
+class DocumentIn(_Strict):
+    id: str | None = Field(None, max_length=512, description="your id for it; default doc-N")
+    text: str = Field(..., min_length=1, description="one chunk: its KV cache is stored and reused as a unit")
+
+
+class Retrieval(_Strict):
+    top_k: int = Field(5, ge=1, le=100)
+
+
+class CacheOptions(_Strict):
+    strategy: str | None = Field(None, description="full, reuse, cacheblend, ape, epic (default: the server's)")
+    recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class RagExtras(_Lenient):
+    documents: list[DocumentIn] | None = Field(None, description="chunks to answer from, in order")
+    doc_ids: list[str] | None = Field(None, description="documents of the server's index to answer from")
+    retrieval: Retrieval | None = Field(None, description="retrieve top_k chunks from the server's index")
+    cache: CacheOptions | None = None
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _Sampling(RagExtras):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(..., description="the question (one prompt per request)")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class Reference(BaseModel):
+    doc_id: str
+    chunk_id: str
+    score: float | None = None
+    text: str
+
+
+class CacheReport(BaseModel):
+    hit_chunks: int
+    miss_chunks: int
+    reused_tokens: int
+    recomputed_tokens: int
+    tier_hits: dict[str, int]
+
+
+class Timings(BaseModel):
+    retrieve_s: float
+    load_s: float
+    blend_s: float
+    ttft_s: float
+    total_s: float
+
+
+class RagInfo(BaseModel):
+    references: list[Reference]
+    cache: CacheReport
+    timings: Timings
+    strategy: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class _Choice(BaseModel):
+    index: int
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class _Reply(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+    chunkcache: RagInfo
+
+
+class ChatCompletion(_Reply):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class Completion(_Reply):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class RagAnswerRequest(_Strict):
+    query: str = Field(..., min_length=1)
+    documents: list[DocumentIn] | None = None
+    top_k: int | None = Field(None, ge=1, le=100)
+    strategy: str | None = None
+    recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+
+
+class RagAnswer(BaseModel):
+    answer: str
+    references: list[Reference]
+    usage: Usage
+    cache: CacheReport
+    timings: Timings
+    strategy: str
+    finish_reason: Literal["stop", "length"]
+
+
+class RetrieveRequest(_Strict):
+    query: str = Field(..., min_length=1)
+    top_k: int = Field(5, ge=1, le=100)
+
+
+class RetrieveResponse(BaseModel):
+    results: list[Reference]
+
+
+class DocumentsRequest(_Strict):
+    documents: list[DocumentIn] = Field(..., min_length=1)
+    precompute: bool = Field(True, description="also compute and store every new chunk's KV cache")
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed"]
+    created: int
+    result: dict[str, int] | None = None
+    error: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "chunkcache"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    queued: int
+    index: bool
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

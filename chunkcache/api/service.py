@@ -1,0 +1,266 @@
+"""`RagService`: what every endpoint does once its body is validated, independent of HTTP: pick
+the chunks (sent documents, named index documents, or retrieval), answer through the engine,
+ingest documents as background jobs. All engine and index work runs on one `EngineWorker`."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chunkcache.api import schemas as s
+from chunkcache.api.metrics import ServiceMetrics
+from chunkcache.api.worker import EngineWorker
+from chunkcache.blend import Sampling
+from chunkcache.config import Settings
+from chunkcache.engine import Answer, ChunkCacheEngine
+from chunkcache.errors import ChunkCacheError, InvalidInputError
+
+CHUNK_TOKENS, OVERLAP_TOKENS = 256, 32  # as `chunkcache ingest` chunks by default
+_JOBS_KEPT = 1000  # finished jobs remembered for GET /v1/jobs/{id}
+
+
+class RequestTooLargeError(ChunkCacheError):
+    """More documents, or longer ones, than the server accepts (HTTP 413)."""
+
+
+class ModelNotFoundError(InvalidInputError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+
+class NoIndexError(InvalidInputError):
+    """Retrieval was asked of a server started without an index."""
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    question: str
+    documents: tuple[s.DocumentIn, ...] = ()
+    doc_ids: tuple[str, ...] = ()
+    top_k: int | None = None
+    strategy: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int | None = None
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class AnswerResult:
+    answer: Answer
+    text: str  # the answer cut at the first stop sequence
+    finish_reason: str
+    references: list[s.Reference]
+    retrieve_s: float
+    tier_hits: dict[str, int]
+
+    def usage(self) -> s.Usage:
+        a = self.answer
+        return s.Usage(
+            prompt_tokens=a.prompt_tokens, completion_tokens=len(a.token_ids),
+            total_tokens=a.prompt_tokens + len(a.token_ids),
+            prompt_tokens_details=s.PromptTokensDetails(cached_tokens=a.reused_tokens),
+        )
+
+    def info(self) -> s.RagInfo:
+        a = self.answer
+        return s.RagInfo(
+            references=self.references,
+            cache=s.CacheReport(hit_chunks=a.cache_hits, miss_chunks=a.cache_misses, reused_tokens=a.reused_tokens,
+                                recomputed_tokens=a.recomputed_tokens, tier_hits=self.tier_hits),
+            timings=s.Timings(retrieve_s=self.retrieve_s, load_s=a.timings.get("load_s", 0.0),
+                              blend_s=a.timings.get("blend_s", 0.0), ttft_s=self.retrieve_s + a.ttft_s,
+                              total_s=self.retrieve_s + a.timings.get("total_s", 0.0)),
+            strategy=a.strategy,
+        )
+
+
+class RagService:
+    """One engine (and optionally one index) behind a worker thread."""
+
+    def __init__(self, settings: Settings, engine: ChunkCacheEngine | None = None, index: Any = None) -> None:
+        self.settings = settings
+        self.engine = engine or ChunkCacheEngine(settings)
+        self.index = index if index is not None else _open_index(settings.index_path)
+        self.worker = EngineWorker(settings.max_queue)
+        self.metrics = ServiceMetrics(self)
+        self.jobs: dict[str, s.Job] = {}
+        self.started = int(time.time())
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.model
+
+    def close(self) -> None:
+        self.worker.close()
+        self.engine.close()
+        if self.index is not None:
+            self.index.close()
+
+    # --- limits --------------------------------------------------------------------------
+    def check_documents(self, documents: list[s.DocumentIn] | None) -> None:
+        docs = documents or []
+        if len(docs) > self.settings.max_documents:
+            raise RequestTooLargeError(
+                f"{len(docs)} documents sent; this server takes at most {self.settings.max_documents} per request"
+            )
+        for i, doc in enumerate(docs):
+            if len(doc.text) > self.settings.max_document_chars:
+                raise RequestTooLargeError(
+                    f"document {doc.id or i} has {len(doc.text)} characters; the limit is "
+                    f"{self.settings.max_document_chars}: split it into chunks"
+                )
+
+    def max_tokens(self, asked: int | None) -> int | None:
+        if asked is not None and asked > self.settings.max_tokens_limit:
+            raise InvalidInputError(
+                f"max_tokens {asked} is above this server's limit of {self.settings.max_tokens_limit}"
+            )
+        return asked
+
+    # --- answering (runs on the worker thread) --------------------------------------------
+    def answer(self, req: AnswerRequest, on_text: Callable[[str], bool | None] | None = None,
+               cancelled: threading.Event | None = None) -> AnswerResult:
+        start = time.perf_counter()
+        chunks, refs = self._chunks(req)
+        retrieve_s = time.perf_counter() - start
+        before = self._tier_hits()
+        cut = _StopCut(req.stop, on_text, cancelled)
+        answer = self.engine.answer(req.question, chunks, strategy=req.strategy, max_new_tokens=req.max_tokens,
+                                    sampling=req.sampling, on_text=cut, **req.params)
+        if on_text is not None and not cut.stopped:
+            rest = cut.flush()
+            if rest:
+                on_text(rest)
+        after = self._tier_hits()
+        tier_hits = {tier: after[tier] - before.get(tier, 0) for tier in after}
+        text = cut.text if req.stop else answer.text
+        finish = "stop" if cut.stopped else answer.finish_reason
+        result = AnswerResult(answer, text, finish, refs, retrieve_s, tier_hits)
+        self.metrics.observe(result)
+        return result
+
+    def _chunks(self, req: AnswerRequest) -> tuple[list[str], list[s.Reference]]:
+        if req.documents:
+            refs = [s.Reference(doc_id=d.id or f"doc-{i}", chunk_id=_chunk_id(d.text), text=d.text)
+                    for i, d in enumerate(req.documents)]
+            return [d.text for d in req.documents], refs
+        index = self.require_index("answer from doc_ids or retrieval")
+        if req.doc_ids:
+            hits = []
+            for doc_id in req.doc_ids:
+                try:
+                    ids = index.doc_chunks(doc_id)
+                except InvalidInputError:  # its message names the server's folder
+                    ids = []
+                if not ids:
+                    raise InvalidInputError(f"document {doc_id!r} is not in the index")
+                hits.extend(h for h in (index.get(c) for c in ids) if h is not None)
+        else:
+            hits = index.search(req.question, k=req.top_k or self.settings.default_top_k)
+            if not hits:
+                raise InvalidInputError("the index has no chunks yet; POST /v1/documents first")
+        refs = [s.Reference(doc_id=h.doc_id, chunk_id=h.chunk_id, score=None if req.doc_ids else h.score,
+                            text=h.text) for h in hits]
+        return [h.text for h in hits], refs
+
+    def retrieve(self, query: str, top_k: int) -> list[s.Reference]:
+        hits = self.require_index("retrieve").search(query, k=top_k)
+        return [s.Reference(doc_id=h.doc_id, chunk_id=h.chunk_id, score=h.score, text=h.text) for h in hits]
+
+    def require_index(self, what: str) -> Any:
+        if self.index is None:
+            raise NoIndexError(
+                f"this server has no index to {what}: send documents in the request, or start it "
+                "with --index DIR (chunkcache serve --index DIR)"
+            )
+        return self.index
+
+    def _tier_hits(self) -> dict[str, int]:
+        stats = getattr(self.engine.store, "stats", None)
+        return {tier: int(v.get("hits", 0)) for tier, v in stats().items()} if stats else {}
+
+    # --- documents jobs ------------------------------------------------------------------
+    def new_job(self) -> s.Job:
+        job = s.Job(id=f"job-{uuid.uuid4().hex[:16]}", status="queued", created=int(time.time()))
+        finished = [k for k, j in self.jobs.items() if j.status in ("done", "failed")]
+        for old in finished[: max(0, len(self.jobs) - _JOBS_KEPT)]:  # oldest first
+            del self.jobs[old]
+        self.jobs[job.id] = job
+        return job
+
+    def ingest(self, job: s.Job, documents: list[s.DocumentIn], precompute: bool) -> None:
+        """Chunk, embed and index ``documents``, then precompute their chunks (worker thread)."""
+        from chunkcache.retriever import Chunker, Document
+
+        job.status = "running"
+        try:
+            index = self.require_index("add documents to")
+            chunker = Chunker(self.engine.model.tokenizer, CHUNK_TOKENS, OVERLAP_TOKENS, name=self.settings.model)
+            docs = [Document(d.id or f"doc-{_chunk_id(d.text)[:16]}", d.text) for d in documents]
+            report = index.ingest_documents(docs, chunker)
+            computed = 0
+            if precompute:
+                texts = [h.text for d in docs for h in (index.get(c) for c in index.doc_chunks(d.doc_id)) if h]
+                todo = [t for t in dict.fromkeys(texts) if not self.engine.stored(t)]
+                if todo:
+                    self.engine.precompute(todo)
+                computed = len(todo)
+                self.metrics.precomputed(computed, sum(len(self.engine.model.template.chunk_ids(t)) for t in todo))
+            job.result = {"added": report.added, "updated": report.updated, "unchanged": report.unchanged,
+                          "chunks_added": report.chunks_added, "chunks_removed": report.chunks_removed,
+                          "chunks_precomputed": computed}
+            job.status = "done"
+        except Exception as exc:  # noqa: BLE001 - reported through GET /v1/jobs/{id}
+            job.error, job.status = f"{type(exc).__name__}: {exc}", "failed"
+
+
+class _StopCut:
+    """Passes text pieces on, stops generation at a stop sequence or when the request is
+    cancelled, and keeps the text up to the stop sequence."""
+
+    def __init__(self, stop: tuple[str, ...], on_text: Callable[[str], bool | None] | None,
+                 cancelled: threading.Event | None) -> None:
+        self.stop, self.on_text, self.cancelled = stop, on_text, cancelled
+        self.text = ""
+        self.stopped = False
+        self._sent = 0
+
+    def __call__(self, piece: str) -> bool:
+        if self.cancelled is not None and self.cancelled.is_set():
+            self.stopped = True
+            return True
+        self.text += piece
+        end = min((i for i in (self.text.find(x) for x in self.stop if x) if i >= 0), default=-1)
+        if end >= 0:
+            self.text, self.stopped = self.text[:end], True
+        # hold back what could still become a stop sequence
+        hold = 0 if self.stopped else max((len(x) - 1 for x in self.stop), default=0)
+        ready = len(self.text) - hold
+        if self.on_text is not None and ready > self._sent:
+            if self.on_text(self.text[self._sent : ready]):
+                self.stopped = True
+            self._sent = ready
+        return self.stopped
+
+    def flush(self) -> str:
+        """Text held back at the end (the answer ended without reaching a stop sequence)."""
+        rest, self._sent = self.text[self._sent :], len(self.text)
+        return rest
+
+
+def _chunk_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _open_index(path: str) -> Any:
+    if not path:
+        return None
+    from chunkcache.jobs.ingest import open_or_build
+
+    return open_or_build(Path(path).expanduser(), "Flat")

@@ -1,0 +1,171 @@
+"""`chunkcache bench load`: start `chunkcache serve` as its own process on a loopback port, then
+run N concurrent streaming chat clients for a fixed time against it (passages of the bundled
+MuSiQue sample, recurring across requests as in RAG). Reports status codes, TTFT and end-to-end
+latency percentiles, and the server's resident memory after warm-up vs at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from chunkcache.store.policy import quantile
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _requests(passage_words: int, per_request: int) -> list[dict[str, Any]]:
+    """Request bodies from the bundled examples: each question with ``per_request`` of its
+    passages cut to ``passage_words`` words."""
+    data = json.loads(resources.files("chunkcache").joinpath("data/demo.json").read_text(encoding="utf-8"))
+    bodies = []
+    for example in data["examples"]:
+        passages = [" ".join(p.split()[:passage_words]) for p in example["chunks"]]
+        for start in range(0, len(passages) - per_request + 1, per_request):
+            bodies.append({"question": example["question"], "documents": passages[start : start + per_request]})
+    return bodies
+
+
+async def _client(url: str, bodies: list[dict[str, Any]], until: float, max_tokens: int, seed: int,
+                  out: list[dict[str, Any]], headers: dict[str, str]) -> None:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as client:
+        while time.monotonic() < until:
+            body = rng.choice(bodies)
+            payload = {"messages": [{"role": "user", "content": body["question"]}], "max_tokens": max_tokens,
+                       "stream": True, "documents": [{"text": t} for t in body["documents"]]}
+            start = time.monotonic()
+            ttft = None
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+                    async for line in response.aiter_lines():
+                        if ttft is None and line.startswith("data: ") and '"content":"' in line \
+                                and '"content":""' not in line:
+                            ttft = time.monotonic() - start
+                    status = response.status_code
+            except httpx.HTTPError as exc:
+                status = f"error: {type(exc).__name__}"
+            out.append({"status": status, "ttft_s": ttft, "total_s": time.monotonic() - start, "at": start})
+
+
+def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60.0, warmup_s: float = 15.0,
+             max_tokens: int = 16, passage_words: int = 80, per_request: int = 3,
+             extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Serve in a subprocess (scratch store), load it, stop it; the report as a dict."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    bodies = _requests(passage_words, per_request)
+    with tempfile.TemporaryDirectory(prefix="chunkcache-load-") as scratch:
+        env = {**os.environ, **(extra_env or {}), "CHUNKCACHE_STORE_PATH": str(Path(scratch) / "store"),
+               "CHUNKCACHE_MAX_QUEUE": str(max(clients * 2, 32))}
+        cmd = [sys.executable, "-m", "chunkcache.cli", "serve", "--port", str(port), "--log-level", "warning"]
+        if model:
+            cmd += ["--model", model]
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_healthy(url, server)
+            headers = {}
+            key = env.get(env.get("CHUNKCACHE_API_KEY_ENV", "CHUNKCACHE_API_KEY"), "")
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            rows: list[dict[str, Any]] = []
+            started = time.monotonic()
+            rss: list[tuple[float, int]] = []
+
+            async def drive() -> None:
+                until = started + warmup_s + duration_s
+                tasks = [asyncio.create_task(_client(url, bodies, until, max_tokens, i, rows, headers))
+                         for i in range(clients)]
+                while not all(t.done() for t in tasks):
+                    rss.append((time.monotonic() - started, _rss_bytes(server.pid)))
+                    await asyncio.wait(tasks, timeout=1.0)
+                await asyncio.gather(*tasks)
+
+            asyncio.run(drive())
+            rss.append((time.monotonic() - started, _rss_bytes(server.pid)))
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return _report(rows, rss, started, warmup_s, clients, duration_s, max_tokens, per_request, passage_words)
+
+
+def _wait_healthy(url: str, server: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"chunkcache serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("chunkcache serve did not become healthy in 300 s")
+
+
+def _report(rows: list[dict[str, Any]], rss: list[tuple[float, int]], started: float, warmup_s: float,
+            clients: int, duration_s: float, max_tokens: int, per_request: int, passage_words: int) -> dict[str, Any]:
+    measured = [r for r in rows if r["at"] - started >= warmup_s]
+    statuses = Counter(str(r["status"]) for r in measured)
+    ttft = [r["ttft_s"] for r in measured if r["ttft_s"] is not None]
+    total = [r["total_s"] for r in measured if r["status"] == 200]
+    after_warmup = [b for t, b in rss if t >= warmup_s] or [rss[-1][1]]
+    base = after_warmup[0]
+
+    def pct(values: list[float], q: float) -> float | None:
+        return quantile(values, q) if values else None
+
+    return {
+        "clients": clients, "duration_s": duration_s, "warmup_s": warmup_s, "max_tokens": max_tokens,
+        "documents_per_request": per_request, "words_per_document": passage_words,
+        "requests": len(measured), "requests_per_s": len(measured) / duration_s,
+        "status_counts": dict(statuses),
+        "server_errors": sum(n for s, n in statuses.items() if s.startswith("5") or s.startswith("error")),
+        "ttft_s": {"p50": pct(ttft, 0.5), "p99": pct(ttft, 0.99), "mean": statistics.fmean(ttft) if ttft else None},
+        "total_s": {"p50": pct(total, 0.5), "p99": pct(total, 0.99)},
+        "rss_bytes": {"after_warmup": base, "end": rss[-1][1], "max_after_warmup": max(after_warmup)},
+        "rss_growth": (max(after_warmup) - base) / base if base else None,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    t, e, m = report["ttft_s"], report["total_s"], report["rss_bytes"]
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    return "\n".join([
+        f"load: {report['clients']} streaming clients for {report['duration_s']:.0f} s after "
+        f"{report['warmup_s']:.0f} s of warm-up; {report['requests']} requests ({report['requests_per_s']:.2f}/s)",
+        f"status codes: {report['status_counts']}; server errors: {report['server_errors']}",
+        f"TTFT p50 {f(t['p50'])} s, p99 {f(t['p99'])} s; end to end p50 {f(e['p50'])} s, p99 {f(e['p99'])} s",
+        f"server RSS after warm-up {m['after_warmup'] / 2**20:.0f} MiB, max after {m['max_after_warmup'] / 2**20:.0f} "
+        f"MiB, end {m['end'] / 2**20:.0f} MiB (growth {report['rss_growth']:.1%})",
+    ])
