@@ -149,7 +149,8 @@ class ChunkCacheEngine:
     def _compute(self, chunks: Sequence[tuple[int, ...]]) -> list[ChunkKV]:
         """Store the caches of ``chunks`` (distinct, not stored in the current codec) and return
         them as the store will serve them. With a lossy codec, a chunk already stored losslessly
-        is re-encoded, not recomputed; the rest are prefilled in one batch."""
+        is re-encoded, not recomputed; the rest are prefilled ``precompute_batch`` at a time,
+        similar lengths together (padding grows with the longest chunk of a batch)."""
         found: dict[int, ChunkKV] = {}
         if self.codec.spec != self._lossless.spec:
             for i, ids in enumerate(chunks):
@@ -157,12 +158,14 @@ class ChunkCacheEngine:
                                     self.model.executor.device)
                 if kv is not None:
                     found[i] = kv
-        todo = [i for i in range(len(chunks)) if i not in found]
-        if todo:
+        todo = sorted((i for i in range(len(chunks)) if i not in found), key=lambda i: len(chunks[i]))
+        size = max(1, self.settings.precompute_batch)
+        for start in range(0, len(todo), size):
+            batch = todo[start : start + size]
             with stage("miss_prefill_s"):
-                computed = prefill_chunks(self.model.executor, self._chunk_prefix(), [chunks[i] for i in todo],
+                computed = prefill_chunks(self.model.executor, self._chunk_prefix(), [chunks[i] for i in batch],
                                           self._prefix)
-            found.update(zip(todo, computed))
+            found.update(zip(batch, computed))
         served = []
         for i, ids in enumerate(chunks):
             kv = self.store.put(self._chunk_key(ids), found[i], self.codec)  # lossy: what later hits get
@@ -250,6 +253,10 @@ class ChunkCacheEngine:
                 if piece and on_text(piece):
                     finish = "stop"
                     break
+        else:
+            tail = deltas.rest() if on_text is not None else ""
+            if tail:  # text held back at the end (an incomplete character, a changed prefix)
+                on_text(tail)  # type: ignore[misc]
         if finish == "length" and len(tokens) < limit:
             finish = "stop"  # the context is full: nothing more can follow
         timings = dict(prepared.timings)
@@ -365,6 +372,13 @@ class _TextDeltas:
         if not text.startswith(self._emitted) or text.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
         piece, self._emitted = text[len(self._emitted) :], text
+        return piece
+
+    def rest(self) -> str:
+        """What the final text adds to what was emitted (empty if it no longer extends it)."""
+        text = self._detokenize(self._tokens)
+        piece = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
+        self._emitted = text
         return piece
 
 

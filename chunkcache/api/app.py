@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,8 +31,8 @@ _STATUS: list[tuple[type[Exception], int, str]] = [  # most specific first
     (ContextTooLongError, 413, "invalid_request_error"),
     (NoIndexError, 400, "invalid_request_error"),
     (ModelNotFoundError, 404, "invalid_request_error"),
-    (UnknownStrategyError, 422, "invalid_request_error"),
-    (InvalidInputError, 422, "invalid_request_error"),
+    (UnknownStrategyError, 400, "invalid_request_error"),
+    (InvalidInputError, 400, "invalid_request_error"),  # 400, as OpenAI and vLLM answer
     (CancelledRequestError, 499, "cancelled"),
 ]
 
@@ -61,7 +62,7 @@ def create_app(service: RagService) -> FastAPI:
     app = FastAPI(
         title="chunkcache", version="0.1.0", lifespan=lifespan,
         description="RAG answers from precomputed chunk KV caches: OpenAI-compatible and native endpoints.",
-        responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 413, 422, 429)},
+        responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 413, 429)},
     )
     app.state.service = service
     key = os.environ.get(service.settings.api_key_env, "") if service.settings.api_key_env else ""
@@ -79,7 +80,11 @@ def create_app(service: RagService) -> FastAPI:
                 )
                 service.metrics.requests.labels(_endpoint(request), "401").inc()
                 return response
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # answered by the 500 handler outside this middleware: count it here
+            service.metrics.requests.labels(_endpoint(request), "500").inc()
+            raise
         endpoint = _endpoint(request)
         service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         service.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
@@ -91,7 +96,7 @@ def create_app(service: RagService) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
                             for e in exc.errors()[:5])
-        return error_response(422, message or "invalid request body", param=where or None)
+        return error_response(400, message or "invalid request body", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -118,7 +123,7 @@ def create_app(service: RagService) -> FastAPI:
 
     @app.get("/metrics", tags=["service"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}})
-    async def metrics() -> Response:
+    def metrics() -> Response:  # sync: reading store sizes may touch disk or redis, off the event loop
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", response_model=s.ModelList, tags=["openai"])
@@ -127,6 +132,21 @@ def create_app(service: RagService) -> FastAPI:
 
     app.include_router(openai_router)
     app.include_router(rag_router)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema without its default 422 responses: invalid bodies get a 400 in
+        `ErrorResponse`'s shape here, which every operation lists."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

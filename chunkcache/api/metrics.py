@@ -77,7 +77,7 @@ class _LiveCollector(Collector):
                                       labels=["tier"])
         size = GaugeMetricFamily("chunkcache_store_bytes", "bytes held per tier", labels=["tier"])
         entries = GaugeMetricFamily("chunkcache_store_entries", "entries held per tier", labels=["tier"])
-        stats = getattr(self.service.engine.store, "stats", None)
+        stats = getattr(self.service.engine.store, "stats", None)  # sizes: one pass over each tier
         for tier, v in (stats() if stats else {}).items():
             lookups.add_metric([tier, "hit"], v.get("hits", 0))
             lookups.add_metric([tier, "miss"], v.get("misses", 0))

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from chunkcache.api import schemas as s
-from chunkcache.api.run import answer_once, answer_stream, sse
+from chunkcache.api.run import answer_once, answer_stream, sse, stream_error
 from chunkcache.api.service import AnswerRequest, AnswerResult, ModelNotFoundError, RagService
 from chunkcache.blend import Sampling
 from chunkcache.errors import InvalidInputError
@@ -31,7 +31,8 @@ def _service(request: Request) -> RagService:
 @router.post("/v1/chat/completions", response_model=s.ChatCompletion, responses=_SSE)
 async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Any:
     service = _service(request)
-    req = _answer_request(service, body, chat_question(body.messages), body.max_completion_tokens or body.max_tokens)
+    req = _answer_request(service, body, chat_question(body.messages), body.max_completion_tokens or body.max_tokens,
+                          search=_text(body.messages[-1]))
     return await _respond(request, service, body, req, chat=True)
 
 
@@ -50,7 +51,7 @@ async def completions(body: s.CompletionRequest, request: Request) -> Any:
 async def _respond(request: Request, service: RagService, body: Any, req: AnswerRequest, chat: bool) -> Any:
     rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        items = await answer_stream(service, req)
+        items = await answer_stream(request, service, req)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_events(items, chat, rid, created, service.model_id, include_usage),
                                  media_type="text/event-stream")
@@ -77,7 +78,8 @@ def _text(message: s.ChatMessage) -> str:
     return "".join(part.text for part in message.content)
 
 
-def _answer_request(service: RagService, body: Any, question: str, max_tokens: int | None) -> AnswerRequest:
+def _answer_request(service: RagService, body: Any, question: str, max_tokens: int | None,
+                    search: str | None = None) -> AnswerRequest:
     if body.model and body.model != service.model_id:
         raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {service.model_id!r}")
     service.check_documents(body.documents)
@@ -85,7 +87,7 @@ def _answer_request(service: RagService, body: Any, question: str, max_tokens: i
     params = {} if cache.recompute_ratio is None else {"recompute_ratio": cache.recompute_ratio}
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return AnswerRequest(
-        question=question, documents=tuple(body.documents or ()), doc_ids=tuple(body.doc_ids or ()),
+        question=question, search=search, documents=tuple(body.documents or ()), doc_ids=tuple(body.doc_ids or ()),
         top_k=body.retrieval.top_k if body.retrieval else None, strategy=cache.strategy, params=params,
         max_tokens=service.max_tokens(max_tokens),
         sampling=Sampling(body.temperature or 0.0, body.top_p if body.top_p is not None else 1.0, body.seed),
@@ -104,20 +106,24 @@ async def _events(items: AsyncIterator[str | AnswerResult], chat: bool, rid: str
             return {"text": text or ""}
         return {"delta": delta | ({} if text is None else {"content": text})}
 
-    def chunk(content: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> str:
+    def chunk(content: dict[str, Any] | None, finish: str | None = None, usage: Any = None,
+              **extra: Any) -> str:
         choices = [] if content is None else [{"index": 0, **content, "finish_reason": finish, "logprobs": None}]
         body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
         if include_usage:
             body["usage"] = usage
-        return sse(body)
+        return sse(body | extra)
 
     if chat:
         yield chunk(piece("", role="assistant"))
-    async for item in items:
-        if isinstance(item, str):
-            yield chunk(piece(item))
-            continue
-        yield chunk(piece(None), item.finish_reason)
-        if include_usage:
-            yield chunk(None, usage=item.usage().model_dump())
+    try:
+        async for item in items:
+            if isinstance(item, str):
+                yield chunk(piece(item))
+                continue
+            yield chunk(piece(None), item.finish_reason, chunkcache=item.info().model_dump())  # references, cache
+            if include_usage:
+                yield chunk(None, usage=item.usage().model_dump())
+    except Exception as exc:  # noqa: BLE001 - the status is sent: report it in the stream
+        yield stream_error(exc)
     yield sse("[DONE]")

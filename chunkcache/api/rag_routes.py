@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from chunkcache.api import schemas as s
-from chunkcache.api.run import answer_once, answer_stream, sse
+from chunkcache.api.run import answer_once, answer_stream, sse, stream_error
 from chunkcache.api.service import AnswerRequest, AnswerResult, RagService
 from chunkcache.api.worker import QueueFullError
 
@@ -32,7 +32,7 @@ async def rag_answer(body: s.RagAnswerRequest, request: Request) -> Any:
     req = AnswerRequest(question=body.query, documents=tuple(body.documents or ()), top_k=body.top_k,
                         strategy=body.strategy, params=params, max_tokens=service.max_tokens(body.max_tokens))
     if body.stream:
-        return StreamingResponse(_events(await answer_stream(service, req)), media_type="text/event-stream")
+        return StreamingResponse(_events(await answer_stream(request, service, req)), media_type="text/event-stream")
     return _rag_answer(await answer_once(request, service, req))
 
 
@@ -44,8 +44,11 @@ def _rag_answer(result: AnswerResult) -> s.RagAnswer:
 
 
 async def _events(items: AsyncIterator[str | AnswerResult]) -> AsyncIterator[str]:
-    async for item in items:
-        yield sse({"text": item} if isinstance(item, str) else _rag_answer(item).model_dump())
+    try:
+        async for item in items:
+            yield sse({"text": item} if isinstance(item, str) else _rag_answer(item).model_dump())
+    except Exception as exc:  # noqa: BLE001 - the status is sent: report it in the stream
+        yield stream_error(exc)
     yield sse("[DONE]")
 
 

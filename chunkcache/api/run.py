@@ -6,14 +6,19 @@ any response starts, so a streaming request still gets its 4xx."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 
 from chunkcache.api.service import AnswerRequest, AnswerResult, RagService
+from chunkcache.errors import ChunkCacheError
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.25
 
@@ -26,6 +31,8 @@ async def answer_once(request: Request, service: RagService, req: AnswerRequest)
         return await future
     finally:
         watcher.cancel()
+        if not future.done():
+            cancelled.set()  # this handler was cancelled: the work is wasted
 
 
 async def _watch(request: Request, cancelled: threading.Event) -> None:
@@ -36,52 +43,72 @@ async def _watch(request: Request, cancelled: threading.Event) -> None:
         await asyncio.sleep(_POLL_S)
 
 
-async def answer_stream(service: RagService, req: AnswerRequest) -> AsyncIterator[str | AnswerResult]:
-    """Text pieces, then the `AnswerResult`. The first item is awaited before this returns."""
+@dataclass(frozen=True)
+class _End:
+    result: AnswerResult | None
+    error: BaseException | None
+
+
+async def answer_stream(request: Request, service: RagService, req: AnswerRequest) -> AsyncIterator[str | AnswerResult]:
+    """Text pieces, then the `AnswerResult`. The first item is awaited (watching for a
+    disconnect meanwhile) before this returns; a later error is raised by the iterator."""
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
+    items: asyncio.Queue[str | _End] = asyncio.Queue()
     cancelled = threading.Event()
 
     def on_text(piece: str) -> bool:
-        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        loop.call_soon_threadsafe(items.put_nowait, piece)
         return cancelled.is_set()
 
-    future = service.worker.submit(lambda: service.answer(req, on_text, cancelled), cancelled)
-    events = _events(pieces, future, cancelled)
+    def run() -> None:  # pieces, then one end item: nothing overtakes anything
+        try:
+            end = _End(service.answer(req, on_text, cancelled), None)
+        except BaseException as exc:  # noqa: BLE001 - raised to the reader
+            end = _End(None, exc)
+        loop.call_soon_threadsafe(items.put_nowait, end)
+
+    future = service.worker.submit(run, cancelled)
+
+    def skipped(done: asyncio.Future[None]) -> None:  # cancelled before it ran, or shutdown
+        if not done.cancelled() and done.exception() is not None:
+            items.put_nowait(_End(None, done.exception()))
+
+    future.add_done_callback(skipped)
+    watcher = asyncio.create_task(_watch(request, cancelled))
     try:
-        first = await events.__anext__()
+        first = await items.get()
     except BaseException:
         cancelled.set()
         raise
-    return _prepend(first, events)
+    finally:
+        watcher.cancel()
+    if isinstance(first, _End) and first.error is not None:
+        raise first.error
+    return _stream(first, items, cancelled)
 
 
-async def _events(pieces: asyncio.Queue[str], future: asyncio.Future[AnswerResult],
+async def _stream(first: str | _End, items: asyncio.Queue[str | _End],
                   cancelled: threading.Event) -> AsyncIterator[str | AnswerResult]:
+    item = first
     try:
         while True:
-            getter = asyncio.ensure_future(pieces.get())
-            done, _ = await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield getter.result()
-                continue
-            getter.cancel()
-            while not pieces.empty():  # pieces are queued before the result: none is lost
-                yield pieces.get_nowait()
-            yield future.result()
-            return
-    finally:
-        if not future.done():
-            cancelled.set()  # the client went away: stop generating
-
-
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    try:
-        yield first
-        async for item in rest:
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                yield item.result  # type: ignore[misc]
+                return
             yield item
+            item = await items.get()
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+        cancelled.set()  # done, or the client went away: either way nothing more is wanted
+
+
+def stream_error(exc: BaseException) -> str:
+    """The SSE event for an error after the stream started (vLLM's convention), logged here."""
+    log.error("a streamed answer failed", exc_info=exc)
+    status = 500 if not isinstance(exc, ChunkCacheError) else 400
+    return sse({"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error" if status == 500
+                          else "invalid_request_error", "param": None, "code": status}})
 
 
 def sse(data: dict[str, Any] | str) -> str:

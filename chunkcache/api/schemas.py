@@ -4,16 +4,39 @@ are ignored, RAG fields (`documents`, `doc_ids`, `retrieval`, `cache`) come in t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class _Strict(BaseModel):
+def _no_surrogates(value: Any) -> Any:
+    """JSON may carry lone UTF-16 surrogates (\\ud800) that no tokenizer can encode: refuse them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text holds an unpaired UTF-16 surrogate; send valid Unicode") from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _no_surrogates(item)
+    elif isinstance(value, list):
+        for item in value:
+            _no_surrogates(item)
+    return value
+
+
+class _Checked(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return _no_surrogates(data)
+
+
+class _Strict(_Checked):
     model_config = ConfigDict(extra="forbid")
 
 
-class _Lenient(BaseModel):
+class _Lenient(_Checked):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
 
@@ -37,6 +60,13 @@ class RagExtras(_Lenient):
     retrieval: Retrieval | None = Field(None, description="retrieve top_k chunks from the server's index")
     cache: CacheOptions | None = None
 
+    @model_validator(mode="after")
+    def _one_source(self) -> RagExtras:
+        given = [n for n in ("documents", "doc_ids", "retrieval") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of documents, doc_ids or retrieval, not {' and '.join(given)}")
+        return self
+
 
 class TextPart(_Lenient):
     type: Literal["text"]
@@ -57,11 +87,41 @@ class _Sampling(RagExtras):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="up to 4 sequences of up to 256 characters")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted so that a client asking for them gets a clear refusal instead of an answer that
+    # silently lacks them.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> _Sampling:
+        refused = [name for name in ("logprobs", "top_logprobs", "tools", "logit_bias", "suffix")
+                   if getattr(self, name)]
+        refused += [n for n in ("presence_penalty", "frequency_penalty") if getattr(self, n) not in (None, 0, 0.0)]
+        if self.best_of not in (None, 1):
+            refused.append("best_of")
+        if self.tool_choice not in (None, "none"):
+            refused.append("tool_choice")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            refused.append("response_format")
+        if refused:
+            raise ValueError(f"not supported by chunkcache: {', '.join(refused)}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4 or any(len(x) > 256 for x in stops):
+            raise ValueError("stop takes at most 4 sequences of at most 256 characters")
+        return self
 
 
 class ChatCompletionRequest(_Sampling):

@@ -5,6 +5,7 @@ ingest documents as background jobs. All engine and index work runs on one `Engi
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 import uuid
@@ -17,10 +18,12 @@ from chunkcache.api import schemas as s
 from chunkcache.api.metrics import ServiceMetrics
 from chunkcache.api.worker import EngineWorker
 from chunkcache.blend import Sampling
+from chunkcache.blend.decode import StopText
 from chunkcache.config import Settings
 from chunkcache.engine import Answer, ChunkCacheEngine
 from chunkcache.errors import ChunkCacheError, InvalidInputError
 
+log = logging.getLogger(__name__)
 CHUNK_TOKENS, OVERLAP_TOKENS = 256, 32  # as `chunkcache ingest` chunks by default
 _JOBS_KEPT = 1000  # finished jobs remembered for GET /v1/jobs/{id}
 
@@ -40,6 +43,7 @@ class NoIndexError(InvalidInputError):
 @dataclass(frozen=True)
 class AnswerRequest:
     question: str
+    search: str | None = None  # what retrieval searches with (the last user message); default: question
     documents: tuple[s.DocumentIn, ...] = ()
     doc_ids: tuple[str, ...] = ()
     top_k: int | None = None
@@ -97,7 +101,11 @@ class RagService:
         return self.settings.model
 
     def close(self) -> None:
-        self.worker.close()
+        """Cancel what waits, stop what runs at its next token, then close store and index
+        (only once the worker has stopped: it may still be writing to them)."""
+        if not self.worker.close():
+            log.error("the engine worker did not stop; store and index are left open")
+            return
         self.engine.close()
         if self.index is not None:
             self.index.close()
@@ -130,7 +138,7 @@ class RagService:
         chunks, refs = self._chunks(req)
         retrieve_s = time.perf_counter() - start
         before = self._tier_hits()
-        cut = _StopCut(req.stop, on_text, cancelled)
+        cut = StopText(req.stop, on_text, cancelled)
         answer = self.engine.answer(req.question, chunks, strategy=req.strategy, max_new_tokens=req.max_tokens,
                                     sampling=req.sampling, on_text=cut, **req.params)
         if on_text is not None and not cut.stopped:
@@ -162,7 +170,7 @@ class RagService:
                     raise InvalidInputError(f"document {doc_id!r} is not in the index")
                 hits.extend(h for h in (index.get(c) for c in ids) if h is not None)
         else:
-            hits = index.search(req.question, k=req.top_k or self.settings.default_top_k)
+            hits = index.search(req.search or req.question, k=req.top_k or self.settings.default_top_k)
             if not hits:
                 raise InvalidInputError("the index has no chunks yet; POST /v1/documents first")
         refs = [s.Reference(doc_id=h.doc_id, chunk_id=h.chunk_id, score=None if req.doc_ids else h.score,
@@ -182,8 +190,8 @@ class RagService:
         return self.index
 
     def _tier_hits(self) -> dict[str, int]:
-        stats = getattr(self.engine.store, "stats", None)
-        return {tier: int(v.get("hits", 0)) for tier, v in stats().items()} if stats else {}
+        counters = getattr(self.engine.store, "counters", None)
+        return {tier: int(v.get("hits", 0)) for tier, v in counters().items()} if counters else {}
 
     # --- documents jobs ------------------------------------------------------------------
     def new_job(self) -> s.Job:
@@ -218,40 +226,6 @@ class RagService:
             job.status = "done"
         except Exception as exc:  # noqa: BLE001 - reported through GET /v1/jobs/{id}
             job.error, job.status = f"{type(exc).__name__}: {exc}", "failed"
-
-
-class _StopCut:
-    """Passes text pieces on, stops generation at a stop sequence or when the request is
-    cancelled, and keeps the text up to the stop sequence."""
-
-    def __init__(self, stop: tuple[str, ...], on_text: Callable[[str], bool | None] | None,
-                 cancelled: threading.Event | None) -> None:
-        self.stop, self.on_text, self.cancelled = stop, on_text, cancelled
-        self.text = ""
-        self.stopped = False
-        self._sent = 0
-
-    def __call__(self, piece: str) -> bool:
-        if self.cancelled is not None and self.cancelled.is_set():
-            self.stopped = True
-            return True
-        self.text += piece
-        end = min((i for i in (self.text.find(x) for x in self.stop if x) if i >= 0), default=-1)
-        if end >= 0:
-            self.text, self.stopped = self.text[:end], True
-        # hold back what could still become a stop sequence
-        hold = 0 if self.stopped else max((len(x) - 1 for x in self.stop), default=0)
-        ready = len(self.text) - hold
-        if self.on_text is not None and ready > self._sent:
-            if self.on_text(self.text[self._sent : ready]):
-                self.stopped = True
-            self._sent = ready
-        return self.stopped
-
-    def flush(self) -> str:
-        """Text held back at the end (the answer ended without reaching a stop sequence)."""
-        rest, self._sent = self.text[self._sent :], len(self.text)
-        return rest
 
 
 def _chunk_id(text: str) -> str:

@@ -41,9 +41,10 @@ class EngineWorker:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._running: Job | None = None
+        self.busy = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        self.busy = False
 
     @property
     def waiting(self) -> int:
@@ -63,10 +64,22 @@ class EngineWorker:
             ) from None
         return job.future
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish what is queued, then stop the thread."""
+    def close(self, timeout: float = 120.0) -> bool:
+        """Cancel the queued jobs and the running one (a generation stops at its next token),
+        then stop the thread. Returns whether it stopped within ``timeout`` seconds."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+                _deliver(job, None, CancelledRequestError("the server is shutting down"))
+        if self._running is not None:
+            self._running.cancelled.set()
         self._queue.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
@@ -76,13 +89,13 @@ class EngineWorker:
             if job.cancelled.is_set():
                 _deliver(job, None, CancelledRequestError("cancelled before it ran"))
                 continue
-            self.busy = True
+            self.busy, self._running = True, job
             try:
                 result, error = job.fn(), None
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
                 result, error = None, exc
             finally:
-                self.busy = False
+                self.busy, self._running = False, None
             _deliver(job, result, error)
 
 

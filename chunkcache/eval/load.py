@@ -85,9 +85,11 @@ def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60
         cmd = [sys.executable, "-m", "chunkcache.cli", "serve", "--port", str(port), "--log-level", "warning"]
         if model:
             cmd += ["--model", model]
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log_path = Path(scratch) / "server.log"  # a file, not a pipe: a pipe nobody reads would block the server
+        log_file = log_path.open("w")
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
         try:
-            _wait_healthy(url, server)
+            _wait_healthy(url, server, log_path)
             headers = {}
             key = env.get(env.get("CHUNKCACHE_API_KEY_ENV", "CHUNKCACHE_API_KEY"), "")
             if key:
@@ -113,14 +115,15 @@ def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
+            log_file.close()
     return _report(rows, rss, started, warmup_s, clients, duration_s, max_tokens, per_request, passage_words)
 
 
-def _wait_healthy(url: str, server: subprocess.Popen[str]) -> None:
+def _wait_healthy(url: str, server: subprocess.Popen[str], log_path: Path) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"chunkcache serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+            raise RuntimeError(f"chunkcache serve exited with {server.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return

@@ -31,5 +31,9 @@ def require(module: str, extra: str) -> None:
     """Raise an ImportError that names the extra to install when ``module`` is missing."""
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        found = False
+    if not found:
         raise ImportError(f"this adapter needs {module}: pip install 'chunkcache[{extra}]'")

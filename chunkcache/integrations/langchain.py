@@ -19,6 +19,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from pydantic import ConfigDict  # noqa: E402
 
+from chunkcache.blend.decode import StopText  # noqa: E402
 from chunkcache.errors import InvalidInputError  # noqa: E402
 from chunkcache.model.prompt import question_from_chat  # noqa: E402
 
@@ -51,8 +52,7 @@ class ChunkCacheChatModel(BaseChatModel):
         return "chunkcache"
 
     def _inputs(self, messages: list[BaseMessage], documents: Sequence[Any] | None) -> tuple[str, list[str]]:
-        turns = [(_ROLES.get(m.type, m.type), m.content if isinstance(m.content, str) else str(m.content))
-                 for m in messages]
+        turns = [(_ROLES.get(m.type, m.type), _content(m)) for m in messages]
         chunks = [d.page_content if isinstance(d, Document) else str(d) for d in documents or ()]
         if not chunks:
             raise InvalidInputError("pass documents=[...] to the call: ChunkCacheChatModel answers from them")
@@ -62,9 +62,11 @@ class ChunkCacheChatModel(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, documents: Sequence[Any] | None = None,
                   **kwargs: Any) -> ChatResult:
         question, chunks = self._inputs(messages, documents)
-        answer = self.engine.answer(question, chunks, strategy=self.strategy, max_new_tokens=self.max_new_tokens)
-        text = _cut(answer.text, stop)
-        meta = answer_meta(answer)
+        cut = StopText(tuple(stop or ()), None, None)  # generation stops at a stop sequence
+        answer = self.engine.answer(question, chunks, strategy=self.strategy, max_new_tokens=self.max_new_tokens,
+                                    on_text=cut)
+        meta = answer_meta(answer) | ({"finish_reason": "stop"} if cut.stopped else {})
+        text = cut.text if stop else answer.text
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text, response_metadata=meta))],
                           llm_output=meta)
 
@@ -72,13 +74,32 @@ class ChunkCacheChatModel(BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None, documents: Sequence[Any] | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         question, chunks = self._inputs(messages, documents)
-        for piece in self.engine.stream(question, chunks, strategy=self.strategy, max_new_tokens=self.max_new_tokens):
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
-            if run_manager is not None:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
+        ready: list[str] = []
+        cut = StopText(tuple(stop or ()), ready.append, None)
+        pieces = self.engine.stream(question, chunks, strategy=self.strategy, max_new_tokens=self.max_new_tokens)
+        for piece in pieces:
+            stopped = cut(piece)
+            yield from self._chunks(ready, run_manager)
+            if stopped:
+                pieces.close()  # stops generating
+                return
+        ready.append(cut.flush())
+        yield from self._chunks(ready, run_manager)
+
+    @staticmethod
+    def _chunks(ready: list[str], run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
+        for text in ready:
+            if text:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+        ready.clear()
 
 
-def _cut(text: str, stop: list[str] | None) -> str:
-    ends = [i for i in (text.find(s) for s in stop or () if s) if i >= 0]
-    return text[: min(ends)] if ends else text
+def _content(message: BaseMessage) -> str:
+    """A message's text: string content as it is, content blocks' text parts joined."""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(b if isinstance(b, str) else str(b.get("text", "")) for b in message.content
+                   if isinstance(b, str) or b.get("type") == "text")

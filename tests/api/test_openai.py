@@ -45,6 +45,8 @@ def test_chat_completions_match_the_engine_streamed_or_not(make_service: Service
         assert chunks[0].choices[0].delta.role == "assistant"
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+        final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+        assert [r["doc_id"] for r in final.model_extra["chunkcache"]["references"]] == ["mill", "bridge"]
 
         done = client.completions.create(model="smollm2-135m", prompt=QUESTION, max_tokens=12, extra_body=EXTRA)
         assert done.choices[0].text == expected.text
@@ -84,21 +86,32 @@ def test_client_errors_are_4xx_with_a_message(make_service: ServiceFactory) -> N
             client.chat.completions.create(model="gpt-4o", messages=user, extra_body={"documents": DOCS})
         with pytest.raises(openai.BadRequestError, match="no index"):  # no documents, no index
             client.chat.completions.create(model="smollm2-135m", messages=user)
-        with pytest.raises(openai.UnprocessableEntityError, match="n"):
+        with pytest.raises(openai.BadRequestError, match="n"):
             client.chat.completions.create(model="smollm2-135m", messages=user, n=2, extra_body={"documents": DOCS})
-        with pytest.raises(openai.UnprocessableEntityError, match="last message"):
+        with pytest.raises(openai.BadRequestError, match="last message"):
             client.chat.completions.create(model="smollm2-135m", extra_body={"documents": DOCS},
                                            messages=[*user, {"role": "assistant", "content": "x"}])
-        with pytest.raises(openai.UnprocessableEntityError, match="strategy"):
+        with pytest.raises(openai.BadRequestError, match="strategy"):
             client.chat.completions.create(model="smollm2-135m", messages=user,
                                            extra_body={"documents": DOCS, "cache": {"strategy": "warp"}})
         with pytest.raises(openai.APIStatusError, match="at most 2") as too_many:
             client.chat.completions.create(model="smollm2-135m", messages=user, extra_body={"documents": DOCS * 2})
         assert too_many.value.status_code == 413
-        with pytest.raises(openai.UnprocessableEntityError, match="limit"):
+        with pytest.raises(openai.BadRequestError, match="limit"):
             client.chat.completions.create(model="smollm2-135m", messages=user, max_tokens=100_000,
                                            extra_body={"documents": DOCS})
         raw = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-        assert raw.status_code == 422 and raw.json()["error"]["message"]
+        assert raw.status_code == 400 and raw.json()["error"]["message"]
+        surrogate = httpx.post(f"{url}/v1/chat/completions", headers={"content-type": "application/json"},
+                               content=b'{"messages": [{"role": "user", "content": "\\ud800"}], "documents": [{"text": "a"}]}')
+        assert surrogate.status_code == 400 and "surrogate" in surrogate.json()["error"]["message"]
+        for extra, words in (({"seed": 2**64}, "seed"), ({"logprobs": True}, "logprobs"),
+                             ({"doc_ids": ["a"]}, "one of"), ({"stop": ["a"] * 5}, "at most 4")):
+            with pytest.raises(openai.BadRequestError, match=words):
+                client.chat.completions.create(model="smollm2-135m", messages=user,
+                                               extra_body={"documents": DOCS, **extra})
+        tiny = client.chat.completions.create(model="smollm2-135m", messages=user, temperature=1e-38, max_tokens=2,
+                                              extra_body={"documents": DOCS})
+        assert tiny.choices[0].message.content  # treated as greedy, not a 500
         streamed = httpx.post(f"{url}/v1/chat/completions", json={"messages": user, "stream": True})
         assert streamed.status_code == 400 and "no index" in streamed.json()["error"]["message"]

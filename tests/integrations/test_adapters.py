@@ -92,3 +92,9 @@ def test_langchain_chat_model_and_retriever(engine: ChunkCacheEngine, index: Chu
     assert system.content == engine.answer(f"Be brief.\n\n{QUESTION}", [d.page_content for d in docs]).text
     with pytest.raises(ValueError, match="documents"):
         model.invoke([HumanMessage(QUESTION)])
+    cut_at = expected.text[3:5]
+    head = expected.text[: expected.text.find(cut_at)]
+    assert model.invoke([HumanMessage(QUESTION)], documents=docs, stop=[cut_at]).content == head
+    assert "".join(c.content for c in model.stream([HumanMessage(QUESTION)], documents=docs, stop=[cut_at])) == head
+    blocks = HumanMessage(content=[{"type": "text", "text": QUESTION}])
+    assert model.invoke([blocks], documents=docs).content == expected.text
