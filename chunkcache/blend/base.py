@@ -44,6 +44,7 @@ def selective_prefill(
     selected: torch.Tensor,
     ape: ApeAttention | None = None,
     shrink: "Shrink | None" = None,
+    observe: "Observer | None" = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Run every layer for the ``selected`` indices only (sorted, ending with the last prompt
     token), attending over ``buf``, whose other entries are reused. Returns the last token's
@@ -59,11 +60,19 @@ def selective_prefill(
             keep = shrink(layer, hidden, positions, index, buf)
             if keep is not None:
                 hidden, positions, index = hidden[keep], positions[keep], index[keep]
+        if observe is not None:
+            observe(layer, hidden, positions, index)
         hidden = executor.run_layer(
             layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n], ape
         )
         work += int(index.shape[0])
     return executor.logits(hidden[-1:])[0], work, int(index.shape[0])
+
+
+class Observer(Protocol):
+    """Called before each layer of a selective prefill with that layer's inputs (read only)."""
+
+    def __call__(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> None: ...
 
 
 class Shrink(Protocol):
