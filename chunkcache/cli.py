@@ -260,6 +260,26 @@ def _persistent_store(args: argparse.Namespace) -> Any:
     return build_store(dataclasses.replace(settings, store_tiers=",".join(tiers)), get_codec(settings.codec))
 
 
+def _variant_stats(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Cache-Craft's variants next to the store: counts and CCI quartiles (None when there are none)."""
+    from chunkcache.config import Settings
+    from chunkcache.store.policy import quantile
+    from chunkcache.store.variants import VariantIndex
+
+    settings = Settings.load(getattr(args, "config", None), store_path=getattr(args, "store", None))
+    folder = Path(settings.store_path) / "variants"
+    if not folder.exists():
+        return None
+    index = VariantIndex(folder)
+    try:
+        found = index.stats()
+    finally:
+        index.close()
+    cci = found["cci"]
+    quartiles = [quantile(cci, q) for q in (0.25, 0.5, 0.75)] if cci else []
+    return {"chunks": found["chunks"], "variants": found["variants"], "cci_quartiles": quartiles}
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from chunkcache.store.policy import parse_bytes, victims
 
@@ -267,11 +287,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     try:
         if args.cache == "stats":
             stats = store.stats()
+            variants = _variant_stats(args)
             if args.json:
-                print(json.dumps(stats, indent=2))
+                print(json.dumps(stats | ({"cachecraft_variants": variants} if variants else {}), indent=2))
             for name, s in ({} if args.json else stats).items():
                 budget = "unbounded" if s["budget_bytes"] is None else f"{s['budget_bytes'] / 1e6:.1f} MB"
                 print(f"{name}: {s['entries']} entries, {s['bytes'] / 1e6:.1f} MB (budget {budget})")
+            if variants and not args.json:
+                q = variants["cci_quartiles"]
+                print(f"cachecraft variants: {variants['variants']} for {variants['chunks']} chunks; CCI quartiles "
+                      + (", ".join(f"{x:.2f}" for x in q) if q else "-"))
         elif args.cache == "ls":
             for tier in store.tiers:
                 for info in sorted(tier.infos(), key=lambda i: -i.last_access):

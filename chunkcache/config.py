@@ -66,6 +66,10 @@ class Settings:
     # Chunks per batched prefill when precomputing (and the most misses prefilled together while
     # answering): 8 beat 16 and 1 on 2 CPU cores with SmolLM2 (cache reuse); raise it on a GPU.
     precompute_batch: int = 8
+    # Cache-Craft: keep each chunk's KV as computed in full prefills (with its attention profile)
+    # as a variant for the cachecraft strategy, at most craft_max_variants per chunk.
+    craft_variants: bool = False
+    craft_max_variants: int = 4
     threads: int = 0  # 0: leave torch's default
     # chunkcache serve: where it listens, the index it retrieves from (empty: callers send
     # documents), the env var holding the API key (unset or empty: no key needed), and limits.

@@ -6,9 +6,11 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from chunkcache.blend import FusionInput, FusionResult, Sampling, generate, make_strategy
+from chunkcache.blend.craft_cache import CraftVariants
 from chunkcache.blend.prefill import prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings
@@ -17,6 +19,7 @@ from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, PromptPieces, load_model
 from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
 from chunkcache.store.stream import LayerStream
+from chunkcache.store.variants import VariantIndex
 from chunkcache.timing import collect, stage
 
 _STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
@@ -38,6 +41,7 @@ class Answer:
     cache_misses: int = 0
     token_ids: tuple[int, ...] = ()
     finish_reason: str = "stop"  # stop: EOS, a stop request or a full context; length: max_new_tokens
+    chunks: tuple[dict[str, Any], ...] = ()  # cachecraft: per chunk the variant, CCI, beta', CFO, recomputed
     # next-token logits after the prompt, kept only when asked for (evaluation)
     first_token_logits: Any = field(default=None, repr=False, compare=False)
 
@@ -59,6 +63,7 @@ class _Prepared:
     strategy: str
     params: dict[str, Any]
     first_token_from: float
+    chunk_stats: tuple[dict[str, Any], ...] = ()
 
 
 class ChunkCacheEngine:
@@ -89,12 +94,15 @@ class ChunkCacheEngine:
         self._primer_ids = primer_ids(self.model.template, self.settings.chunk_primer)
         self._prefix_ids = self._head_ids + self._primer_ids
         self._prefix = prefix_fingerprint(self.model.fingerprint, self._prefix_ids)
+        self._craft_variants: CraftVariants | None = None
 
     def close(self) -> None:
         """Flush and close the store (write-back entries reach the lower tiers)."""
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
+        if self._craft_variants is not None:
+            self._craft_variants.index.close()
 
     def __enter__(self) -> "ChunkCacheEngine":
         return self
@@ -171,6 +179,14 @@ class ChunkCacheEngine:
             kv = self.store.put(self._chunk_key(ids), found[i], self.codec)  # lossy: what later hits get
             served.append(kv if kv is not None else found[i])
         return served
+
+    def _craft(self) -> CraftVariants:
+        """Cache-Craft's variants of chunk caches (their index sits next to the store)."""
+        if self._craft_variants is None:
+            index = VariantIndex(Path(self.settings.store_path) / "variants", self.settings.craft_max_variants)
+            self._craft_variants = CraftVariants(self.store, index, self.codec, self.model.fingerprint,
+                                                 self.model.executor.device)
+        return self._craft_variants
 
     def _head(self) -> tuple[ChunkKV, bool]:
         return self._fixed(self._head_ids)
@@ -275,6 +291,7 @@ class ChunkCacheEngine:
             cache_misses=prepared.misses,
             token_ids=tuple(tokens),
             finish_reason=finish,
+            chunks=prepared.chunk_stats,
             first_token_logits=first_logits,
         )
 
@@ -334,17 +351,24 @@ class ChunkCacheEngine:
         started = time.perf_counter()
         hits = misses = 0
         head_kv, chunk_kvs = None, ()
+        plans: tuple[Any, ...] = ()
+        record = self.settings.craft_variants and fusion.name == "full"
         with collect() as stages:
             if fusion.uses_cache:
                 head_kv, chunk_kvs, hits = self._load(pieces.chunks, stages)
                 misses = len(chunk_kvs) - hits
+            if fusion.name == "cachecraft":
+                variants, found = self._craft().plans([self._chunk_key(i) for i in pieces.chunks], pieces.chunks,
+                                                      fusion.alpha)  # type: ignore[attr-defined]
+                chunk_kvs = tuple(v if v is not None else c for v, c in zip(variants, chunk_kvs))
+                plans = tuple(found)
             loaded_at = time.perf_counter()
             try:
-                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
+                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, plans, record))
             except CorruptCacheError:  # a streamed layer failed to decode: its entry was dropped
                 keys = [self._chunk_key(ids) for ids in pieces.chunks]
                 chunk_kvs, _ = self._complete(keys, pieces.chunks, [None] * len(keys))
-                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit))
+                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, (), record))
             streams = [kv for kv in chunk_kvs if isinstance(kv, LayerStream)]
             if streams:  # background load time vs what fusion still waited for: the overlap
                 stages["stream_load_s"] = sum(s.load_s for s in streams)
@@ -353,9 +377,14 @@ class ChunkCacheEngine:
                 stages["store_read_s"] = stages.get("store_read_s", 0.0) + sum(s.read_s for s in streams)
                 stages["codec_decode_s"] = stages.get("codec_decode_s", 0.0) + sum(s.decode_s for s in streams)
         fused_at = time.perf_counter()
+        if result.profiles is not None:
+            starts = [len(pieces.head) + sum(len(c) for c in pieces.chunks[:i]) for i in range(len(pieces.chunks))]
+            self._craft().record([self._chunk_key(i) for i in pieces.chunks], pieces.chunks, starts, result.cache.kv,
+                                 result.profiles, self._prefix)
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]
-        return _Prepared(result, pieces, started, timings, hits, misses, name, used, fused_at)
+        chunk_stats = tuple(p.to_dict() for p in plans)
+        return _Prepared(result, pieces, started, timings, hits, misses, name, used, fused_at, chunk_stats)
 
 
 class _TextDeltas:

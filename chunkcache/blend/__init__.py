@@ -8,6 +8,7 @@ from typing import Any
 
 from chunkcache.blend.base import FusionInput, FusionResult, FusionStrategy
 from chunkcache.blend.cacheblend import CacheBlend
+from chunkcache.blend.cachecraft import CacheCraft
 from chunkcache.blend.decode import Sampling, generate
 from chunkcache.blend.layout import FusedCache
 from chunkcache.blend.strategies import Ape, Epic, FullPrefill, Reuse
@@ -19,6 +20,7 @@ STRATEGIES: dict[str, type] = {
     "cacheblend": CacheBlend,
     "ape": Ape,
     "epic": Epic,
+    "cachecraft": CacheCraft,
 }
 
 
@@ -49,6 +51,7 @@ _SPEC_PARAMS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "cacheblend-random": ("cacheblend", "recompute_ratio", {"selection": "random"}),
     "epic": ("epic", "epic_k", {}),
     "ape": ("ape", "ape_temperature", {}),
+    "cachecraft": ("cachecraft", "alpha", {}),
 }
 
 

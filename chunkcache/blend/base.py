@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,6 +20,8 @@ class FusionInput:
     head_kv: ChunkKV | None = None
     chunk_kvs: tuple[ChunkKV | LayerSource, ...] = ()  # streamed ones fill in layer by layer
     max_new_tokens: int = 0
+    plans: tuple[Any, ...] = ()  # cachecraft: a `ChunkPlan` per chunk
+    profile: bool = False  # full: record each chunk's attention profile (cachecraft variants)
 
 
 @dataclass
@@ -28,6 +30,7 @@ class FusionResult:
     logits: torch.Tensor  # [vocab] next-token logits after the prompt
     recomputed_tokens: int  # token-layers computed / layers (probe passes included)
     reused_tokens: int  # tokens whose last-layer KV came from stored caches
+    profiles: list[Any] | None = None  # `ChunkProfile` per chunk, when asked for
 
 
 class FusionStrategy(Protocol):
@@ -91,10 +94,11 @@ def finish(
     ape: ApeAttention | None = None,
     shrink: Shrink | None = None,
     extra_work: int = 0,
+    observe: Observer | None = None,
 ) -> FusionResult:
     """Selective prefill, then package the fused cache and counts."""
     with stage("recompute_s"):
-        logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink)
+        logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink, observe)
     wait_layer(buf, executor.num_layers - 1)  # generation reads every layer
     cache = FusedCache(buf, layout.length, int(layout.positions[-1]) + 1, ape)
     return FusionResult(

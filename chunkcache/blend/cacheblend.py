@@ -98,14 +98,7 @@ class CacheBlend:
             generator = torch.Generator().manual_seed(self.seed)
             score = torch.rand(context, generator=generator)
         else:
-            with stage("select_s"):
-                importance = _reuse_attention(executor, layout, buf) if self.weight.startswith("qattn") else None
-                score = self._deviation(executor, layout, buf)[:context]
-                if importance is not None:
-                    score = _weighted(score, importance[:context], self.weight)
-            probe_work = self.check_layer * layout.length
-            if importance is not None:
-                probe_work += executor.num_layers * len(question)
+            score, importance, probe_work = self.scores(executor, layout, buf)
         chosen = self._choose(score, layout, first)
         selected = torch.sort(torch.cat([chosen, question])).values
         shrink = None
@@ -115,6 +108,21 @@ class CacheBlend:
                 None if self.selection == "random" else importance,
             )
         return finish(executor, layout, buf, selected, shrink=shrink, extra_work=probe_work)
+
+    def scores(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Per context token, how much recomputing it is worth (deviation, weighted as set); the
+        question's attention per sequence index when ``weight`` is qattn*; the probe's work."""
+        context = layout.question.start
+        with stage("select_s"):
+            importance = _reuse_attention(executor, layout, buf) if self.weight.startswith("qattn") else None
+            score = self._deviation(executor, layout, buf)[:context]
+            if importance is not None:
+                score = _weighted(score, importance[:context], self.weight)
+        work = self.check_layer * layout.length
+        if importance is not None:
+            work += executor.num_layers * len(layout.question)
+        return score, importance, work
 
     def _sink_mask(self, layout: Layout) -> torch.Tensor:
         mask = torch.zeros(layout.length, dtype=torch.bool)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
+from chunkcache.blend.craft_profile import AttentionProfiler
 from chunkcache.blend.layout import Layout, assemble_cache, parallel_layout, sequential_layout
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import ApeAttention, LayerExecutor
@@ -32,7 +33,11 @@ class FullPrefill:
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
         layout = sequential_layout(inp.pieces)
         buf = executor.empty_kv(layout.length + inp.max_new_tokens)
-        return finish(executor, layout, buf, torch.arange(layout.length))
+        profiler = AttentionProfiler(executor, layout) if inp.profile else None
+        result = finish(executor, layout, buf, torch.arange(layout.length), observe=profiler)
+        if profiler is not None:
+            result.profiles = profiler.chunks
+        return result
 
 
 @dataclass(frozen=True)

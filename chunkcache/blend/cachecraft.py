@@ -1,0 +1,95 @@
+"""Cache-Craft as a fusion strategy: for each chunk, the stored variant whose preceding chunks best
+match the current ones (or the independent cache), and only ``ceil(CFO x tokens)`` of its tokens
+recomputed, those that attended most outside the chunk. Chunks with no metadata yet fall back to
+CacheBlend's selection at ``recompute_ratio`` of their tokens. See `craft_math` for CCI, beta',
+CFO, `craft_profile` for where the metadata comes from and `store.variants` for the variants."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from chunkcache.blend.base import FusionInput, FusionResult, finish
+from chunkcache.blend.cacheblend import CacheBlend
+from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
+from chunkcache.blend.strategies import question_index, reused_buffer
+from chunkcache.blend.layout import sequential_layout
+from chunkcache.errors import InvalidInputError
+from chunkcache.model.executor import LayerExecutor
+from chunkcache.store.variants import VariantMeta
+
+INDEPENDENT = "independent"
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    variant: str  # INDEPENDENT or the variant's store key
+    tokens: tuple[int, ...] | None  # chunk-relative tokens to recompute; None: CacheBlend's choice
+    cci: float | None = None
+    beta_prime: float | None = None
+    cfo: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["recomputed"] = None if self.tokens is None else len(self.tokens)
+        del out["tokens"]
+        return out
+
+
+def plan_chunk(preceding: Sequence[str], tokens: int, variants: Sequence[VariantMeta], alpha: float = 1.0,
+               available: Sequence[str] | None = None) -> ChunkPlan:
+    """The variant to use for a chunk now preceded by ``preceding`` (chunk keys), and which of its
+    ``tokens`` to recompute. ``available``: variant keys whose KV is in the store (default all).
+    The independent cache counts as a variant seen behind no chunk."""
+    usable = [v for v in variants if available is None or v.key in available]
+    if not variants:
+        return ChunkPlan(INDEPENDENT, None)
+    scored = [(effective_overlap(preceding, v.preceding, dict(zip(v.preceding, v.weights))), v) for v in usable]
+    best_beta, best = max(scored, key=lambda x: x[0], default=(-1.0, None))
+    alone = effective_overlap(preceding, ())
+    if best is None or alone > best_beta:
+        meta = max(variants, key=lambda v: v.hits)  # the chunk's sensitivity is known from any variant
+        beta, name = alone, INDEPENDENT
+    else:
+        meta, beta, name = best, best_beta, best.key
+    share = cfo(meta.cci, beta, alpha)
+    count = tokens_to_recompute(share, tokens)
+    scores = torch.tensor(meta.token_inter[:tokens] if len(meta.token_inter) >= tokens else [0.0] * tokens)
+    chosen = tuple(sorted(int(i) for i in torch.topk(scores, count).indices)) if count else ()
+    return ChunkPlan(name, chosen, meta.cci, beta, share)
+
+
+@dataclass(frozen=True)
+class CacheCraft:
+    alpha: float = 1.0
+    recompute_ratio: float = 0.15  # chunks without metadata: CacheBlend's budget for them
+    check_layer: int = 1
+    name = "cachecraft"
+    uses_cache = True
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or not 0.0 <= self.recompute_ratio <= 1.0:
+            raise InvalidInputError("cachecraft needs alpha >= 0 and recompute_ratio in [0, 1]")
+
+    def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
+        layout = sequential_layout(inp.pieces)
+        buf = reused_buffer(executor, layout, inp)
+        plans: Sequence[ChunkPlan | None] = inp.plans or (None,) * len(layout.chunks)
+        picked = [question_index(layout)]
+        fallback = [i for i, p in enumerate(plans) if p is None or p.tokens is None]
+        work = 0
+        if fallback:
+            blend = CacheBlend(self.recompute_ratio, self.check_layer, gradual=False)
+            score, _, work = blend.scores(executor, layout, buf)
+            for i in fallback:
+                span = layout.chunks[i]
+                count = min(len(span), round(self.recompute_ratio * len(span)))
+                if count:
+                    picked.append(span.start + torch.topk(score[span.start : span.stop], count).indices)
+        for plan, span in zip(plans, layout.chunks):
+            if plan is not None and plan.tokens:
+                picked.append(span.start + torch.tensor(plan.tokens, dtype=torch.long))
+        selected = torch.unique(torch.cat(picked))  # sorted
+        return finish(executor, layout, buf, selected, extra_work=work)
