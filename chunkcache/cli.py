@@ -359,13 +359,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     max_new = args.max_new_tokens or 32
     rows = run_eval(
-        engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet, codecs=codecs
+        engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet, codecs=codecs,
+        recurring=args.workload == "recurring",
     )
     metric = "rouge_l" if any(e.task == "summary" for e in examples) else "qa_f1_score"
     meta = {
         "model": engine.settings.model, "dataset": args.dataset, "dtype": engine.settings.dtype,
         "max_new_tokens": max_new, "metric": metric, "seed": args.seed, "passages": args.passages,
         "shuffled": args.shuffle, "chunk_tokens": args.chunk_tokens, "codecs": codecs or [engine.codec.spec],
+        "workload": args.workload,
         "command": "chunkcache " + shlex.join(sys.argv[1:]) if args.record_command else None,
     }
     from chunkcache.eval.report import to_markdown
@@ -421,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated name[:value]; controls: cacheblend:1.0, cacheblend-random:R")
     p.add_argument("--out", required=True, help="folder for report.json, report.md, examples.jsonl, PNGs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap, shuffling and random-selection seed")
+    p.add_argument("--workload", choices=("standard", "recurring"), default="standard",
+                   help="recurring: each example's passages are first seen in a full prefill that keeps "
+                        "cachecraft variants, then every strategy answers with them re-ordered (seeded)")
     p.add_argument("--passages", type=int, default=None, help="chunks kept per example (default all)")
     p.add_argument("--shuffle", action="store_true", help="shuffle each example's chunks (with --seed)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="token budget per chunk")

@@ -241,14 +241,16 @@ class ChunkCacheEngine:
         sampling: Sampling | None = None,
         keep_logits: bool = False,
         on_text: Callable[[str], bool | None] | None = None,
+        record_variants: bool | None = None,
         **params: Any,
     ) -> Answer:
         """Answer ``question`` from ``chunks`` with a fusion strategy (default from Settings).
 
         ``on_text`` is called with each new piece of text as it is generated (whole characters);
         when it returns True generation stops there (a stop sequence, a client gone) and the
-        answer's ``finish_reason`` is ``stop``."""
-        prepared = self._prepare(question, chunks, strategy, max_new_tokens, params)
+        answer's ``finish_reason`` is ``stop``. ``record_variants`` overrides the
+        ``craft_variants`` setting for this call (a full prefill then keeps cachecraft variants)."""
+        prepared = self._prepare(question, chunks, strategy, max_new_tokens, params, record_variants)
         first_logits = prepared.result.logits.clone() if keep_logits else None
         tokens: list[int] = []
         ttft = 0.0
@@ -335,6 +337,7 @@ class ChunkCacheEngine:
         strategy: str | None,
         max_new_tokens: int | None,
         params: dict[str, Any],
+        record_variants: bool | None = None,
     ) -> _Prepared:
         check_request(question, chunks)
         name = strategy or self.settings.strategy
@@ -352,7 +355,7 @@ class ChunkCacheEngine:
         hits = misses = 0
         head_kv, chunk_kvs = None, ()
         plans: tuple[Any, ...] = ()
-        record = self.settings.craft_variants and fusion.name == "full"
+        record = fusion.name == "full" and (self.settings.craft_variants if record_variants is None else record_variants)
         with collect() as stages:
             if fusion.uses_cache:
                 head_kv, chunk_kvs, hits = self._load(pieces.chunks, stages)

@@ -3,6 +3,7 @@ model; per-example answers, scores and fidelity to full, then the aggregate repo
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,10 +57,15 @@ def run_eval(
     seed: int = 0,
     progress: bool = True,
     codecs: Sequence[str] = (),
+    recurring: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per example with each strategy's answer, score and fidelity to ``full``.
     Every example's chunks are precomputed (in every codec) before its strategies are timed;
-    chunk caches pass through the codec, so its loss shows in the scores."""
+    chunk caches pass through the codec, so its loss shows in the scores.
+
+    ``recurring``: the chunks have been seen before. A full prefill of the example's passages in
+    their given order keeps cachecraft variants (not timed), then every strategy answers the
+    question over the same passages in a seeded shuffled order."""
     labels = strategy_labels(strategies, codecs)
     default_codec = engine.codec.spec
     runs = []
@@ -75,11 +81,16 @@ def run_eval(
         for codec in dict.fromkeys(run[3] for run in runs):
             engine.use_codec(codec)
             engine.precompute(chunks)
+            if recurring:
+                engine.answer(example.question, chunks, strategy="full", max_new_tokens=1, record_variants=True)
+        if recurring:
+            random.Random(f"{seed}:{example.id}").shuffle(chunks)
         answers = {}
         for label, name, params, codec in runs:
             engine.use_codec(codec)
             answers[label] = engine.answer(
-                example.question, chunks, strategy=name, max_new_tokens=max_new, keep_logits=keep_logits, **params
+                example.question, chunks, strategy=name, max_new_tokens=max_new, keep_logits=keep_logits,
+                record_variants=False, **params
             )
         return answers
 

@@ -79,3 +79,19 @@ def test_bench_codec_writes_sizes_speeds_and_errors(tmp_path: Path) -> None:
     assert codecs["cachegen-2"]["ratio_vs_bf16"] > codecs["int8"]["ratio_vs_bf16"] > 1.0
     assert 0 < codecs["int8"]["rel_err_k"] < codecs["cachegen-2"]["rel_err_k"] < 1.0
     assert "| cachegen-2 |" in run.stdout
+
+
+def test_the_recurring_workload_feeds_cachecraft_variants(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    run = chunkcache(
+        "eval", "--model", "smollm2-135m", "--dataset", str(DEMO), "--limit", "2", "--passages", "3",
+        "--chunk-tokens", "80", "--strategies", "cacheblend:0.15,cachecraft", "--workload", "recurring",
+        "--max-new-tokens", "2", "--out", str(out), "--quiet", store=tmp_path / "store",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["workload"] == "recurring" and list(report["strategies"]) == ["full", "cacheblend:0.15", "cachecraft"]
+    rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert all(0 < r["strategies"]["cachecraft"]["recomputed_fraction"] < 1 for r in rows)
+    stats = chunkcache("cache", "stats", "--json", store=tmp_path / "store")
+    assert json.loads(stats.stdout)["cachecraft_variants"]["chunks"] == 6  # 2 examples x 3 passages
