@@ -1,12 +1,14 @@
 """`chunkcache bench load`: start `chunkcache serve` as its own process on a loopback port, then
 run N concurrent streaming chat clients for a fixed time against it (passages of the bundled
 MuSiQue sample, recurring across requests as in RAG). Reports status codes, TTFT and end-to-end
-latency percentiles, and the server's resident memory after warm-up vs at the end."""
+latency percentiles, and the server's resident memory after warm-up vs at the end. Warm-up lasts
+at least ``warmup_s`` and until twice as many requests as clients have finished."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -50,11 +52,11 @@ def _requests(passage_words: int, per_request: int) -> list[dict[str, Any]]:
     return bodies
 
 
-async def _client(url: str, bodies: list[dict[str, Any]], until: float, max_tokens: int, seed: int,
+async def _client(url: str, bodies: list[dict[str, Any]], until: list[float], max_tokens: int, seed: int,
                   out: list[dict[str, Any]], headers: dict[str, str]) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as client:
-        while time.monotonic() < until:
+        while time.monotonic() < until[0]:
             body = rng.choice(bodies)
             payload = {"messages": [{"role": "user", "content": body["question"]}], "max_tokens": max_tokens,
                        "stream": True, "documents": [{"text": t} for t in body["documents"]]}
@@ -98,17 +100,24 @@ def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60
             started = time.monotonic()
             rss: list[tuple[float, int]] = []
 
+            warm = [math.inf]  # seconds from start when warm-up ended
+            until = [math.inf]
+
             async def drive() -> None:
-                until = started + warmup_s + duration_s
                 tasks = [asyncio.create_task(_client(url, bodies, until, max_tokens, i, rows, headers))
                          for i in range(clients)]
                 while not all(t.done() for t in tasks):
-                    rss.append((time.monotonic() - started, _rss_bytes(server.pid)))
+                    now = time.monotonic() - started
+                    # warm: the time has passed and every client has finished a request or two
+                    if warm[0] == math.inf and now >= warmup_s and (len(rows) >= 2 * clients or now >= warmup_s + 300):
+                        warm[0], until[0] = now, started + now + duration_s
+                    rss.append((now, _rss_bytes(server.pid)))
                     await asyncio.wait(tasks, timeout=1.0)
                 await asyncio.gather(*tasks)
 
             asyncio.run(drive())
             rss.append((time.monotonic() - started, _rss_bytes(server.pid)))
+            warmup_s = warm[0]
         finally:
             server.terminate()
             try:
