@@ -205,17 +205,22 @@ class ChunkCacheEngine:
             self.store.put(key, kv, self._lossless)
         return kv, False
 
-    def _load(self, chunks: Sequence[tuple[int, ...]], stages: dict[str, float]) -> tuple[ChunkKV, tuple[Any, ...], int]:
+    def _load(self, chunks: Sequence[tuple[int, ...]], given: Sequence[Any] | None = None
+              ) -> tuple[ChunkKV, tuple[Any, ...], int]:
         """The head's KV and each chunk's (a `LayerStream` when the store streams layers, so
-        fusion starts before the last layer is decoded), and how many chunks were stored."""
+        fusion starts before the last layer is decoded), and how many chunks were stored.
+        Chunks whose cache is ``given`` (cachecraft's variants) are neither loaded nor computed."""
         stream = getattr(self.store, "stream", None) if self.settings.stream_layers else None
         keys = [self._chunk_key(ids) for ids in chunks]
-        got: list[Any] = [None] * len(chunks)
+        got: list[Any] = list(given) if given is not None else [None] * len(chunks)
+        wanted = [i for i, kv in enumerate(got) if kv is None]
+        sources: dict[int, Any] = {}
         if stream is not None:  # a layer-wise prefetch: loading starts before the head is read
-            sources = stream(keys, self.model.fingerprint, self.model.executor.device)
+            found = stream([keys[i] for i in wanted], self.model.fingerprint, self.model.executor.device)
+            sources = dict(zip(wanted, found))
         head_kv, _ = self._head()
-        if stream is not None:
-            got = [s if s.found() else None for s in sources]
+        for i, source in sources.items():
+            got[i] = source if source.found() else None
         out, hits = self._complete(keys, chunks, got, lookup=stream is None)
         return head_kv, out, hits
 
@@ -357,14 +362,14 @@ class ChunkCacheEngine:
         plans: tuple[Any, ...] = ()
         record = fusion.name == "full" and (self.settings.craft_variants if record_variants is None else record_variants)
         with collect() as stages:
-            if fusion.uses_cache:
-                head_kv, chunk_kvs, hits = self._load(pieces.chunks, stages)
-                misses = len(chunk_kvs) - hits
-            if fusion.name == "cachecraft":
+            variants = None
+            if fusion.name == "cachecraft":  # chunks served by a variant need no independent cache
                 variants, found = self._craft().plans([self._chunk_key(i) for i in pieces.chunks], pieces.chunks,
                                                       fusion.alpha)  # type: ignore[attr-defined]
-                chunk_kvs = tuple(v if v is not None else c for v, c in zip(variants, chunk_kvs))
                 plans = tuple(found)
+            if fusion.uses_cache:
+                head_kv, chunk_kvs, hits = self._load(pieces.chunks, variants)
+                misses = len(chunk_kvs) - hits
             loaded_at = time.perf_counter()
             try:
                 result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, plans, record))
