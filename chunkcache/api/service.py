@@ -24,7 +24,6 @@ from chunkcache.engine import Answer, ChunkCacheEngine
 from chunkcache.errors import ChunkCacheError, InvalidInputError
 
 log = logging.getLogger(__name__)
-CHUNK_TOKENS, OVERLAP_TOKENS = 256, 32  # as `chunkcache ingest` chunks by default
 _JOBS_KEPT = 1000  # finished jobs remembered for GET /v1/jobs/{id}
 
 
@@ -204,6 +203,7 @@ class RagService:
 
     def ingest(self, job: s.Job, documents: list[s.DocumentIn], precompute: bool) -> None:
         """Chunk, embed and index ``documents``, then precompute their chunks (worker thread)."""
+        from chunkcache.jobs.ingest import CHUNK_TOKENS, OVERLAP_TOKENS
         from chunkcache.retriever import Chunker, Document
 
         job.status = "running"

@@ -11,6 +11,9 @@ from chunkcache.config import Settings
 from chunkcache.retriever import Chunker, ChunkIndex, IngestReport, read_documents
 
 
+CHUNK_TOKENS, OVERLAP_TOKENS = 256, 32  # chunk size and overlap, in the serving model's tokens
+
+
 def model_tokenizer(settings: Settings) -> Any:
     """The serving model's tokenizer (chunks are counted in the tokens the model will see)."""
     from transformers import AutoTokenizer
@@ -28,7 +31,7 @@ def open_or_build(index_dir: Path, factory: str) -> ChunkIndex:
 
 def ingest(
     paths: Sequence[str | Path], index_dir: Path, settings: Settings, text_field: str = "text",
-    chunk_tokens: int = 256, overlap_tokens: int = 32, factory: str = "Flat", delete: Sequence[str] = (),
+    chunk_tokens: int = CHUNK_TOKENS, overlap_tokens: int = OVERLAP_TOKENS, factory: str = "Flat", delete: Sequence[str] = (),
 ) -> tuple[IngestReport, int, int]:
     """Ingest ``paths`` (files or folders) and remove ``delete`` documents; returns the report,
     the number of documents deleted and the number of chunks in the index."""
