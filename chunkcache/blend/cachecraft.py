@@ -1,8 +1,10 @@
 """Cache-Craft as a fusion strategy: for each chunk, the stored variant whose preceding chunks best
 match the current ones (or the independent cache), and only ``ceil(CFO x tokens)`` of its tokens
 recomputed, those that attended most outside the chunk. Chunks with no metadata yet fall back to
-CacheBlend's selection at ``recompute_ratio`` of their tokens. See `craft_math` for CCI, beta',
-CFO, `craft_profile` for where the metadata comes from and `store.variants` for the variants."""
+CacheBlend's selection at ``recompute_ratio`` of their tokens. ``select=blend`` keeps each chunk's
+count but picks its tokens by CacheBlend's run-time score (K+V deviation weighted by the question's
+attention) instead of the recorded inter-chunk attention. See `craft_math` for CCI, beta', CFO,
+`craft_profile` for where the metadata comes from and `store.variants` for the variants."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from chunkcache.model.executor import LayerExecutor
 from chunkcache.store.variants import VariantMeta
 
 INDEPENDENT = "independent"
+SELECTS = ("inter", "blend")
 
 
 @dataclass(frozen=True)
@@ -66,30 +69,37 @@ class CacheCraft:
     alpha: float = 1.0
     recompute_ratio: float = 0.15  # chunks without metadata: CacheBlend's budget for them
     check_layer: int = 1
+    select: str = "inter"  # which of a chunk's tokens to recompute: see the module docstring
     name = "cachecraft"
     uses_cache = True
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or not 0.0 <= self.recompute_ratio <= 1.0:
             raise InvalidInputError("cachecraft needs alpha >= 0 and recompute_ratio in [0, 1]")
+        if self.select not in SELECTS:
+            raise InvalidInputError(f"cachecraft select must be one of {', '.join(SELECTS)}, got {self.select!r}")
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
         layout = sequential_layout(inp.pieces)
         buf = reused_buffer(executor, layout, inp)
         plans: Sequence[ChunkPlan | None] = inp.plans or (None,) * len(layout.chunks)
         picked = [question_index(layout)]
-        fallback = [i for i, p in enumerate(plans) if p is None or p.tokens is None]
+        by_blend = [i for i, p in enumerate(plans)
+                    if p is None or p.tokens is None or (self.select == "blend" and p.tokens)]
         work = 0
-        if fallback:
+        if by_blend:
             blend = CacheBlend(self.recompute_ratio, self.check_layer, gradual=False)
             score, _, work = blend.scores(executor, layout, buf)
-            for i in fallback:
-                span = layout.chunks[i]
-                count = min(len(span), round(self.recompute_ratio * len(span)))
+            for i in by_blend:
+                span, plan = layout.chunks[i], plans[i]
+                if plan is None or plan.tokens is None:
+                    count = min(len(span), round(self.recompute_ratio * len(span)))
+                else:
+                    count = len(plan.tokens)
                 if count:
                     picked.append(span.start + torch.topk(score[span.start : span.stop], count).indices)
-        for plan, span in zip(plans, layout.chunks):
-            if plan is not None and plan.tokens:
+        for i, (plan, span) in enumerate(zip(plans, layout.chunks)):
+            if plan is not None and plan.tokens and i not in by_blend:
                 picked.append(span.start + torch.tensor(plan.tokens, dtype=torch.long))
         selected = torch.unique(torch.cat(picked))  # sorted
         return finish(executor, layout, buf, selected, extra_work=work)
