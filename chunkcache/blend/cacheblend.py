@@ -115,7 +115,7 @@ class CacheBlend:
         question's attention per sequence index when ``weight`` is qattn*; the probe's work."""
         context = layout.question.start
         with stage("select_s"):
-            importance = _reuse_attention(executor, layout, buf) if self.weight.startswith("qattn") else None
+            importance = reuse_attention(executor, layout, buf) if self.weight.startswith("qattn") else None
             score = self._deviation(executor, layout, buf)[:context]
             if importance is not None:
                 score = _weighted(score, importance[:context], self.weight)
@@ -167,7 +167,7 @@ def _weighted(deviation: torch.Tensor, importance: torch.Tensor, weight: str) ->
     return deviation * importance
 
 
-def _reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor) -> torch.Tensor:
+def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor) -> torch.Tensor:
     """Attention [N] the question pays to each token, averaged over layers, in a question-only
     pass over the reused cache (its K/V land at the question's indices, which are recomputed
     later anyway and which no context token attends to)."""

@@ -3,7 +3,9 @@ match the current ones (or the independent cache), and only ``ceil(CFO x tokens)
 recomputed, those that attended most outside the chunk. Chunks with no metadata yet fall back to
 CacheBlend's selection at ``recompute_ratio`` of their tokens. ``select=blend`` keeps each chunk's
 count but picks its tokens by CacheBlend's run-time score (K+V deviation weighted by the question's
-attention) instead of the recorded inter-chunk attention. See `craft_math` for CCI, beta', CFO,
+attention) instead of the recorded inter-chunk attention; ``select=qattn`` by the recorded
+inter-chunk attention times the attention the question pays each token in a question-only pass
+over the reused cache (CacheBlend's weighting without its deviation probe). See `craft_math` for CCI, beta', CFO,
 `craft_profile` for where the metadata comes from and `store.variants` for the variants."""
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
-from chunkcache.blend.cacheblend import CacheBlend
+from chunkcache.blend.cacheblend import CacheBlend, reuse_attention
 from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.blend.layout import sequential_layout
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
 from chunkcache.store.variants import VariantMeta
+from chunkcache.timing import stage
 
 INDEPENDENT = "independent"
-SELECTS = ("inter", "blend")
+SELECTS = ("inter", "blend", "qattn")
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,12 @@ class ChunkPlan:
     cci: float | None = None
     beta_prime: float | None = None
     cfo: float | None = None
+    inter: tuple[float, ...] = ()  # per token, the recorded attention outside the chunk
 
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["recomputed"] = None if self.tokens is None else len(self.tokens)
-        del out["tokens"]
+        del out["tokens"], out["inter"]
         return out
 
 
@@ -59,9 +63,9 @@ def plan_chunk(preceding: Sequence[str], tokens: int, variants: Sequence[Variant
         meta, beta, name = best, best_beta, best.key
     share = cfo(meta.cci, beta, alpha)
     count = tokens_to_recompute(share, tokens)
-    scores = torch.tensor(meta.token_inter[:tokens] if len(meta.token_inter) >= tokens else [0.0] * tokens)
-    chosen = tuple(sorted(int(i) for i in torch.topk(scores, count).indices)) if count else ()
-    return ChunkPlan(name, chosen, meta.cci, beta, share)
+    inter = tuple(meta.token_inter[:tokens]) if len(meta.token_inter) >= tokens else (0.0,) * tokens
+    chosen = tuple(sorted(int(i) for i in torch.topk(torch.tensor(inter), count).indices)) if count else ()
+    return ChunkPlan(name, chosen, meta.cci, beta, share, inter)
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,18 @@ class CacheCraft:
                     count = len(plan.tokens)
                 if count:
                     picked.append(span.start + torch.topk(score[span.start : span.stop], count).indices)
+        importance = None
+        if self.select == "qattn" and any(p is not None and p.tokens for p in plans):
+            with stage("select_s"):
+                importance = reuse_attention(executor, layout, buf)
+            work += executor.num_layers * len(layout.question)
         for i, (plan, span) in enumerate(zip(plans, layout.chunks)):
-            if plan is not None and plan.tokens and i not in by_blend:
+            if plan is None or not plan.tokens or i in by_blend:
+                continue
+            if importance is None:
                 picked.append(span.start + torch.tensor(plan.tokens, dtype=torch.long))
+            else:  # the tiny floor lets question attention rank tokens with no recorded inter score
+                score = (torch.tensor(plan.inter) + 1e-6) * importance[span.start : span.stop]
+                picked.append(span.start + torch.topk(score, len(plan.tokens)).indices)
         selected = torch.unique(torch.cat(picked))  # sorted
         return finish(executor, layout, buf, selected, extra_work=work)
