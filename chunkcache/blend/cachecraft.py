@@ -91,9 +91,10 @@ class CacheCraft:
         by_blend = [i for i, p in enumerate(plans)
                     if p is None or p.tokens is None or (self.select == "blend" and p.tokens)]
         work = 0
+        importance = None  # the question's attention per token, from a question-only pass
         if by_blend:
             blend = CacheBlend(self.recompute_ratio, self.check_layer, gradual=False)
-            score, _, work = blend.scores(executor, layout, buf)
+            score, importance, work = blend.scores(executor, layout, buf)
             for i in by_blend:
                 span, plan = layout.chunks[i], plans[i]
                 if plan is None or plan.tokens is None:
@@ -102,15 +103,14 @@ class CacheCraft:
                     count = len(plan.tokens)
                 if count:
                     picked.append(span.start + torch.topk(score[span.start : span.stop], count).indices)
-        importance = None
-        if self.select == "qattn" and any(p is not None and p.tokens for p in plans):
+        rest = [i for i, p in enumerate(plans) if p is not None and p.tokens and i not in by_blend]
+        if self.select == "qattn" and rest and importance is None:
             with stage("select_s"):
                 importance = reuse_attention(executor, layout, buf)
             work += executor.num_layers * len(layout.question)
-        for i, (plan, span) in enumerate(zip(plans, layout.chunks)):
-            if plan is None or not plan.tokens or i in by_blend:
-                continue
-            if importance is None:
+        for i in rest:
+            plan, span = plans[i], layout.chunks[i]
+            if self.select != "qattn":
                 picked.append(span.start + torch.tensor(plan.tokens, dtype=torch.long))
             else:  # the tiny floor lets question attention rank tokens with no recorded inter score
                 score = (torch.tensor(plan.inter) + 1e-6) * importance[span.start : span.stop]
