@@ -1,12 +1,12 @@
 """Cache-Craft as a fusion strategy: for each chunk, the stored variant whose preceding chunks best
 match the current ones (or the independent cache), and only ``ceil(CFO x tokens)`` of its tokens
-recomputed, those that attended most outside the chunk. Chunks with no metadata yet fall back to
-CacheBlend's selection at ``recompute_ratio`` of their tokens. ``select=blend`` keeps each chunk's
-count but picks its tokens by CacheBlend's run-time score (K+V deviation weighted by the question's
-attention) instead of the recorded inter-chunk attention; ``select=qattn`` by the recorded
-inter-chunk attention times the attention the question pays each token in a question-only pass
-over the reused cache (CacheBlend's weighting without its deviation probe). See `craft_math` for CCI, beta', CFO,
-`craft_profile` for where the metadata comes from and `store.variants` for the variants."""
+recomputed. Which tokens (``select``): ``qattn`` (default) ranks them by the inter-chunk attention
+recorded with the variant times the attention the question pays each token in a question-only
+pass over the reused cache (CacheBlend's weighting without its deviation probe); ``inter`` by the
+recorded inter-chunk attention alone (the paper); ``blend`` by CacheBlend's run-time score (K+V
+deviation x question attention). Chunks with no metadata yet fall back to CacheBlend's selection
+at ``recompute_ratio`` of their tokens. See `craft_math` for CCI, beta', CFO, `craft_profile` for
+where the metadata comes from and `store.variants` for the variants."""
 
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ class CacheCraft:
     alpha: float = 1.0
     recompute_ratio: float = 0.15  # chunks without metadata: CacheBlend's budget for them
     check_layer: int = 1
-    select: str = "inter"  # which of a chunk's tokens to recompute: see the module docstring
+    # which of a chunk's tokens to recompute (module docstring): qattn beat the paper's inter on
+    # both 40-example recurring evals (docs/quality.md)
+    select: str = "qattn"
     name = "cachecraft"
     uses_cache = True
 
