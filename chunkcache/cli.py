@@ -347,15 +347,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     codecs = [c.strip() for c in (args.codec or "").split(",") if c.strip()]
     strategy_labels(args.strategies.split(","), codecs)  # a bad name fails before the model loads
     engine = _engine(args)
-    truncate = None
-    if args.chunk_tokens:
-        tokenizer = engine.model.tokenizer
+    tokenizer = engine.model.tokenizer
 
-        def truncate(text: str) -> str:
-            return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[: args.chunk_tokens])
+    def truncate(text: str) -> str:
+        return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[: args.chunk_tokens])
 
     examples = load_examples(
-        Path(args.dataset), args.limit, args.passages, args.seed if args.shuffle else None, truncate
+        Path(args.dataset), args.limit, args.passages, args.seed if args.shuffle else None,
+        truncate if args.chunk_tokens else None,
     )
     max_new = args.max_new_tokens or 32
     rows = run_eval(
