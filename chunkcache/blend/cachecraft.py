@@ -76,6 +76,9 @@ class CacheCraft:
     # which of a chunk's tokens to recompute (module docstring): qattn beat the paper's inter on
     # both 40-example recurring evals (docs/quality.md)
     select: str = "qattn"
+    # fraction of the depth the question's attention is averaged from (CacheBlend's qattn_from);
+    # cachecraft's evals were made with every layer, so it keeps 0 until it is measured
+    qattn_from: float = 0.0
     name = "cachecraft"
     uses_cache = True
 
@@ -95,7 +98,7 @@ class CacheCraft:
         work = 0
         importance = None  # the question's attention per token, from a question-only pass
         if by_blend:
-            blend = CacheBlend(self.recompute_ratio, self.check_layer, gradual=False)
+            blend = CacheBlend(self.recompute_ratio, self.check_layer, gradual=False, qattn_from=self.qattn_from)
             score, importance, work = blend.scores(executor, layout, buf)
             for i in by_blend:
                 span, plan = layout.chunks[i], plans[i]
@@ -108,7 +111,7 @@ class CacheCraft:
         rest = [i for i, p in enumerate(plans) if p is not None and p.tokens and i not in by_blend]
         if self.select == "qattn" and rest and importance is None:
             with stage("select_s"):
-                importance = reuse_attention(executor, layout, buf)
+                importance = reuse_attention(executor, layout, buf, self.qattn_from)
             work += executor.num_layers * len(layout.question)
         for i in rest:
             plan, span = plans[i], layout.chunks[i]

@@ -164,3 +164,29 @@ def test_question_attention_weighting_keeps_the_budget(smollm2: LoadedModel, fus
     weighted, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, weight=weight)
     assert weighted.reused_tokens == plain.reused_tokens  # same budget after gradual filtering
     assert not torch.equal(weighted.logits, plain.logits)  # a different choice
+
+
+def test_question_attention_depth_changes_the_choice_not_the_budget(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    every_layer, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, qattn_from=0.0)
+    deep_half, tokens = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, qattn_from=0.5)
+    assert deep_half.reused_tokens == every_layer.reused_tokens
+    assert not torch.equal(deep_half.logits, every_layer.logits)
+    assert tokens
+    for bad in (1.0, -0.1):
+        with pytest.raises(InvalidInputError, match="qattn_from"):
+            make_strategy("cacheblend", qattn_from=bad)
+
+
+def test_question_attention_is_a_distribution_over_the_prompt(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    from chunkcache.blend.cacheblend import reuse_attention
+    from chunkcache.blend.layout import sequential_layout
+    from chunkcache.blend.strategies import reused_buffer
+
+    layout = sequential_layout(fusion_input.pieces)
+    buf = reused_buffer(smollm2.executor, layout, fusion_input)
+    every_layer = reuse_attention(smollm2.executor, layout, buf, 0.0)
+    deep_half = reuse_attention(smollm2.executor, layout, buf, 0.5)
+    for attention in (every_layer, deep_half):
+        assert attention.shape == (layout.length,)
+        assert torch.isclose(attention.sum(), torch.tensor(1.0), atol=1e-4)  # mean of softmax rows
+    assert not torch.allclose(every_layer, deep_half)
