@@ -190,9 +190,11 @@ def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, 
     first = min(executor.num_layers - 1, int(start * executor.num_layers))
     for layer in range(executor.num_layers):
         wait_layer(buf, layer)
-        q, _, _ = executor.qkv(layer, hidden, positions)
+        scored = layer >= first  # the layers before it only carry the hidden state on
+        q = executor.qkv(layer, hidden, positions)[0] if scored else None
+        # run_layer writes the question's own K/V, which its attention row includes
         hidden = executor.run_layer(layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n])
-        if layer >= first:
+        if q is not None:
             total += question_attention(executor, q, buf[layer, 0, :, :n]).cpu()
     return total / (executor.num_layers - first)
 

@@ -85,6 +85,8 @@ class CacheCraft:
     def __post_init__(self) -> None:
         if self.alpha < 0 or not 0.0 <= self.recompute_ratio <= 1.0:
             raise InvalidInputError("cachecraft needs alpha >= 0 and recompute_ratio in [0, 1]")
+        if not 0.0 <= self.qattn_from < 1.0:
+            raise InvalidInputError(f"qattn_from is a fraction of the model's depth in [0, 1), got {self.qattn_from}")
         if self.select not in SELECTS:
             raise InvalidInputError(f"cachecraft select must be one of {', '.join(SELECTS)}, got {self.select!r}")
 
