@@ -80,8 +80,7 @@ class CacheBlend:
             raise InvalidInputError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.weight not in WEIGHTS:
             raise InvalidInputError(f"weight must be one of {', '.join(WEIGHTS)}, got {self.weight!r}")
-        if not 0.0 <= self.qattn_from < 1.0:
-            raise InvalidInputError(f"qattn_from is a fraction of the model's depth in [0, 1), got {self.qattn_from}")
+        check_qattn_from(self.qattn_from)
         if self.check_layer < 0 or self.sinks < 0:
             raise InvalidInputError("check_layer and sinks must be >= 0")
 
@@ -177,6 +176,12 @@ def _weighted(deviation: torch.Tensor, importance: torch.Tensor, weight: str) ->
     return deviation * importance
 
 
+def check_qattn_from(value: float) -> None:
+    """``qattn_from`` (the depth the question's attention is averaged from) must name a layer."""
+    if not 0.0 <= value < 1.0:
+        raise InvalidInputError(f"qattn_from is a fraction of the model's depth in [0, 1), got {value}")
+
+
 def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, start: float = 0.0) -> torch.Tensor:
     """Attention [N] the question pays to each token in a question-only pass over the reused
     cache, averaged over the layers from ``start`` (a fraction of the depth) on. The pass's K/V
@@ -190,8 +195,8 @@ def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, 
     first = min(executor.num_layers - 1, int(start * executor.num_layers))
     for layer in range(executor.num_layers):
         wait_layer(buf, layer)
-        scored = layer >= first  # the layers before it only carry the hidden state on
-        q = executor.qkv(layer, hidden, positions)[0] if scored else None
+        # the layers before ``first`` only carry the hidden state on: no query needed
+        q = executor.qkv(layer, hidden, positions)[0] if layer >= first else None
         # run_layer writes the question's own K/V, which its attention row includes
         hidden = executor.run_layer(layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n])
         if q is not None:

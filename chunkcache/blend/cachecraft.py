@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
-from chunkcache.blend.cacheblend import CacheBlend, reuse_attention
+from chunkcache.blend.cacheblend import CacheBlend, check_qattn_from, reuse_attention
 from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.blend.layout import sequential_layout
@@ -85,8 +85,7 @@ class CacheCraft:
     def __post_init__(self) -> None:
         if self.alpha < 0 or not 0.0 <= self.recompute_ratio <= 1.0:
             raise InvalidInputError("cachecraft needs alpha >= 0 and recompute_ratio in [0, 1]")
-        if not 0.0 <= self.qattn_from < 1.0:
-            raise InvalidInputError(f"qattn_from is a fraction of the model's depth in [0, 1), got {self.qattn_from}")
+        check_qattn_from(self.qattn_from)
         if self.select not in SELECTS:
             raise InvalidInputError(f"cachecraft select must be one of {', '.join(SELECTS)}, got {self.select!r}")
 

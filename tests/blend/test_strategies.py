@@ -172,9 +172,10 @@ def test_question_attention_depth_changes_the_choice_not_the_budget(smollm2: Loa
     assert deep_half.reused_tokens == every_layer.reused_tokens
     assert not torch.equal(deep_half.logits, every_layer.logits)
     assert tokens
-    for bad in (1.0, -0.1):
-        with pytest.raises(InvalidInputError, match="qattn_from"):
-            make_strategy("cacheblend", qattn_from=bad)
+    for name in ("cacheblend", "cachecraft"):
+        for bad in (1.0, -0.1):
+            with pytest.raises(InvalidInputError, match="qattn_from"):
+                make_strategy(name, qattn_from=bad)
 
 
 def test_question_attention_is_a_distribution_over_the_prompt(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
