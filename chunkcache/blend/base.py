@@ -9,7 +9,7 @@ import torch
 
 from chunkcache.blend.layout import FusedCache, Layout, LayerSource, wait_layer
 from chunkcache.kv import ChunkKV
-from chunkcache.model.executor import ApeAttention, LayerExecutor
+from chunkcache.model.executor import ApeAttention, KVHook, LayerExecutor
 from chunkcache.model.prompt import PromptPieces
 from chunkcache.timing import stage
 
@@ -48,10 +48,12 @@ def selective_prefill(
     ape: ApeAttention | None = None,
     shrink: "Shrink | None" = None,
     observe: "Observer | None" = None,
+    before_write: KVHook | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Run every layer for the ``selected`` indices only (sorted, ending with the last prompt
-    token), attending over ``buf``, whose other entries are reused. Returns the last token's
-    logits, the token-layers computed and how many tokens were computed at the last layer."""
+    token), attending over ``buf``, whose other entries are reused (``before_write`` may adjust
+    them from each layer's fresh K/V). Returns the last token's logits, the token-layers computed
+    and how many tokens were computed at the last layer."""
     n = layout.length
     index = selected
     hidden = executor.embed(layout.token_ids[index])
@@ -66,7 +68,7 @@ def selective_prefill(
         if observe is not None:
             observe(layer, hidden, positions, index)
         hidden = executor.run_layer(
-            layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n], ape
+            layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n], ape, before_write
         )
         work += int(index.shape[0])
     return executor.logits(hidden[-1:])[0], work, int(index.shape[0])
@@ -95,10 +97,11 @@ def finish(
     shrink: Shrink | None = None,
     extra_work: int = 0,
     observe: Observer | None = None,
+    before_write: KVHook | None = None,
 ) -> FusionResult:
     """Selective prefill, then package the fused cache and counts."""
     with stage("recompute_s"):
-        logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink, observe)
+        logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink, observe, before_write)
     wait_layer(buf, executor.num_layers - 1)  # generation reads every layer
     cache = FusedCache(buf, layout.length, int(layout.positions[-1]) + 1, ape)
     return FusionResult(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,14 @@ class ApeAttention:
     context_mask: torch.Tensor  # bool [keys]: True where the key is a parallel-encoded chunk token
     temperature: float = 0.9
     scale: float = 0.9
+
+
+class KVHook(Protocol):
+    """Sees a layer's fresh K/V [kv_heads, n, d] of the tokens at ``index`` and that layer's cache
+    [kv_heads, N, d] before they are written to it (it may change the cache in place)."""
+
+    def __call__(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor) -> None: ...
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +70,15 @@ class LayerExecutor:
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
 
     # --- RoPE -------------------------------------------------------------------------------
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary angles [tokens, head_dim] of ``positions``, in float64."""
+        freqs = positions.to(self.device, torch.float64)[:, None] * self._inv_freq64[None, :]
+        return torch.cat((freqs, freqs), dim=-1)
+
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # fp64 angles: at position 4K an fp32 angle is already off by ~2e-4 rad, which would
         # dominate the error of re-rotated keys.
-        freqs = positions.to(self.device, torch.float64)[:, None] * self._inv_freq64[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = self._angles(positions)
         scaling = self.attention_scaling
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
@@ -83,6 +96,13 @@ class LayerExecutor:
         k32 = keys.to(torch.float32)
         cos, sin = emb.cos().to(torch.float32), emb.sin().to(torch.float32)
         return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)
+
+    def turn(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``x`` [..., tokens, head_dim] rotated by the rotary angle of ``positions`` [tokens] (or
+        back, ``inverse``), without the rotary table's attention scaling: a pure rotation."""
+        emb = self._angles(positions)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return x * cos + rotate_half(x) * (-sin if inverse else sin)
 
     # --- layers -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -114,12 +134,16 @@ class LayerExecutor:
         keys: torch.Tensor,
         values: torch.Tensor,
         ape: ApeAttention | None = None,
+        before_write: KVHook | None = None,
     ) -> torch.Tensor:
         """Compute ``layer`` for the tokens at sequence ``index`` (sorted) whose inputs are ``hidden``.
 
         Their fresh K/V are written into ``keys``/``values`` ([kv_heads, N, d], the layer's fused
-        cache, modified in place); the queries then attend causally over all N cached tokens."""
+        cache, modified in place); the queries then attend causally over all N cached tokens.
+        ``before_write`` sees the fresh K/V and the cache just before they are written."""
         q, k, v = self.qkv(layer, hidden, positions)
+        if before_write is not None:
+            before_write(index, k, v, keys, values)
         keys[:, index] = k
         values[:, index] = v
         out = self._attend(q, keys, values, index, ape)
