@@ -30,7 +30,7 @@ class ChunkShift:
         owner = torch.full((layout.length,), -1, dtype=torch.long)
         for i, span in enumerate(layout.chunks):
             owner[span.start : span.stop] = i
-        self.owner = owner.to(device)  # chunk number per sequence index; -1: head or question
+        self.owner = owner.to(device)
         self.positions = layout.positions.to(device)
         self.chunks = len(layout.chunks)
 
@@ -39,7 +39,7 @@ class ChunkShift:
         """``index`` [n]: the sequence indices computed at this layer, ``k``/``v`` [kv_heads, n, d]
         their fresh K/V; ``keys``/``values`` [kv_heads, N, d] the layer's cache, changed in place."""
         index = index.to(self.owner.device)
-        owner = self.owner[: keys.shape[1]]
+        owner = self.owner  # chunk number per sequence index; -1: head or question
         source = owner[index] >= 0
         if self.chunks == 0 or not bool(source.any()):
             return
