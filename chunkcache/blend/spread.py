@@ -41,7 +41,7 @@ class ChunkShift:
         index = index.to(self.owner.device)
         owner = self.owner  # chunk number per sequence index; -1: head or question
         source = owner[index] >= 0
-        if self.chunks == 0 or not bool(source.any()):
+        if not bool(source.any()):  # also when the prompt has no chunk
             return
         where, chunk_of = index[source], owner[index[source]]
         reused = owner >= 0
