@@ -32,7 +32,7 @@ import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
 from chunkcache.blend.layout import Layout, sequential_layout, wait_layer
-from chunkcache.blend.spread import ChunkShift
+from chunkcache.blend.spread import ChunkShift, check_shares
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
@@ -90,11 +90,7 @@ class CacheBlend:
         if self.weight not in WEIGHTS:
             raise InvalidInputError(f"weight must be one of {', '.join(WEIGHTS)}, got {self.weight!r}")
         check_qattn_from(self.qattn_from)
-        if not (0.0 <= self.spread_k <= 1.0 and 0.0 <= self.spread_v <= 1.0):
-            raise InvalidInputError(
-                f"spread_k and spread_v are shares of a chunk's mean correction in [0, 1], got "
-                f"{self.spread_k} and {self.spread_v}"
-            )
+        check_shares(self.spread_k, self.spread_v)
         if self.check_layer < 0 or self.sinks < 0:
             raise InvalidInputError("check_layer and sinks must be >= 0")
 
@@ -140,7 +136,8 @@ class CacheBlend:
         with stage("select_s"):
             importance = (reuse_attention(executor, layout, buf, self.qattn_from)
                           if self.weight.startswith("qattn") else None)
-            score = self._deviation(executor, layout, buf)[:context]
+            # ranking happens on the CPU, where the question's attention and the indices live
+            score = self._deviation(executor, layout, buf)[:context].cpu()
             if importance is not None:
                 score = _weighted(score, importance[:context], self.weight)
         work = self.check_layer * layout.length
@@ -260,9 +257,9 @@ class _GradualShrink:
             return None
         where = index[:n_context]
         _, k, v = self.executor.qkv(layer, hidden[:n_context], positions[:n_context])
-        deviation = token_deviation(k, v, buf[layer, 0][:, where], buf[layer, 1][:, where], self.blend.selection)
+        deviation = token_deviation(k, v, buf[layer, 0][:, where], buf[layer, 1][:, where], self.blend.selection).cpu()
         if self.importance is not None:
-            deviation = _weighted(deviation.cpu(), self.importance[where], self.blend.weight)
+            deviation = _weighted(deviation, self.importance[where], self.blend.weight)
         deviation[self.protected[where]] = float("inf")
         keep = torch.zeros(index.shape[0], dtype=torch.bool)
         keep[torch.topk(deviation, target).indices] = True

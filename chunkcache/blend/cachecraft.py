@@ -20,6 +20,7 @@ from chunkcache.blend.cacheblend import CacheBlend, check_qattn_from, reuse_atte
 from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.blend.layout import sequential_layout
+from chunkcache.blend.spread import ChunkShift, check_shares
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
 from chunkcache.store.variants import VariantMeta
@@ -79,6 +80,10 @@ class CacheCraft:
     # fraction of the depth the question's attention is averaged from (CacheBlend's qattn_from);
     # cachecraft's evals were made with every layer, so it keeps 0 until it is measured
     qattn_from: float = 0.0
+    # CacheBlend's spread of each chunk's mean correction over its reused tokens (blend/spread.py);
+    # off until it is measured on the recurring workload
+    spread_k: float = 0.0
+    spread_v: float = 0.0
     name = "cachecraft"
     uses_cache = True
 
@@ -86,6 +91,7 @@ class CacheCraft:
         if self.alpha < 0 or not 0.0 <= self.recompute_ratio <= 1.0:
             raise InvalidInputError("cachecraft needs alpha >= 0 and recompute_ratio in [0, 1]")
         check_qattn_from(self.qattn_from)
+        check_shares(self.spread_k, self.spread_v)
         if self.select not in SELECTS:
             raise InvalidInputError(f"cachecraft select must be one of {', '.join(SELECTS)}, got {self.select!r}")
 
@@ -122,4 +128,5 @@ class CacheCraft:
                 score = (torch.tensor(plan.inter) + 1e-6) * importance[span.start : span.stop]
                 picked.append(span.start + torch.topk(score, len(plan.tokens)).indices)
         selected = torch.unique(torch.cat(picked))  # sorted
-        return finish(executor, layout, buf, selected, extra_work=work)
+        spread = ChunkShift(executor, layout, self.spread_k, self.spread_v) if self.spread_k or self.spread_v else None
+        return finish(executor, layout, buf, selected, extra_work=work, before_write=spread)

@@ -11,53 +11,95 @@ change overshoots the others'."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from chunkcache.blend.layout import Layout
+from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
+
+
+def check_shares(k_share: float, v_share: float) -> None:
+    """``spread_k`` / ``spread_v`` are shares of a chunk's mean correction."""
+    if not (0.0 <= k_share <= 1.0 and 0.0 <= v_share <= 1.0):
+        raise InvalidInputError(
+            f"spread_k and spread_v are shares of a chunk's mean correction in [0, 1], got {k_share} and {v_share}"
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which tokens a layer's spread reads and moves, as index tensors on the executor's device."""
+
+    pick: torch.Tensor  # positions within the layer's computed tokens that belong to a chunk
+    where: torch.Tensor  # their sequence indices
+    chunk_of: torch.Tensor  # their chunk numbers
+    counts: torch.Tensor  # computed tokens per chunk (at least 1)
+    target: torch.Tensor  # sequence indices of the reused chunk tokens
+    target_chunk: torch.Tensor  # their chunk numbers
+    where_positions: torch.Tensor  # rotary positions of ``where`` and ``target``
+    target_positions: torch.Tensor
 
 
 class ChunkShift:
     """Adds ``k_share`` / ``v_share`` of each chunk's mean K / V correction to its reused tokens.
 
     Called once per layer of a selective prefill with the fresh K/V of the tokens computed at that
-    layer, before they are written to the cache, so the reused entries still hold what was loaded."""
+    layer, before they are written to the cache, so the reused entries still hold what was loaded.
+    Which tokens it reads and moves is worked out on the CPU once per set of computed tokens (the
+    set changes only while gradual filtering shrinks it): on a GPU, deciding it there every layer
+    would wait for the device several times a layer."""
 
     def __init__(self, executor: LayerExecutor, layout: Layout, k_share: float, v_share: float) -> None:
         self.executor = executor
         self.shares = (k_share, v_share)
-        device = executor.device
         owner = torch.full((layout.length,), -1, dtype=torch.long)
         for i, span in enumerate(layout.chunks):
             owner[span.start : span.stop] = i
-        self.owner = owner.to(device)
-        self.positions = layout.positions.to(device)
+        self.owner = owner  # chunk number per sequence index; -1: head or question
+        self.positions = layout.positions
         self.chunks = len(layout.chunks)
+        self._seen: torch.Tensor | None = None
+        self._plan: _Plan | None = None
+
+    def plan(self, index: torch.Tensor) -> _Plan | None:
+        """The tokens read and moved when the tokens at ``index`` are computed; None: nothing to do."""
+        index = index.cpu()
+        if self._seen is not None and torch.equal(self._seen, index):
+            return self._plan
+        self._seen, self._plan = index.clone(), None
+        pick = torch.nonzero(self.owner[index] >= 0).flatten()
+        reused = self.owner >= 0
+        reused[index] = False
+        target = torch.nonzero(reused).flatten()
+        if pick.numel() and target.numel():  # none without chunks, or with every chunk token computed
+            where = index[pick]
+            chunk_of = self.owner[where]
+            device = self.executor.device
+            self._plan = _Plan(
+                pick.to(device), where.to(device), chunk_of.to(device),
+                torch.bincount(chunk_of, minlength=self.chunks).clamp_min(1).to(device),
+                target.to(device), self.owner[target].to(device),
+                self.positions[where].to(device), self.positions[target].to(device),
+            )
+        return self._plan
 
     def __call__(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor) -> None:
         """``index`` [n]: the sequence indices computed at this layer, ``k``/``v`` [kv_heads, n, d]
         their fresh K/V; ``keys``/``values`` [kv_heads, N, d] the layer's cache, changed in place."""
-        index = index.to(self.owner.device)
-        owner = self.owner  # chunk number per sequence index; -1: head or question
-        source = owner[index] >= 0
-        if not bool(source.any()):  # also when the prompt has no chunk
+        plan = self.plan(index)
+        if plan is None:
             return
-        where, chunk_of = index[source], owner[index[source]]
-        reused = owner >= 0
-        reused[where] = False
-        target = torch.nonzero(reused).flatten()
-        if target.numel() == 0:
-            return
-        counts = torch.bincount(chunk_of, minlength=self.chunks).clamp_min(1)
         for share, fresh, cache, rotated in ((self.shares[0], k, keys, True), (self.shares[1], v, values, False)):
             if share == 0:
                 continue
-            delta = fresh[:, source].float() - cache[:, where].float()
+            delta = fresh[:, plan.pick].float() - cache[:, plan.where].float()
             if rotated:
-                delta = self.executor.turn(delta, self.positions[where], inverse=True)
-            means = delta.new_zeros(delta.shape[0], self.chunks, delta.shape[2]).index_add_(1, chunk_of, delta)
-            shift = (means / counts[None, :, None].to(delta.dtype))[:, owner[target]]
+                delta = self.executor.turn(delta, plan.where_positions, inverse=True)
+            means = delta.new_zeros(delta.shape[0], self.chunks, delta.shape[2]).index_add_(1, plan.chunk_of, delta)
+            shift = (means / plan.counts[None, :, None].to(delta.dtype))[:, plan.target_chunk]
             if rotated:
-                shift = self.executor.turn(shift, self.positions[target])
-            cache[:, target] += (share * shift).to(cache.dtype)
+                shift = self.executor.turn(shift, plan.target_positions)
+            cache[:, plan.target] += (share * shift).to(cache.dtype)

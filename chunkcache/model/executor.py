@@ -213,8 +213,9 @@ class LayerExecutor:
             blocks = max(1, min(_ATTENTION_BLOCKS, n // _MIN_BLOCK_QUERIES))
             parts = []
             for block in torch.tensor_split(torch.arange(n), blocks):
-                where = index[block].to(q.device)
-                upto = int(where[-1]) + 1
+                last = index[block]
+                upto = int(last[-1]) + 1  # read before the copy: a CPU index costs no device sync
+                where = last.to(q.device)
                 mask = torch.arange(upto, device=q.device)[None, :] <= where[:, None]
                 parts.append(
                     F.scaled_dot_product_attention(

@@ -72,3 +72,17 @@ def test_spread_keeps_the_budget_and_the_exact_ends(smollm2: LoadedModel, fusion
                               atol=1e-5)
     with pytest.raises(InvalidInputError, match="spread"):
         make_strategy("cacheblend", spread_v=1.5)
+
+
+def test_cachecraft_spreads_over_the_same_selection(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    executor = smollm2.executor
+
+    def run(**params: object):  # noqa: ANN202
+        # no stored variants: every chunk falls back to CacheBlend's selection at 20 %
+        return make_strategy("cachecraft", recompute_ratio=0.2, **params).fuse(executor, fusion_input)
+
+    plain, spread = run(), run(spread_k=0.25, spread_v=0.25)  # off by default
+    assert spread.recomputed_tokens == plain.recomputed_tokens and spread.reused_tokens == plain.reused_tokens
+    assert not torch.allclose(spread.logits, plain.logits)
+    with pytest.raises(InvalidInputError, match="spread"):
+        make_strategy("cachecraft", spread_k=-0.1)
