@@ -3,7 +3,6 @@ bare batched prefill loop on the same chunks (interleaved batches), into a throw
 
 from __future__ import annotations
 
-import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -11,10 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.eval.datasets import load_examples
+from chunkcache.eval.machine import describe
 from chunkcache.jobs.precompute import precompute_texts
 from chunkcache.retriever import Chunker
 
@@ -54,7 +52,7 @@ def bench_precompute(
         "dtype": engine.settings.dtype,
         "codec": engine.codec.spec,
         "store_tiers": engine.settings.store_tiers,
-        "device": f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
+        "device": describe(engine.model.executor.device),
         "datasets": [str(p) for p in paths],
         "chunk_tokens": chunk_tokens,
         "chunk_tokens_mean": sum(tokens) / len(tokens),

@@ -4,18 +4,16 @@ as they are or over a sweep of context lengths and chunk counts built from their
 
 from __future__ import annotations
 
-import platform
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from chunkcache.blend import parse_strategy_spec
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.eval.datasets import Example
 from chunkcache.eval.harness import strategy_labels
+from chunkcache.eval.machine import describe
 
 STAGES = (
     "store_read_s", "codec_decode_s", "stream_load_s", "stream_wait_s", "miss_prefill_s", "rerotate_s", "select_s",
@@ -112,7 +110,7 @@ def bench_ttft(
     return {
         "model": engine.settings.model,
         "dtype": engine.settings.dtype,
-        "device": f"{platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
+        "device": describe(engine.model.executor.device),
         "repeats": repeats,
         "configs": configs,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,7 @@ def test_report_puts_every_strategy_beside_full(smollm2: LoadedModel, store_path
     assert reuse["stages_s_median"]["store_read_s"] > 0 and reuse["stages_s_median"]["codec_decode_s"] > 0
     assert reuse["stages_s_median"]["stream_load_s"] > 0
     assert "cacheblend-random:0.5" in format_table(report)
+    assert report["device"].startswith(f"{platform.machine()} CPU")  # the model is on the CPU here
     with pytest.raises(UnknownStrategyError):
         bench_ttft(engine, [example], ["warp:2"], repeats=1)
 
