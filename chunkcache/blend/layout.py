@@ -140,7 +140,7 @@ def assemble_cache(
                     f"cached chunk has {kv.num_tokens} tokens but its slot has {len(span)}; the cache "
                     "does not belong to this prompt"
                 )
-            if tuple(int(t) for t in layout.token_ids[span.start : span.stop]) != kv.token_ids:
+            if tuple(layout.token_ids[span.start : span.stop].tolist()) != kv.token_ids:
                 raise InvalidInputError("cached chunk's token ids differ from the prompt's; wrong cache entry")
             target = int(layout.positions[span.start]) if len(span) else 0
             if not isinstance(kv, ChunkKV):
