@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Device check on the lent GPU machine (one call, about 5-7 minutes): owns the whole GPU run.
+#   1. install the carried cp312 wheels (.whl/) into /tmp/site, put the repo on PYTHONPATH, show the GPU
+#   2. pytest of everything that needs no packaged model weights, with CUDA present (log: $OUT/pytest.log)
+#   3. a Llama-3.1-8B-shaped bf16 model with random weights, built on the GPU and saved under /dev/shm or /tmp
+#   4. chunkcache bench ttft on it (full, reuse, cacheblend:0.15, epic, ape; 1K-8K tokens) -> $OUT/ttft-h/
+#   5. chunkcache eval on 3 bundled MuSiQue questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
+#      vs full in bf16 -> $OUT/eval/ (report.json, report.md)
+#   6. torch.profiler of one warm answer per strategy at 8K tokens (bench/gpu/profile_fusion.py) -> $OUT/profile.txt
+# Run from the repo root with $OUT set:  bash bench/gpu/device_check.sh   (carry: .whl .gpu)
+# CPU dry run of the same steps:  GPU_CHECK_TINY=1 GPU_CHECK_WHEELS=0 PYTHON=.venv/bin/python OUT=/tmp/gpu-out bash bench/gpu/device_check.sh
+# Knobs (env): GPU_CHECK_TINY=1 (2-layer, hidden-64 model), GPU_CHECK_WHEELS=0 (skip the wheel install),
+# PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_CHUNKS, TTFT_REPEATS,
+# GPU_CHECK_SKIP (space-separated steps to skip: pytest ttft eval profile), PROFILE_TOKENS, GPU_CHECK_REUSE_MODEL=1 (a rerun on the
+# still-warm machine keeps the saved model instead of building it again).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$PWD
+: "${OUT:?set OUT to the folder that comes back}"
+mkdir -p "$OUT"
+
+main() {
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+unset CI  # tests/conftest.py fails (not skips) the redis tests when CI is set and redis-server is absent
+PY=${PYTHON:-python3}
+TINY=${GPU_CHECK_TINY:-0}
+SKIP=" ${GPU_CHECK_SKIP:-} "
+SCRATCH=${GPU_CHECK_SCRATCH:-/tmp/gpu-check}
+# the packaged models' cache: only SmolLM2's tokenizer files (tests' tiny models use them), no weights
+export XDG_CACHE_HOME=$SCRATCH/xdg
+START=$(date +%s)
+T0=$START
+step() {  # step NAME: print the time of the previous step and the total so far
+  local now; now=$(date +%s)
+  echo
+  echo "=== [$(date +%H:%M:%S)] +$((now - T0)) s (total $((now - START)) s) ==> $*"
+  T0=$now
+}
+FAILED=""
+fail() { echo "!!! FAILED: $*"; FAILED="$FAILED $1"; }
+
+step "0 setup: scratch $SCRATCH, tiny=$TINY, python $PY"
+rm -rf "$SCRATCH" && mkdir -p "$SCRATCH" "$XDG_CACHE_HOME/chunkcache/models/smollm2-135m" || return 1
+[ -f .gpu/tokenizer/tokenizer.json ] || { echo "missing .gpu/tokenizer (carry .gpu)"; return 1; }
+cp .gpu/tokenizer/* "$XDG_CACHE_HOME/chunkcache/models/smollm2-135m/"
+echo '{"name": "smollm2-135m", "source": "device check: tokenizer files only"}' \
+  > "$XDG_CACHE_HOME/chunkcache/models/smollm2-135m/chunkcache-converted.json"
+
+if [ "${GPU_CHECK_WHEELS:-1}" = 1 ]; then
+  step "1 wheels: $(ls .whl/*.whl 2>/dev/null | wc -l) from .whl into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; return 1; }
+  export PYTHONPATH=$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # tests that start Python with a bare environment (no PYTHONPATH) must still find the package
+  # and the wheels: a .pth file in the image's own site-packages (the machine is thrown away)
+  "$PY" -c "import site; print(site.getsitepackages()[0])" | { read -r site_dir && printf '%s\n%s\n' "$REPO" /tmp/site \
+    > "$site_dir/chunkcache-device-check.pth"; } || echo "(no .pth: tests with a bare environment will fail)"
+else
+  step "1 wheels: skipped (GPU_CHECK_WHEELS=0)"
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi 2>&1 | head -20 || echo "(no nvidia-smi)"
+"$PY" - <<'EOF' || { echo "import check failed: the steps below would fail"; return 1; }
+import importlib, sys
+import torch, transformers
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"cuda {torch.cuda.is_available()} {torch.version.cuda}, "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+for name in ("lmdb", "zstandard", "constriction", "redis", "rouge", "fastapi", "pydantic", "starlette", "numpy", "yaml",
+             "matplotlib", "tqdm", "rich", "prometheus_client", "httpx", "safetensors", "accelerate"):
+    mod = importlib.import_module(name)
+    print(f"  {name:18} {getattr(mod, '__version__', '')} {getattr(mod, '__file__', '')}")
+import chunkcache.cli
+chunkcache.cli.build_parser()
+print("chunkcache.cli parser ok")
+EOF
+"$PY" -m chunkcache.cli --help | head -4
+"$PY" -m chunkcache.cli bench ttft --help | head -3
+
+# 2. the tests that need no packaged weights, in the background while the big model is built and saved
+PYTEST_PID=""
+if [[ $SKIP != *" pytest "* ]]; then
+  step "2 pytest in the background (log: \$OUT/pytest.log)"
+  PYTEST_ARGS=(-q -rs -p no_weights_plugin -p no:cacheprovider -m "not slow and not qwen" --durations=10
+    tests/codec tests/blend tests/model tests/store tests/eval tests/test_engine.py tests/test_config.py tests/test_cli.py
+    --ignore tests/eval/test_recall.py)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 120)
+  ( cd "$REPO" && PYTHONPATH=$REPO/bench/gpu:$PYTHONPATH timeout -k 10 300 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
+      > "$OUT/pytest.log" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.log" ) &
+  PYTEST_PID=$!
+fi
+
+# 3. the random-weight model: on the GPU, saved where loading it back is fastest
+if [ "$TINY" = 1 ]; then
+  MODEL=$SCRATCH/llama8b-random-tiny; BUILD=(--tiny)
+else
+  SHM_FREE=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
+  if [ "${SHM_FREE:-0}" -gt $((24 * 1024 * 1024)) ]; then MODEL=/dev/shm/llama8b-random; else MODEL=/tmp/llama8b-random; fi
+  BUILD=(${GPU_CHECK_LAYERS:+--layers $GPU_CHECK_LAYERS})
+fi
+step "3 build + save random model -> $MODEL (df: $(df -Ph "$(dirname "$MODEL")" | awk 'NR==2 {print $4 " free on " $6}'))"
+if [ "${GPU_CHECK_REUSE_MODEL:-0}" = 1 ] && [ -f "$MODEL/config.json" ] && ls "$MODEL"/*.safetensors >/dev/null 2>&1; then
+  echo "reusing $MODEL (GPU_CHECK_REUSE_MODEL=1)"
+else
+  rm -rf "$MODEL"
+  timeout -k 10 240 "$PY" bench/gpu/random_model.py --out "$MODEL" --tokenizer .gpu/tokenizer --dtype bfloat16 "${BUILD[@]}" \
+    || fail "build the random model"
+fi
+ls -la "$MODEL" 2>/dev/null
+
+if [ -n "$PYTEST_PID" ]; then
+  step "2 (waiting for pytest to finish before timing anything)"
+  wait "$PYTEST_PID"
+  grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" | head -40
+  tail -2 "$OUT/pytest.log"
+  grep -q "pytest exit 0" "$OUT/pytest.log" || fail "pytest"
+fi
+
+if [[ $SKIP != *" ttft "* && -f $MODEL/config.json ]]; then
+  LENGTHS=${TTFT_LENGTHS:-1024,2048,4096,8192}
+  CHUNKS=${TTFT_CHUNKS:-16}  # the bundled passages are about 570-630 tokens: 8192 / 16 = 512 each
+  REPEATS=${TTFT_REPEATS:-5}
+  step "4 chunkcache bench ttft --lengths $LENGTHS --chunks $CHUNKS --repeats $REPEATS"
+  rm -rf "$SCRATCH/store-ttft"
+  timeout -k 10 240 "$PY" -m chunkcache.cli bench ttft --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-ttft" \
+    --lengths "$LENGTHS" --chunks "$CHUNKS" --repeats "$REPEATS" \
+    --strategies full,reuse,cacheblend:0.15,cacheblend:0.15:spread_k=0:spread_v=0,epic,ape --out "$OUT/ttft-h" || fail "bench ttft"
+fi
+
+if [[ $SKIP != *" eval "* && -f $MODEL/config.json ]]; then
+  step "5 chunkcache eval: 3 bundled questions, first-token KL vs full in bf16"
+  rm -rf "$SCRATCH/store-eval" "$SCRATCH/eval"
+  timeout -k 10 180 "$PY" -m chunkcache.cli eval --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-eval" \
+    --dataset chunkcache/data/demo.json --limit 3 --max-new-tokens 8 --quiet \
+    --strategies full,cacheblend:1.0,cacheblend:0.15,reuse --out "$SCRATCH/eval" || fail "eval"
+  mkdir -p "$OUT/eval"
+  cp "$SCRATCH"/eval/report.json "$SCRATCH"/eval/report.md "$OUT/eval/" 2>/dev/null
+  "$PY" - "$SCRATCH/eval/report.json" <<'EOF' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+for label, s in r["strategies"].items():
+    print(f"NUMERICS {label:18} first-token KL vs full {s['first_token_kl']:.3e}  first-token agree "
+          f"{s['first_token_agreement']:.2f}  answer agree {s['agreement_with_full']:.2f}  "
+          f"TTFT {s['ttft_s_median'] * 1e3:.0f} ms  recomputed {s['recomputed_fraction']:.0%}")
+EOF
+fi
+
+if [[ $SKIP != *" profile "* && -f $MODEL/config.json ]]; then
+  PROFILE_TOKENS=${PROFILE_TOKENS:-8192}
+  step "6 torch.profiler of one warm answer per strategy at $PROFILE_TOKENS tokens -> \$OUT/profile.txt"
+  timeout -k 10 180 "$PY" bench/gpu/profile_fusion.py --model "$MODEL" --dtype bfloat16 --tokens "$PROFILE_TOKENS" \
+    --chunks 16 > "$OUT/profile.txt" 2>&1 || fail "profile"
+  grep -E "^=====|^host waits" "$OUT/profile.txt"
+fi
+
+step "done; files under \$OUT:"
+find "$OUT" -type f | sort | while read -r f; do echo "  $(du -h "$f" | cut -f1)  ${f#"$OUT"/}"; done
+[ -z "$FAILED" ] && echo "DEVICE CHECK OK" || { echo "DEVICE CHECK FAILED:$FAILED"; return 1; }
+}
+
+main 2>&1 | tee -a "$OUT/device_check.log"
+exit "${PIPESTATUS[0]}"
