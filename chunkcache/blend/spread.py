@@ -40,6 +40,8 @@ class _Plan:
     target_chunk: torch.Tensor  # their chunk numbers
     where_positions: torch.Tensor  # rotary positions of ``where`` and ``target``
     target_positions: torch.Tensor
+    where_rotation: tuple[torch.Tensor, torch.Tensor]  # their rotary tables, the same in every layer
+    target_rotation: tuple[torch.Tensor, torch.Tensor]
 
 
 class ChunkShift:
@@ -77,11 +79,12 @@ class ChunkShift:
             where = index[pick]
             chunk_of = self.owner[where]
             device = self.executor.device
+            at_where, at_target = self.positions[where].to(device), self.positions[target].to(device)
             self._plan = _Plan(
                 pick.to(device), where.to(device), chunk_of.to(device),
                 torch.bincount(chunk_of, minlength=self.chunks).clamp_min(1).to(device),
-                target.to(device), self.owner[target].to(device),
-                self.positions[where].to(device), self.positions[target].to(device),
+                target.to(device), self.owner[target].to(device), at_where, at_target,
+                self.executor.rotation(at_where), self.executor.rotation(at_target),
             )
         return self._plan
 
@@ -97,9 +100,9 @@ class ChunkShift:
                 continue
             delta = fresh[:, plan.pick].float() - cache[:, plan.where].float()
             if rotated:
-                delta = self.executor.turn(delta, plan.where_positions, inverse=True)
+                delta = self.executor.turn(delta, plan.where_positions, inverse=True, rotation=plan.where_rotation)
             means = delta.new_zeros(delta.shape[0], self.chunks, delta.shape[2]).index_add_(1, plan.chunk_of, delta)
             shift = (means / plan.counts[None, :, None].to(delta.dtype))[:, plan.target_chunk]
             if rotated:
-                shift = self.executor.turn(shift, plan.target_positions)
+                shift = self.executor.turn(shift, plan.target_positions, rotation=plan.target_rotation)
             cache[:, plan.target] += (share * shift).to(cache.dtype)

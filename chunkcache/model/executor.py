@@ -97,11 +97,20 @@ class LayerExecutor:
         cos, sin = emb.cos().to(torch.float32), emb.sin().to(torch.float32)
         return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)
 
-    def turn(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """``x`` [..., tokens, head_dim] rotated by the rotary angle of ``positions`` [tokens] (or
-        back, ``inverse``), without the rotary table's attention scaling: a pure rotation."""
+    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [tokens, head_dim] (float32) of the rotary angles of ``positions``, without
+        the attention scaling: the tables of ``turn``, for callers that turn at the same positions
+        in every layer (fp64 cos/sin dominate the cost of a turn)."""
         emb = self._angles(positions)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return emb.cos().float(), emb.sin().float()
+
+    def turn(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False,
+             rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x`` [..., tokens, head_dim] rotated by the rotary angle of ``positions`` [tokens] (or
+        back, ``inverse``), without the rotary table's attention scaling: a pure rotation.
+        ``rotation``: the positions' tables from ``rotation()``, if already at hand."""
+        cos, sin = self.rotation(positions) if rotation is None else rotation
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return x * cos + rotate_half(x) * (-sin if inverse else sin)
 
     # --- layers -----------------------------------------------------------------------------
