@@ -97,20 +97,37 @@ _LAZY: dict[int, "_LazyLayers"] = {}
 
 
 class _LazyLayers:
-    def __init__(self, executor: LayerExecutor, placed: list[tuple[slice, LayerSource, int]]) -> None:
+    def __init__(self, executor: LayerExecutor, placed: list[tuple[slice, LayerSource, int]], device: torch.device
+                 ) -> None:
         self.executor, self.placed = executor, placed
         self.filled = 0
+        # Every streamed chunk's keys of a layer are re-rotated in one go, with per-token tables
+        # made once for all layers: a re-rotation per chunk and layer is a dozen small kernels
+        # each on a GPU. The tables are rerotate's (fp64 angles of each chunk's shift, applied in
+        # fp32), so the result is the same to the bit.
+        moved = [(span, delta) for span, _, delta in placed if delta]
+        self.turned: tuple[torch.Tensor | slice, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        if moved:
+            cols = torch.cat([torch.arange(span.start, span.stop) for span, _ in moved])
+            shifts = torch.cat([torch.full((span.stop - span.start,), delta) for span, delta in moved]).to(device)
+            whole = bool((cols[1:] - cols[:-1] == 1).all()) if len(cols) > 1 else True
+            where = slice(int(cols[0]), int(cols[-1]) + 1) if whole and len(cols) else cols.to(device)
+            self.turned = (where, shifts, executor.rotation(shifts))
 
     def ensure(self, buf: torch.Tensor, layer: int) -> None:
         while self.filled <= min(layer, buf.shape[0] - 1):
             i = self.filled
-            for span, source, delta in self.placed:
+            for span, source, _ in self.placed:
                 stored = source.layer(i).to(buf.device, buf.dtype)
-                buf[i, 0, :, span] = self.executor.rerotate(stored[0], delta)
+                buf[i, 0, :, span] = stored[0]
                 buf[i, 1, :, span] = stored[1]
+            if self.turned is not None:
+                where, shifts, rotation = self.turned
+                keys = buf[i, 0, :, where].float()
+                buf[i, 0, :, where] = self.executor.turn(keys, shifts, rotation=rotation).to(buf.dtype)
             self.filled += 1
         if self.filled == buf.shape[0]:  # every layer placed: let the streams' tensors go
-            self.placed = []
+            self.placed, self.turned = [], None
             _LAZY.pop(id(buf), None)
 
 
@@ -150,6 +167,6 @@ def assemble_cache(
             buf[:, 0, :, span.start : span.stop] = executor.rerotate(stored[:, 0], target - kv.position_offset)
             buf[:, 1, :, span.start : span.stop] = stored[:, 1]
         if streamed:
-            _LAZY[id(buf)] = _LazyLayers(executor, streamed)
+            _LAZY[id(buf)] = _LazyLayers(executor, streamed, buf.device)
             weakref.finalize(buf, _LAZY.pop, id(buf), None)
         return buf
