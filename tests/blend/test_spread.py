@@ -81,7 +81,7 @@ def test_cachecraft_spreads_over_the_same_selection(smollm2: LoadedModel, fusion
         # no stored variants: every chunk falls back to CacheBlend's selection at 20 %
         return make_strategy("cachecraft", recompute_ratio=0.2, **params).fuse(executor, fusion_input)
 
-    plain, spread = run(), run(spread_k=0.25, spread_v=0.25)  # off by default
+    plain, spread = run(spread_k=0.0, spread_v=0.0), run()  # on by default
     assert spread.recomputed_tokens == plain.recomputed_tokens and spread.reused_tokens == plain.reused_tokens
     assert not torch.allclose(spread.logits, plain.logits)
     with pytest.raises(InvalidInputError, match="spread"):
