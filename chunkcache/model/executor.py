@@ -99,8 +99,8 @@ class LayerExecutor:
 
     def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [tokens, head_dim] (float32) of the rotary angles of ``positions``, without
-        the attention scaling: the tables of ``turn``, for callers that turn at the same positions
-        in every layer (fp64 cos/sin dominate the cost of a turn)."""
+        the attention scaling: the tables of ``turn``, made once by callers that turn at the same
+        positions in every layer instead of recomputing fp64 angles each time."""
         emb = self._angles(positions)
         return emb.cos().float(), emb.sin().float()
 
