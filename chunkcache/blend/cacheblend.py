@@ -32,7 +32,7 @@ import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
 from chunkcache.blend.layout import Layout, sequential_layout, wait_layer
-from chunkcache.blend.spread import ChunkShift, check_shares
+from chunkcache.blend.spread import check_shares, spread_hook
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
@@ -125,7 +125,7 @@ class CacheBlend:
                 executor, self, budget, len(question), self._sink_mask(layout),
                 None if self.selection == "random" else importance,
             )
-        spread = ChunkShift(executor, layout, self.spread_k, self.spread_v) if self.spread_k or self.spread_v else None
+        spread = spread_hook(executor, layout, self.spread_k, self.spread_v)
         return finish(executor, layout, buf, selected, shrink=shrink, extra_work=probe_work, before_write=spread)
 
     def scores(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor

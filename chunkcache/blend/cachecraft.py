@@ -22,7 +22,7 @@ from chunkcache.blend.cacheblend import CacheBlend, check_qattn_from, reuse_atte
 from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
 from chunkcache.blend.strategies import question_index, reused_buffer
 from chunkcache.blend.layout import sequential_layout
-from chunkcache.blend.spread import ChunkShift, check_shares
+from chunkcache.blend.spread import check_shares, spread_hook
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
 from chunkcache.store.variants import VariantMeta
@@ -131,5 +131,5 @@ class CacheCraft:
                 score = (torch.tensor(plan.inter) + 1e-6) * importance[span.start : span.stop]
                 picked.append(span.start + torch.topk(score, len(plan.tokens)).indices)
         selected = torch.unique(torch.cat(picked))  # sorted
-        spread = ChunkShift(executor, layout, self.spread_k, self.spread_v) if self.spread_k or self.spread_v else None
+        spread = spread_hook(executor, layout, self.spread_k, self.spread_v)
         return finish(executor, layout, buf, selected, extra_work=work, before_write=spread)

@@ -11,7 +11,7 @@ import torch
 
 from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
-from chunkcache.model.executor import ApeAttention, LayerExecutor
+from chunkcache.model.executor import ApeAttention, LayerExecutor, rotate
 from chunkcache.model.prompt import PromptPieces
 from chunkcache.timing import stage
 
@@ -106,13 +106,13 @@ class _LazyLayers:
         # each on a GPU. The tables are rerotate's (fp64 angles of each chunk's shift, applied in
         # fp32), so the result is the same to the bit.
         moved = [(span, delta) for span, _, delta in placed if delta]
-        self.turned: tuple[torch.Tensor | slice, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.turned: tuple[torch.Tensor | slice, tuple[torch.Tensor, torch.Tensor]] | None = None
         if moved:
             cols = torch.cat([torch.arange(span.start, span.stop) for span, _ in moved])
             shifts = torch.cat([torch.full((span.stop - span.start,), delta) for span, delta in moved]).to(device)
             whole = bool((cols[1:] - cols[:-1] == 1).all()) if len(cols) > 1 else True
             where = slice(int(cols[0]), int(cols[-1]) + 1) if whole and len(cols) else cols.to(device)
-            self.turned = (where, shifts, executor.rotation(shifts))
+            self.turned = (where, executor.rotation(shifts))
 
     def ensure(self, buf: torch.Tensor, layer: int) -> None:
         while self.filled <= min(layer, buf.shape[0] - 1):
@@ -122,9 +122,8 @@ class _LazyLayers:
                 buf[i, 0, :, span] = stored[0]
                 buf[i, 1, :, span] = stored[1]
             if self.turned is not None:
-                where, shifts, rotation = self.turned
-                keys = buf[i, 0, :, where].float()
-                buf[i, 0, :, where] = self.executor.turn(keys, shifts, rotation=rotation).to(buf.dtype)
+                where, rotation = self.turned
+                buf[i, 0, :, where] = rotate(buf[i, 0, :, where].float(), rotation).to(buf.dtype)
             self.filled += 1
         if self.filled == buf.shape[0]:  # every layer placed: let the streams' tensors go
             self.placed, self.turned = [], None

@@ -17,7 +17,7 @@ import torch
 
 from chunkcache.blend.layout import Layout
 from chunkcache.errors import InvalidInputError
-from chunkcache.model.executor import LayerExecutor
+from chunkcache.model.executor import LayerExecutor, rotate
 
 
 def check_shares(k_share: float, v_share: float) -> None:
@@ -38,9 +38,7 @@ class _Plan:
     counts: torch.Tensor  # computed tokens per chunk (at least 1)
     target: torch.Tensor  # sequence indices of the reused chunk tokens
     target_chunk: torch.Tensor  # their chunk numbers
-    where_positions: torch.Tensor  # rotary positions of ``where`` and ``target``
-    target_positions: torch.Tensor
-    where_rotation: tuple[torch.Tensor, torch.Tensor]  # their rotary tables, the same in every layer
+    where_rotation: tuple[torch.Tensor, torch.Tensor]  # rotary tables of ``where`` and ``target``: every layer's
     target_rotation: tuple[torch.Tensor, torch.Tensor]
 
 
@@ -79,12 +77,11 @@ class ChunkShift:
             where = index[pick]
             chunk_of = self.owner[where]
             device = self.executor.device
-            at_where, at_target = self.positions[where].to(device), self.positions[target].to(device)
             self._plan = _Plan(
                 pick.to(device), where.to(device), chunk_of.to(device),
                 torch.bincount(chunk_of, minlength=self.chunks).clamp_min(1).to(device),
-                target.to(device), self.owner[target].to(device), at_where, at_target,
-                self.executor.rotation(at_where), self.executor.rotation(at_target),
+                target.to(device), self.owner[target].to(device),
+                self.executor.rotation(self.positions[where]), self.executor.rotation(self.positions[target]),
             )
         return self._plan
 
@@ -100,9 +97,14 @@ class ChunkShift:
                 continue
             delta = fresh[:, plan.pick].float() - cache[:, plan.where].float()
             if rotated:
-                delta = self.executor.turn(delta, plan.where_positions, inverse=True, rotation=plan.where_rotation)
+                delta = rotate(delta, plan.where_rotation, inverse=True)
             means = delta.new_zeros(delta.shape[0], self.chunks, delta.shape[2]).index_add_(1, plan.chunk_of, delta)
             shift = (means / plan.counts[None, :, None].to(delta.dtype))[:, plan.target_chunk]
             if rotated:
-                shift = self.executor.turn(shift, plan.target_positions, rotation=plan.target_rotation)
+                shift = rotate(shift, plan.target_rotation)
             cache[:, plan.target] += (share * shift).to(cache.dtype)
+
+
+def spread_hook(executor: LayerExecutor, layout: Layout, k_share: float, v_share: float) -> ChunkShift | None:
+    """The spread as a ``before_write`` hook of a selective prefill; None when both shares are 0."""
+    return ChunkShift(executor, layout, k_share, v_share) if k_share or v_share else None

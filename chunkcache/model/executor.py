@@ -40,6 +40,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], inverse: bool = False) -> torch.Tensor:
+    """``x`` [..., tokens, head_dim] turned by the tables (cos, sin) of ``LayerExecutor.rotation``
+    (or back, ``inverse``)."""
+    cos, sin = rotation[0].to(x.dtype), rotation[1].to(x.dtype)
+    return x * cos + rotate_half(x) * (-sin if inverse else sin)
+
+
 class LayerExecutor:
     """Runs a Llama/Mistral/Qwen2 decoder one layer at a time over chosen token positions."""
 
@@ -104,14 +111,10 @@ class LayerExecutor:
         emb = self._angles(positions)
         return emb.cos().float(), emb.sin().float()
 
-    def turn(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False,
-             rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def turn(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """``x`` [..., tokens, head_dim] rotated by the rotary angle of ``positions`` [tokens] (or
-        back, ``inverse``), without the rotary table's attention scaling: a pure rotation.
-        ``rotation``: the positions' tables from ``rotation()``, if already at hand."""
-        cos, sin = self.rotation(positions) if rotation is None else rotation
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        return x * cos + rotate_half(x) * (-sin if inverse else sin)
+        back, ``inverse``), without the rotary table's attention scaling: a pure rotation."""
+        return rotate(x, self.rotation(positions), inverse)
 
     # --- layers -----------------------------------------------------------------------------
     @torch.inference_mode()
