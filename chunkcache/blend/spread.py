@@ -34,8 +34,7 @@ class _Plan:
 
     pick: torch.Tensor  # positions within the layer's computed tokens that belong to a chunk
     where: torch.Tensor  # their sequence indices
-    chunk_of: torch.Tensor  # their chunk numbers
-    counts: torch.Tensor  # computed tokens per chunk (at least 1)
+    average: torch.Tensor  # [chunks, picked]: row c averages chunk c's computed tokens (zeros where it has none)
     target: torch.Tensor  # sequence indices of the reused chunk tokens
     target_chunk: torch.Tensor  # their chunk numbers
     where_rotation: tuple[torch.Tensor, torch.Tensor]  # rotary tables of ``where`` and ``target``: every layer's
@@ -77,9 +76,14 @@ class ChunkShift:
             where = index[pick]
             chunk_of = self.owner[where]
             device = self.executor.device
+            # A matrix product, not index_add_: on CUDA index_add_ adds atomically in no fixed order,
+            # so the same request would shift the cache differently from run to run, and gradual
+            # filtering would then pick other tokens (and meet attention shapes it has not seen).
+            average = torch.zeros(self.chunks, len(where))
+            average[chunk_of, torch.arange(len(where))] = 1.0
+            average /= average.sum(1, keepdim=True).clamp_min(1.0)
             self._plan = _Plan(
-                pick.to(device), where.to(device), chunk_of.to(device),
-                torch.bincount(chunk_of, minlength=self.chunks).clamp_min(1).to(device),
+                pick.to(device), where.to(device), average.to(device),
                 target.to(device), self.owner[target].to(device),
                 self.executor.rotation(self.positions[where]), self.executor.rotation(self.positions[target]),
             )
@@ -98,8 +102,7 @@ class ChunkShift:
             delta = fresh[:, plan.pick].float() - cache[:, plan.where].float()
             if rotated:
                 delta = rotate(delta, plan.where_rotation, inverse=True)
-            means = delta.new_zeros(delta.shape[0], self.chunks, delta.shape[2]).index_add_(1, plan.chunk_of, delta)
-            shift = (means / plan.counts[None, :, None].to(delta.dtype))[:, plan.target_chunk]
+            shift = (plan.average @ delta)[:, plan.target_chunk]
             if rotated:
                 shift = rotate(shift, plan.target_rotation)
             cache[:, plan.target] += (share * shift).to(cache.dtype)

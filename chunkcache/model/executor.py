@@ -10,11 +10,16 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chunkcache.model.arch import check_supported
 
 _ATTENTION_BLOCKS = 8
 _MIN_BLOCK_QUERIES = 32
+# Backends for masked attention. cuDNN's is left out: it builds an execution plan for every new
+# shape (about 20 ms each, cold, on an H200), and masked calls meet new shapes with every prompt,
+# chunk length and choice of recomputed tokens. (On the CPU only flash and math exist.)
+MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,23 @@ class KVHook(Protocol):
 
     def __call__(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor) -> None: ...
+
+
+def folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """Masked attention of ``q`` [heads, n, d] over ``keys``/``values`` [kv_heads, S, d] (``mask``
+    [n, S], True: visible) with the heads that share a KV head folded into the query length (heads
+    are grouped KV-head-major, as in ``repeat_kv``), restricted to ``MASKED_BACKENDS``: the
+    memory-efficient backend has no grouped-query support and would otherwise fall back to math,
+    which materialises every head's keys."""
+    heads, n, d = q.shape
+    group = heads // keys.shape[0]
+    folded = q.reshape(keys.shape[0], group * n, d)
+    if group > 1:
+        mask = mask.repeat(group, 1)
+    with sdpa_kernel(MASKED_BACKENDS):
+        out = F.scaled_dot_product_attention(folded[None], keys[None], values[None], attn_mask=mask, scale=scale)[0]
+    return out.reshape(heads, n, d)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +205,6 @@ class LayerExecutor:
         through float rounding (matrix kernels may change with the batch's size)."""
         b, length, width = hidden.shape
         q, k, v = self.qkv(layer, hidden.reshape(b * length, width), positions.repeat(b))
-        gqa = self.num_heads != self.num_kv_heads
         out = q.new_zeros(b * length, self.num_heads * self.head_dim)
         prefix = prefix_k.shape[1]
         for i, n in enumerate(lengths):
@@ -192,9 +213,7 @@ class LayerExecutor:
             values = torch.cat((prefix_v, v[:, rows]), dim=1)
             mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device)
             mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-            attended = F.scaled_dot_product_attention(
-                q[None, :, rows], keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=gqa
-            )[0]
+            attended = self.masked_attention(q[:, rows], keys, values, mask)
             out[rows] = attended.transpose(0, 1).reshape(n, -1)
         block = self.layers[layer]
         flat = hidden.reshape(b * length, width) + block.self_attn.o_proj(out)
@@ -229,14 +248,19 @@ class LayerExecutor:
                 upto = int(last[-1]) + 1  # read before the copy: a CPU index costs no device sync
                 where = last.to(q.device)
                 mask = torch.arange(upto, device=q.device)[None, :] <= where[:, None]
-                parts.append(
-                    F.scaled_dot_product_attention(
-                        q[None, :, block], keys[None, :, :upto], values[None, :, :upto],
-                        attn_mask=mask, scale=self.scale, enable_gqa=gqa,
-                    )[0]
-                )
+                parts.append(self.masked_attention(q[:, block], keys[:, :upto], values[:, :upto], mask))
             out = torch.cat(parts, dim=1)
         return out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
+
+    def masked_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+                         ) -> torch.Tensor:
+        """Queries ``q`` [heads, n, d] over ``keys``/``values`` [kv_heads, S, d] where ``mask``
+        [n, S] is True. On CUDA through `folded_attention` and ``MASKED_BACKENDS``; the CPU's flash
+        kernel supports grouped queries itself (folding only costs it time)."""
+        if q.device.type == "cuda":
+            return folded_attention(q, keys, values, mask, self.scale)
+        return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=self.scale,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)[0]
 
     def _attend_ape(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, ape: ApeAttention

@@ -9,7 +9,7 @@ import torch
 
 from chunkcache.errors import UnsupportedModelError
 from chunkcache.model import LoadedModel, load_model
-from chunkcache.model.executor import LayerExecutor
+from chunkcache.model.executor import LayerExecutor, folded_attention
 
 
 def _full_prefill(executor: LayerExecutor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +20,23 @@ def _full_prefill(executor: LayerExecutor, ids: torch.Tensor) -> tuple[torch.Ten
     for layer in range(executor.num_layers):
         hidden = executor.run_layer(layer, hidden, index, index, buf[layer, 0], buf[layer, 1])
     return executor.logits(hidden), buf
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_folded_attention_equals_each_head_over_its_kv_head(group: int) -> None:
+    """The CUDA path's masked attention (grouped heads folded into the query length) computes
+    what each query head computes alone over its own KV head (heads grouped KV-head-major)."""
+    gen = torch.Generator().manual_seed(0)
+    kv_heads, n, keys_n, d = 2, 5, 9, 8
+    q = torch.randn(kv_heads * group, n, d, generator=gen)
+    keys, values = torch.randn(2, kv_heads, keys_n, d, generator=gen)
+    last = torch.tensor([3, 4, 6, 7, 8])  # each query sees the keys up to its own index
+    mask = torch.arange(keys_n)[None, :] <= last[:, None]
+    out = folded_attention(q, keys, values, mask, scale=0.3)
+    for head in range(kv_heads * group):
+        kv = head // group
+        scores = (q[head] @ keys[kv].T * 0.3).masked_fill(~mask, float("-inf"))
+        torch.testing.assert_close(out[head], torch.softmax(scores, -1) @ values[kv], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
