@@ -65,6 +65,24 @@ def test_report_puts_every_strategy_beside_full(smollm2: LoadedModel, store_path
         bench_ttft(engine, [example], ["warp:2"], repeats=1)
 
 
+def test_each_timed_round_asks_a_question_not_asked_before(smollm2: LoadedModel, store_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds must bring new prompt shapes, as real requests do (a GPU plans kernels per shape),
+    and every strategy of a round must answer the same prompt."""
+    engine = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
+    asked: list[tuple[str, str]] = []
+    answer = engine.answer
+    monkeypatch.setattr(engine, "answer", lambda q, c, strategy, **kw: asked.append((strategy, q)) or answer(
+        q, c, strategy=strategy, **kw))
+    example = Example("What is it?", ("One passage about a thing.", "Another passage."), ("thing",))
+    bench_ttft(engine, [example], ["reuse"], repeats=2)
+    warm, first, second = asked[:2], asked[2:4], asked[4:6]
+    assert [s for s, _ in asked] == ["full", "reuse"] * 3
+    assert {q for _, q in warm} == {"What is it?"}
+    assert len({q for _, q in first}) == 1 and len({q for _, q in second}) == 1
+    assert len({warm[0][1], first[0][1], second[0][1]}) == 3
+
+
 def test_sweep_builds_prompts_of_the_asked_size(smollm2: LoadedModel, store_path: Path, tmp_path: Path) -> None:
     engine = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
     demo = load_examples(Path(__file__).resolve().parents[2] / "chunkcache" / "data" / "demo.json")
