@@ -7,11 +7,13 @@
 #   5. chunkcache eval on 3 bundled MuSiQue questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
 #      vs full in bf16 -> $OUT/eval/ (report.json, report.md)
 #   6. torch.profiler of one warm answer per strategy at 8K tokens (bench/gpu/profile_fusion.py) -> $OUT/profile.txt
+#   7. masked attention's cost with new shapes (new questions) and seen ones (bench/gpu/attention_probe.py)
+#      -> $OUT/attention_probe.txt
 # Run from the repo root with $OUT set:  bash bench/gpu/device_check.sh   (carry: .whl .gpu)
 # CPU dry run of the same steps:  GPU_CHECK_TINY=1 GPU_CHECK_WHEELS=0 PYTHON=.venv/bin/python OUT=/tmp/gpu-out bash bench/gpu/device_check.sh
 # Knobs (env): GPU_CHECK_TINY=1 (2-layer, hidden-64 model), GPU_CHECK_WHEELS=0 (skip the wheel install),
 # PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_CHUNKS, TTFT_REPEATS,
-# GPU_CHECK_SKIP (space-separated steps to skip: pytest ttft eval profile), PROFILE_TOKENS, GPU_CHECK_REUSE_MODEL=1 (a rerun on the
+# GPU_CHECK_SKIP (space-separated steps to skip: pytest ttft eval profile probe), GPU_CHECK_TESTS (test paths for step 2), PROFILE_TOKENS, GPU_CHECK_REUSE_MODEL=1 (a rerun on the
 # still-warm machine keeps the saved model instead of building it again).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -81,9 +83,10 @@ EOF
 PYTEST_PID=""
 if [[ $SKIP != *" pytest "* ]]; then
   step "2 pytest in the background (log: \$OUT/pytest.log)"
+  # GPU_CHECK_TESTS narrows the run (a space-separated list of test paths)
+  read -r -a TEST_PATHS <<< "${GPU_CHECK_TESTS:-tests/codec tests/blend tests/model tests/store tests/eval tests/test_engine.py tests/test_config.py tests/test_cli.py}"
   PYTEST_ARGS=(-q -rs -p no_weights_plugin -p no:cacheprovider -m "not slow and not qwen" --durations=10
-    tests/codec tests/blend tests/model tests/store tests/eval tests/test_engine.py tests/test_config.py tests/test_cli.py
-    --ignore tests/eval/test_recall.py)
+    "${TEST_PATHS[@]}" --ignore tests/eval/test_recall.py)
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 120)
   ( cd "$REPO" && PYTHONPATH=$REPO/bench/gpu:$PYTHONPATH timeout -k 10 300 "$PY" -m pytest "${PYTEST_ARGS[@]}" \
       > "$OUT/pytest.log" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.log" ) &
@@ -145,12 +148,19 @@ for label, s in r["strategies"].items():
 EOF
 fi
 
+PROFILE_TOKENS=${PROFILE_TOKENS:-8192}
 if [[ $SKIP != *" profile "* && -f $MODEL/config.json ]]; then
-  PROFILE_TOKENS=${PROFILE_TOKENS:-8192}
   step "6 torch.profiler of one warm answer per strategy at $PROFILE_TOKENS tokens -> \$OUT/profile.txt"
   timeout -k 10 180 "$PY" bench/gpu/profile_fusion.py --model "$MODEL" --dtype bfloat16 --tokens "$PROFILE_TOKENS" \
     --chunks 16 > "$OUT/profile.txt" 2>&1 || fail "profile"
   grep -E "^=====|^host waits" "$OUT/profile.txt"
+fi
+
+if [[ $SKIP != *" probe "* && -f $MODEL/config.json ]]; then
+  step "7 attention probe: new and repeated questions at $PROFILE_TOKENS tokens -> \$OUT/attention_probe.txt"
+  timeout -k 10 240 "$PY" bench/gpu/attention_probe.py --model "$MODEL" --dtype bfloat16 --tokens "$PROFILE_TOKENS" \
+    --chunks 16 > "$OUT/attention_probe.txt" 2>&1 || fail "attention probe"
+  grep -A2 "^=====" "$OUT/attention_probe.txt"
 fi
 
 step "done; files under \$OUT:"

@@ -12,20 +12,14 @@ GPU and what kernel counts alone do not show.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections import Counter
-from importlib import resources
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from chunkcache.blend import parse_strategy_spec
-from chunkcache.config import Settings
-from chunkcache.engine import ChunkCacheEngine
-from chunkcache.eval.datasets import load_examples
-from chunkcache.eval.ttft import sweep_examples
+from sized_prompt import engine_with_prompt, prompt_arguments  # bench/gpu, the script's own folder
 
 # host-side calls that wait for the device or move data between host and device
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy", "cudaEventSynchronize",
@@ -33,26 +27,15 @@ WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--chunks", type=int, default=16)
-    parser.add_argument("--strategies", default="full,reuse,cacheblend:0.15,cacheblend:0.15:spread_k=0:spread_v=0")
+    parser = prompt_arguments(__doc__, "full,reuse,cacheblend:0.15,cacheblend:0.15:spread_k=0:spread_v=0")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     with tempfile.TemporaryDirectory() as store:
-        engine = ChunkCacheEngine(Settings.load(None, model=args.model, dtype=args.dtype, store_path=store))
-        tokenizer = engine.model.tokenizer
-        examples = load_examples(Path(str(resources.files("chunkcache").joinpath("data/demo.json"))), None, None)
-        (example,) = sweep_examples(
-            examples, args.tokens, args.chunks, lambda t: len(tokenizer.encode(t, add_special_tokens=False)),
-            lambda t, n: tokenizer.decode(tokenizer.encode(t, add_special_tokens=False)[:n]))
+        engine, example = engine_with_prompt(args.model, args.dtype, store, args.tokens, args.chunks)
         chunks = list(example.chunks)
-        engine.precompute(chunks)
         specs = [(label, *parse_strategy_spec(label)) for label in args.strategies.split(",")]
         for _ in range(2):
             for _, name, params in specs:
