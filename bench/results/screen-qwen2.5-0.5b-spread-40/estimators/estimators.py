@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from chunkcache.blend import cacheblend as cb
+from chunkcache.blend import spread as sp
 from chunkcache.config import Settings
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.eval.datasets import load_examples
@@ -138,7 +138,7 @@ def main() -> None:
     passages = int(sys.argv[5]) if len(sys.argv) > 5 else None
     engine = ChunkCacheEngine(Settings.load(None, model="qwen2.5-0.5b", dtype="float32", store_path=store))
     ex = engine.model.executor
-    cb.ChunkShift = Recorder
+    sp.ChunkShift = Recorder  # spread_hook builds the spread (blend/spread.py since 00dbb1f)
     acc = {}  # (layer, K/V, estimator) -> [<e, D>, <e, e>, <D, D>]
     names = None
     for e in load_examples(Path(data), n_examples, passages):
@@ -157,34 +157,42 @@ def main() -> None:
         D1 = [full[1, w][:, :n].float() - cache[:, :n].float() for w, cache in ((0, keys1), (1, values1))]
         D1[0] = unrot(D1[0], pos)
         m1s = [d.pow(2).sum((0, 2)).sqrt() for d in D1]
-        for layer in range(1, len(REC["layers"])):
-            index, k, v, keys, values = REC["layers"][layer]
-            src = owner[index] >= 0
-            where = index[src]
-            reused = owner >= 0
-            reused[where] = False
-            tgt = torch.nonzero(reused).flatten()
-            for which, fresh, cache in ((0, k, keys), (1, v, values)):
-                delta = fresh[:, src].float() - cache[:, where].float()
-                D = full[layer, which][:, tgt].float() - cache[:, tgt].float()
-                if which == 0:
-                    delta, D = unrot(delta, pos[where]), unrot(D, pos[tgt])
-                cof, tof = owner[where], owner[tgt]
-                cnt = torch.bincount(cof, minlength=nch).float()
-                sums = delta.new_zeros(delta.shape[0], nch, delta.shape[2]).index_add_(1, cof, delta)
-                c = SimpleNamespace(layer=layer, which=which, delta=delta, D=D, cof=cof, tof=tof, cnt=cnt, sums=sums,
-                                    means=sums / cnt.clamp_min(1)[None, :, None], where=where, tgt=tgt, nch=nch, n=n,
-                                    H=delta.shape[0], d=delta.shape[2], pos=pos, pic=pic, m1=m1s[which], D1=D1,
-                                    keys=keys, values=values, unrot=unrot)
-                ests = {"mean": c.means[:, tof], **family(c)}
-                oracle = per_chunk(D, tof, nch, torch.bincount(tof, minlength=nch).float())
-                ests["oracle"] = oracle[:, tof]
-                names = list(ests)
-                for name, est in ests.items():
-                    a = acc.setdefault((layer, which, name), [0.0, 0.0, 0.0])
-                    a[0] += (est * D).sum().item(); a[1] += (est * est).sum().item(); a[2] += (D * D).sum().item()
+        for c in layer_sides(full, layout, unrot, owner):
+            which, D, tof = c.which, c.D, c.tof
+            c.cnt = torch.bincount(c.cof, minlength=nch).float()
+            c.sums = c.delta.new_zeros(c.delta.shape[0], nch, c.delta.shape[2]).index_add_(1, c.cof, c.delta)
+            c.means = c.sums / c.cnt.clamp_min(1)[None, :, None]
+            c.H, c.d, c.pos, c.pic, c.m1, c.D1 = c.delta.shape[0], c.delta.shape[2], pos, pic, m1s[which], D1
+            ests = {"mean": c.means[:, tof], **family(c)}
+            oracle = per_chunk(D, tof, nch, torch.bincount(tof, minlength=nch).float())
+            ests["oracle"] = oracle[:, tof]
+            names = list(ests)
+            for name, est in ests.items():
+                a = acc.setdefault((c.layer, which, name), [0.0, 0.0, 0.0])
+                a[0] += (est * D).sum().item(); a[1] += (est * est).sum().item(); a[2] += (D * D).sum().item()
         print("example", e.id, "layers", len(REC["layers"]), flush=True)
     report(acc, names, len(REC["layers"]))
+
+
+def layer_sides(full, layout, unrot, owner):
+    """Per layer recorded from 1, and per K (which 0) and V (1): the tokens the blend computed
+    (``where``, their chunks ``cof``, their fresh-minus-cached ``delta``) and the reused chunk tokens
+    (``tgt``, ``tof``, their true deviation from full prefill ``D``), K with its rotation undone."""
+    pos, n, nch = layout.positions, layout.length, len(layout.chunks)
+    for layer in range(1, len(REC["layers"])):
+        index, k, v, keys, values = REC["layers"][layer]
+        src = owner[index] >= 0
+        where = index[src]
+        reused = owner >= 0
+        reused[where] = False
+        tgt = torch.nonzero(reused).flatten()
+        for which, fresh, cache in ((0, k, keys), (1, v, values)):
+            delta = fresh[:, src].float() - cache[:, where].float()
+            D = full[layer, which][:, tgt].float() - cache[:, tgt].float()
+            if which == 0:
+                delta, D = unrot(delta, pos[where]), unrot(D, pos[tgt])
+            yield SimpleNamespace(layer=layer, which=which, cache=cache, delta=delta, D=D, where=where, tgt=tgt,
+                                  cof=owner[where], tof=owner[tgt], nch=nch, n=n, keys=keys, values=values, unrot=unrot)
 
 
 def report(acc, names, layers) -> None:
