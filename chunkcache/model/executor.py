@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chunkcache.model.arch import check_supported
 
+T = TypeVar("T")
 _ATTENTION_BLOCKS = 8
 _MIN_BLOCK_QUERIES = 32
 # Backends for masked attention. cuDNN's is left out: it builds an execution plan for every new
@@ -96,7 +97,28 @@ class LayerExecutor:
         self.dtype = param.dtype
         self.device = param.device
         self._inv_freq64 = self.inv_freq.to(self.device, torch.float64)
+        self._last: dict[str, tuple[torch.Tensor, Any]] = {}
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+
+    def _reuse_last(self, name: str, key: torch.Tensor, make: Callable[[], T]) -> T:
+        """``make()``, or what it returned for the last call under ``name`` if ``key`` (a CPU
+        tensor) is equal to that call's. A fused prefill passes the same positions and token index
+        layer after layer; moving them to the device and recomputing their rotary tables each
+        layer made a GPU wait for the host several times a layer."""
+        if key.device.type != "cpu":
+            return make()
+        last = self._last.get(name)
+        if last is not None and last[0].shape == key.shape and torch.equal(last[0], key):
+            return last[1]  # type: ignore[no-any-return]
+        value = make()
+        self._last[name] = (key.clone(), value)  # a clone: callers may change their tensor later
+        return value
+
+    def on_device(self, index: torch.Tensor) -> torch.Tensor:
+        """A CPU index tensor on the model's device (kept while the same index comes again)."""
+        if self.device.type == "cpu":
+            return index
+        return self._reuse_last("index", index, lambda: index.to(self.device))
 
     # --- RoPE -------------------------------------------------------------------------------
     def _angles(self, positions: torch.Tensor) -> torch.Tensor:
@@ -107,9 +129,12 @@ class LayerExecutor:
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # fp64 angles: at position 4K an fp32 angle is already off by ~2e-4 rad, which would
         # dominate the error of re-rotated keys.
-        emb = self._angles(positions)
-        scaling = self.attention_scaling
-        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            emb = self._angles(positions)
+            scaling = self.attention_scaling
+            return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+        return self._reuse_last(f"rope {dtype}", positions, make)
 
     def apply_rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape [..., tokens, head_dim] for ``positions`` [tokens]."""
@@ -178,8 +203,9 @@ class LayerExecutor:
         q, k, v = self.qkv(layer, hidden, positions)
         if before_write is not None:
             before_write(index, k, v, keys, values)
-        keys[:, index] = k
-        values[:, index] = v
+        on_device = self.on_device(index)
+        keys[:, on_device] = k
+        values[:, on_device] = v
         out = self._attend(q, keys, values, index, ape)
         block = self.layers[layer]
         hidden = hidden + block.self_attn.o_proj(out)
@@ -243,12 +269,12 @@ class LayerExecutor:
             # last index, so causality saves work as it does in a full prefill.
             blocks = max(1, min(_ATTENTION_BLOCKS, n // _MIN_BLOCK_QUERIES))
             parts = []
+            on_device = self.on_device(index)
             for block in torch.tensor_split(torch.arange(n), blocks):
-                last = index[block]
-                upto = int(last[-1]) + 1  # read before the copy: a CPU index costs no device sync
-                where = last.to(q.device)
-                mask = torch.arange(upto, device=q.device)[None, :] <= where[:, None]
-                parts.append(self.masked_attention(q[:, block], keys[:, :upto], values[:, :upto], mask))
+                start, stop = int(block[0]), int(block[-1]) + 1
+                upto = int(index[stop - 1]) + 1  # from the CPU index: no device sync
+                mask = torch.arange(upto, device=q.device)[None, :] <= on_device[start:stop, None]
+                parts.append(self.masked_attention(q[:, start:stop], keys[:, :upto], values[:, :upto], mask))
             out = torch.cat(parts, dim=1)
         return out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
 
@@ -271,7 +297,7 @@ class LayerExecutor:
         scores = (q.to(torch.float32) @ k.transpose(-1, -2)) * self.scale  # [heads, n, N]
         ctx = ape.context_mask[: keys.shape[1]].to(q.device)
         scores[..., ctx] = scores[..., ctx] / ape.temperature + math.log(ape.scale)
-        visible = torch.arange(keys.shape[1], device=q.device)[None, :] <= index.to(q.device)[:, None]
+        visible = torch.arange(keys.shape[1], device=q.device)[None, :] <= self.on_device(index)[:, None]
         scores = scores.masked_fill(~visible, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v
         n = q.shape[1]

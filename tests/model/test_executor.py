@@ -74,6 +74,20 @@ def test_subset_over_exact_cache_equals_full(family: str, tiny_dirs: dict[str, P
     assert torch.allclose(buf, exact, atol=1e-5)
 
 
+def test_rotary_tables_follow_positions_changed_in_place(tiny_dirs: dict[str, Path], models_dir: Path) -> None:
+    """The executor keeps the last rotary tables while the same positions come again; a caller
+    that changes its positions tensor in place must still get the new positions' rotation."""
+    executor = load_model(str(tiny_dirs["llama"]), models_dir, "float32", "cpu", "sys").executor
+    x = torch.randn(2, 6, executor.head_dim, generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(10, 16)
+    first = executor.apply_rope(x, positions)
+    assert torch.equal(executor.apply_rope(x, positions), first)
+    positions += 5
+    moved = executor.apply_rope(x, positions)
+    torch.testing.assert_close(moved, executor.rerotate(first, 5), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(moved, first)
+
+
 def test_rerotated_keys_match_keys_computed_in_place(smollm2: LoadedModel) -> None:
     """Layer-0 keys depend only on token and position, so re-rotating them must give the keys a
     prefill computes at the new position."""
