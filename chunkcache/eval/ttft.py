@@ -32,7 +32,8 @@ def time_strategies(
     engine: ChunkCacheEngine, examples: Sequence[Example], strategies: Sequence[str], repeats: int = 3
 ) -> dict[str, Any]:
     """Run each strategy spec ``repeats`` times per example, interleaved so that noise hits all
-    alike; every round asks a slightly longer question (`round_question`). The speed-up is the median over rounds of full's TTFT / the strategy's in that round."""
+    alike; every round asks a slightly longer question (`round_question`). The speed-up is the
+    median over rounds of full's TTFT / the strategy's in that round."""
     labels = strategy_labels(strategies)
     specs = [parse_strategy_spec(label) for label in labels]
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in labels}

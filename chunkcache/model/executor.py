@@ -108,7 +108,7 @@ class LayerExecutor:
         if key.device.type != "cpu":
             return make()
         last = self._last.get(name)
-        if last is not None and last[0].shape == key.shape and torch.equal(last[0], key):
+        if last is not None and last[0].dtype == key.dtype and last[0].shape == key.shape and torch.equal(last[0], key):
             return last[1]  # type: ignore[no-any-return]
         value = make()
         self._last[name] = (key.clone(), value)  # a clone: callers may change their tensor later
@@ -134,7 +134,8 @@ class LayerExecutor:
             scaling = self.attention_scaling
             return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
-        return self._reuse_last(f"rope {dtype}", positions, make)
+        # tables made under inference mode cannot serve a caller outside it (autograd refuses them)
+        return self._reuse_last(f"rope {dtype} {torch.is_inference_mode_enabled()}", positions, make)
 
     def apply_rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape [..., tokens, head_dim] for ``positions`` [tokens]."""
