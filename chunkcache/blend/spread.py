@@ -17,7 +17,7 @@ import torch
 
 from chunkcache.blend.layout import Layout
 from chunkcache.errors import InvalidInputError
-from chunkcache.model.executor import LayerExecutor, rotate
+from chunkcache.model.executor import KeepLast, LayerExecutor, rotate
 
 
 def check_shares(k_share: float, v_share: float) -> None:
@@ -59,35 +59,34 @@ class ChunkShift:
         self.owner = owner  # chunk number per sequence index; -1: head or question
         self.positions = layout.positions
         self.chunks = len(layout.chunks)
-        self._seen: torch.Tensor | None = None
-        self._plan: _Plan | None = None
+        self._plans: KeepLast[_Plan | None] = KeepLast()
 
     def plan(self, index: torch.Tensor) -> _Plan | None:
         """The tokens read and moved when the tokens at ``index`` are computed; None: nothing to do."""
         index = index.cpu()
-        if self._seen is not None and torch.equal(self._seen, index):
-            return self._plan
-        self._seen, self._plan = index.clone(), None
+        return self._plans.get(index, lambda: self._make_plan(index))
+
+    def _make_plan(self, index: torch.Tensor) -> _Plan | None:
         pick = torch.nonzero(self.owner[index] >= 0).flatten()
         reused = self.owner >= 0
         reused[index] = False
         target = torch.nonzero(reused).flatten()
-        if pick.numel() and target.numel():  # none without chunks, or with every chunk token computed
-            where = index[pick]
-            chunk_of = self.owner[where]
-            device = self.executor.device
-            # A matrix product, not index_add_: on CUDA index_add_ adds atomically in no fixed order,
-            # so the same request would shift the cache differently from run to run, and gradual
-            # filtering would then pick other tokens (and meet attention shapes it has not seen).
-            average = torch.zeros(self.chunks, len(where))
-            average[chunk_of, torch.arange(len(where))] = 1.0
-            average /= average.sum(1, keepdim=True).clamp_min(1.0)
-            self._plan = _Plan(
-                pick.to(device), where.to(device), average.to(device),
-                target.to(device), self.owner[target].to(device),
-                self.executor.rotation(self.positions[where]), self.executor.rotation(self.positions[target]),
-            )
-        return self._plan
+        if not (pick.numel() and target.numel()):  # no chunks, or every chunk token computed
+            return None
+        where = index[pick]
+        chunk_of = self.owner[where]
+        device = self.executor.device
+        # A matrix product, not index_add_: on CUDA index_add_ adds atomically in no fixed order,
+        # so the same request would shift the cache differently from run to run, and gradual
+        # filtering would then pick other tokens (and meet attention shapes it has not seen).
+        average = torch.zeros(self.chunks, len(where))
+        average[chunk_of, torch.arange(len(where))] = 1.0
+        average /= average.sum(1, keepdim=True).clamp_min(1.0)
+        return _Plan(
+            pick.to(device), where.to(device), average.to(device),
+            target.to(device), self.owner[target].to(device),
+            self.executor.rotation(self.positions[where]), self.executor.rotation(self.positions[target]),
+        )
 
     def __call__(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,26 @@ class KVHook(Protocol):
 
     def __call__(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor) -> None: ...
+
+
+class KeepLast(Generic[T]):
+    """The value made for the last key (a CPU tensor), made again only when an unequal key comes.
+    A fused prefill passes the same positions and token index layer after layer; moving them to
+    the device and working out what depends on them each layer made a GPU wait for the host
+    several times a layer."""
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, T] | None = None  # one tuple: replaced in a single step
+
+    def get(self, key: torch.Tensor, make: Callable[[], T]) -> T:
+        if key.device.type != "cpu":
+            return make()
+        last = self._last
+        if last is not None and last[0].dtype == key.dtype and last[0].shape == key.shape and torch.equal(last[0], key):
+            return last[1]
+        value = make()
+        self._last = (key.clone(), value)  # a clone: callers may change their tensor later
+        return value
 
 
 def folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
@@ -97,28 +117,14 @@ class LayerExecutor:
         self.dtype = param.dtype
         self.device = param.device
         self._inv_freq64 = self.inv_freq.to(self.device, torch.float64)
-        self._last: dict[str, tuple[torch.Tensor, Any]] = {}
+        self._kept: dict[str, KeepLast[Any]] = {}
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
-
-    def _reuse_last(self, name: str, key: torch.Tensor, make: Callable[[], T]) -> T:
-        """``make()``, or what it returned for the last call under ``name`` if ``key`` (a CPU
-        tensor) is equal to that call's. A fused prefill passes the same positions and token index
-        layer after layer; moving them to the device and recomputing their rotary tables each
-        layer made a GPU wait for the host several times a layer."""
-        if key.device.type != "cpu":
-            return make()
-        last = self._last.get(name)
-        if last is not None and last[0].dtype == key.dtype and last[0].shape == key.shape and torch.equal(last[0], key):
-            return last[1]  # type: ignore[no-any-return]
-        value = make()
-        self._last[name] = (key.clone(), value)  # a clone: callers may change their tensor later
-        return value
 
     def on_device(self, index: torch.Tensor) -> torch.Tensor:
         """A CPU index tensor on the model's device (kept while the same index comes again)."""
         if self.device.type == "cpu":
             return index
-        return self._reuse_last("index", index, lambda: index.to(self.device))
+        return self._kept.setdefault("index", KeepLast()).get(index, lambda: index.to(self.device))
 
     # --- RoPE -------------------------------------------------------------------------------
     def _angles(self, positions: torch.Tensor) -> torch.Tensor:
@@ -135,7 +141,8 @@ class LayerExecutor:
             return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
         # tables made under inference mode cannot serve a caller outside it (autograd refuses them)
-        return self._reuse_last(f"rope {dtype} {torch.is_inference_mode_enabled()}", positions, make)
+        name = f"rope {dtype} {torch.is_inference_mode_enabled()}"
+        return self._kept.setdefault(name, KeepLast()).get(positions, make)
 
     def apply_rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape [..., tokens, head_dim] for ``positions`` [tokens]."""
