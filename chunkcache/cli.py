@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=3, help="--natural: examples to time")
     p.add_argument("--passages", type=int, default=6, help="--natural: chunks kept per example, in order")
     p.add_argument("--strategies", default="full,reuse,cacheblend:0.15,ape,epic", help="comma-separated name[:value]")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds after a warm-up; each asks the question one word longer (new prompt shapes)")
     p.add_argument("--out", help="folder for ttft.json")
     p.set_defaults(func=cmd_bench_ttft)
     from chunkcache.codec import BENCH_CODECS
