@@ -1,0 +1,260 @@
+"""Sparse-query causal attention: a few queries at arbitrary sorted sequence positions attend to
+a fused KV cache, each to the keys up to its own position. This module owns the Triton kernel
+that does it in one launch without any host read (`sparse_query_attention`), its plain-torch
+reference with the same contract (`reference_sparse_attention`, the CPU path and the tests'
+oracle) and the check whether Triton can be used at all (`triton_available`).
+
+Triton is optional: it is imported only when the kernel is first used. ``triton.jit`` reads
+``TRITON_INTERPRET`` when it decorates a function, not at launch, and Triton decorates its own
+library (``tl.sum``, ``tl.max``, ...) when it is first imported, so the interpreter is a
+per-process choice: the variable must be set before anything imports triton. The kernel is
+decorated lazily here, and a mode that does not match the library's is refused with an error
+rather than failing inside the interpreter (the CPU tests run in a process started with it)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 is the largest config sized below
+_kernels: dict[bool, Any] = {}  # interpreter active -> the kernel decorated in that mode
+tl: Any = None  # triton.language once `_kernel` has imported it (the kernel's body needs the global)
+
+
+@functools.cache  # callers ask once a layer; a failed import would search sys.path each time
+def triton_available() -> bool:
+    """Whether Triton can be imported here (a broken install counts as missing)."""
+    try:
+        import triton  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _is_interpreted(fn: Any) -> bool:
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(fn, JITFunction)  # the interpreter's InterpretedFunction is no subclass
+
+
+def interpreter_active() -> bool:
+    """Whether Triton runs kernels in its interpreter in this process, i.e. ``TRITON_INTERPRET``
+    was set when triton was first imported (False without triton)."""
+    if not triton_available():
+        return False
+    import triton.language
+
+    return _is_interpreted(triton.language.sum)
+
+
+def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one head size and dtype. Fixed, not autotuned:
+    autotuning on the first call would add that request's latency and break CUDA-graph capture.
+
+    Checked by compiling for sm_90 (Triton 3.5, 3.6, 3.9) without a GPU: no register spills in
+    16-bit; shared memory 40 KB (head_dim 64, 16-bit), 80 KB (128), 96 KB (256), fp32 at most 72 KB,
+    under an H100's 227 KB (and an sm_86's 99 KB)."""
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units with whole tiles in registers: larger tiles spill.
+        if head_dim <= 64:
+            return 32, 32, 4, 2
+        return (64, 32, 8, 2) if head_dim <= 128 else (16, 16, 4, 2)
+    if head_dim <= 128:
+        return 64, 64, 4, 2
+    # 8 warps keep the 64 x 256 fp32 accumulator at 64 registers a thread
+    return 64, 32, 8, 2
+
+
+def _kernel_source(
+    Q, K, V, Idx, Out,
+    stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_om,
+    n, S, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # pragma: no cover - its lines run inside Triton (compiled, or interpreted without coverage)
+    # One program per (query head, query block): folding a GQA group into the block would save K/V
+    # reads only while blocks are under-filled, and would divide the programs of a short n by the
+    # group. Heads vary fastest, so a group's programs run side by side and share K/V tiles in L2;
+    # query blocks run last-first: later positions see more keys, so the longest programs start first.
+    head = tl.program_id(0)
+    block_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    kv_head = (head // GROUP).to(tl.int64)
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < n
+    # Rows past n pretend to sit at position 0: key 0 keeps their softmax finite, and they are
+    # neither stored nor counted in the loop bound. The clamp keeps a bad index inside the keys.
+    pos = tl.minimum(tl.load(Idx + offs_m, mask=rows, other=0), S - 1).to(tl.int32)
+    q = tl.load(Q + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=rows[:, None], other=0.0)
+    # Triton's interpreter keeps bf16 as uint16 and would multiply the raw bits as integers, so
+    # there the dots see the same bf16 values widened to fp32 (bf16 products are exact in fp32).
+    if UPCAST:
+        q = q.to(tl.float32)
+    # Keys past the block's last position are never read.
+    end = tl.max(pos, axis=0) + 1
+    k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + offs_n
+        live = cols < end
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=live[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=live[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        # TF32 would round fp32 inputs to 10 mantissa bits; 16-bit inputs keep Triton's default
+        # (exact products, fp32 accumulation) so their path is the usual flash-attention one.
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale
+        # One masked path for every block: the where is cheap next to the two dots, and it also
+        # hides the zero-filled keys past `end` in the last block.
+        qk = tl.where(cols[None, :] <= pos[:, None], qk, float("-inf"))
+        # Every row sees key 0 in the first block, so m_new is finite from then on (no inf - inf).
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # P @ V in the input dtype with fp32 accumulation, as in flash attention
+        p = p.to(V.dtype.element_ty)
+        if UPCAST:
+            p = p.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p, v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_ptrs = Out + offs_m[:, None] * stride_om + head * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows[:, None])
+
+
+def _kernel(interpreting: bool) -> Any:
+    """The jitted kernel, decorated on first use in the mode of Triton's own library."""
+    global tl
+    import triton
+    import triton.language as tl
+
+    if interpreting not in _kernels:
+        # n and S change with every request: specialising on them (== 1, divisible by 16) would
+        # only multiply the compiled variants.
+        kernel = triton.jit(_kernel_source, do_not_specialize=["n", "S"])
+        if _is_interpreted(kernel) != interpreting:
+            raise RuntimeError(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} was changed after "
+                               "triton was imported: set it before the process imports triton")
+        _kernels[interpreting] = kernel
+    return _kernels[interpreting]
+
+
+def _check_shapes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+    if q.dim() != 3 or keys.dim() != 3 or values.shape != keys.shape:
+        raise ValueError(f"expected q [heads, n, d] and keys/values [kv_heads, S, d], got "
+                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    heads, n, d = q.shape
+    kv_heads, S, kd = keys.shape
+    if kd != d or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit keys/values {tuple(keys.shape)}: head sizes "
+                         "must match and heads must be a multiple of kv_heads")
+    if index.shape != (n,) or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"index must be int64 [n={n}], got {index.dtype} {tuple(index.shape)}")
+    if n and not S:
+        raise ValueError(f"{n} queries but no keys: every query must see at least key 0")
+    if keys.dtype != q.dtype or values.dtype != q.dtype:
+        raise TypeError(f"q, keys and values must share one dtype, got {q.dtype}, {keys.dtype}, {values.dtype}")
+    if len({q.device, keys.device, values.device, index.device}) != 1:
+        raise ValueError(f"q, keys, values and index must be on one device, got {q.device}, {keys.device}, "
+                         f"{values.device}, {index.device}")
+
+
+def kernel_supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes this head size and dtype (callers fall back to masked SDPA)."""
+    return dtype in _DTYPES and not head_dim & (head_dim - 1) and _MIN_HEAD_DIM <= head_dim <= _MAX_HEAD_DIM
+
+
+def _check_kernel_inputs(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    d = q.shape[-1]
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"sparse_query_attention supports {_DTYPES}, got {q.dtype}")
+    if d & (d - 1) or not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} is not supported: it must be a power of two from "
+                         f"{_MIN_HEAD_DIM} to {_MAX_HEAD_DIM}")
+    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("q, keys and values need a last stride of 1 (other strides are free)")
+
+
+def sparse_query_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [heads, n, d] (any strides, last stride 1), keys/values [kv_heads, S, d] (any strides, last
+    stride 1; they may be views into a larger cache buffer, e.g. buf[layer, 0, :, :S] of a [layers, 2,
+    kv_heads, capacity, d] tensor), index [n] int64 on the same device, sorted ascending
+    (non-decreasing; duplicates allowed): query i sits at sequence index index[i] and sees keys
+    0..index[i] inclusive (causal). heads is a multiple of kv_heads; query head h uses kv head
+    h // (heads // kv_heads) (repeat_kv / grouped-query order). Returns [n, heads * d], contiguous,
+    in q's dtype (row i = the concatenation over heads of head h's output for query i), ready for
+    the o_proj linear.
+
+    One Triton launch, no host read of any tensor value and no allocation but the output, so it
+    can be captured in a CUDA graph. Indices must lie in [0, S): one past it sees all S keys, a
+    negative one gives NaN. Sorting only matters for speed (each query block reads keys up to its
+    largest index). Needs CUDA tensors, or any tensors when `interpreter_active`."""
+    _check_shapes(q, keys, values, index)
+    _check_kernel_inputs(q, keys, values)
+    if not triton_available():
+        raise RuntimeError("sparse_query_attention needs triton (pip install triton); "
+                           "use reference_sparse_attention without it")
+    interpreting = interpreter_active()
+    if q.device.type != "cuda" and not interpreting:
+        raise RuntimeError(f"sparse_query_attention needs CUDA tensors (got {q.device}); to run it on the CPU, set "
+                           "TRITON_INTERPRET=1 before the process imports triton, or use reference_sparse_attention")
+    kernel = _kernel(interpreting)
+    heads, n, d = q.shape
+    kv_heads, S, _ = keys.shape
+    out = torch.empty(n, heads * d, dtype=q.dtype, device=q.device)
+    if n == 0:
+        return out
+    block_m, block_n, num_warps, num_stages = launch_config(d, q.dtype)
+    grid = (heads, -(-n // block_m))
+    upcast = interpreting and q.dtype == torch.bfloat16
+    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext()
+    with guard:  # Triton launches on the current device, which may not be q's
+        kernel[grid](
+            q, keys, values, index, out,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+            out.stride(0), n, S, scale * math.log2(math.e),
+            GROUP=heads // kv_heads, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+            IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return out
+
+
+def reference_sparse_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`sparse_query_attention`'s contract in plain torch: masked
+    `F.scaled_dot_product_attention` with ``enable_gqa`` (no repeated K/V), in q's dtype, on any
+    device, without host reads. Its cost grows with all S keys for every query (no causal
+    skipping), so it is the CPU path and the tests' oracle, not the fast path."""
+    _check_shapes(q, keys, values, index)
+    heads, n, d = q.shape
+    mask = torch.arange(keys.shape[1], device=q.device)[None, :] <= index[:, None]
+    out = F.scaled_dot_product_attention(
+        q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=heads != keys.shape[0]
+    )[0]
+    return out.transpose(0, 1).reshape(n, heads * d)
