@@ -71,6 +71,11 @@ class Settings:
     craft_variants: bool = False
     craft_max_variants: int = 4
     threads: int = 0  # 0: leave torch's default
+    # Attention of a selection of queries (CacheBlend's tokens, the question) on a GPU, one call a
+    # layer: "triton" (a kernel that skips fully masked key blocks), "sdpa" (one masked call of
+    # PyTorch's memory-efficient kernel), or "auto" (triton when installed). The CPU always runs
+    # causal blocks of queries, which read the token index there at no cost.
+    attention_backend: str = "auto"
     # chunkcache serve: where it listens, the index it retrieves from (empty: callers send
     # documents), the env var holding the API key (unset or empty: no key needed), and limits.
     index_path: str = ""

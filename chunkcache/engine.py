@@ -86,6 +86,7 @@ class ChunkCacheEngine:
             self.settings.model, self.settings.models_dir, self.settings.dtype,
             self.settings.device, self.settings.system_prompt, self.settings.question_template,
         )
+        self.model.executor.use_attention_backend(self.settings.attention_backend)
         self.codec = get_codec(self.settings.codec, self.settings.zstd_level)
         self._lossless = RawCodec(self.settings.zstd_level)
         self.store: KVStore = store or build_store(self.settings, self.codec)

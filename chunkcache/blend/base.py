@@ -9,7 +9,7 @@ import torch
 
 from chunkcache.blend.layout import FusedCache, Layout, LayerSource, wait_layer
 from chunkcache.kv import ChunkKV
-from chunkcache.model.executor import ApeAttention, KVHook, LayerExecutor
+from chunkcache.model.executor import ApeAttention, KVHook, LayerExecutor, Rows
 from chunkcache.model.prompt import PromptPieces
 from chunkcache.timing import stage
 
@@ -44,55 +44,53 @@ def selective_prefill(
     executor: LayerExecutor,
     layout: Layout,
     buf: torch.Tensor,
-    selected: torch.Tensor,
+    rows: Rows,
     ape: ApeAttention | None = None,
     shrink: "Shrink | None" = None,
     observe: "Observer | None" = None,
     before_write: KVHook | None = None,
 ) -> tuple[torch.Tensor, int, int]:
-    """Run every layer for the ``selected`` indices only (sorted, ending with the last prompt
-    token), attending over ``buf``, whose other entries are reused (``before_write`` may adjust
-    them from each layer's fresh K/V). Returns the last token's logits, the token-layers computed
-    and how many tokens were computed at the last layer."""
+    """Run every layer for ``rows`` only (sorted, ending with the last prompt token), attending
+    over ``buf``, whose other entries are reused (``before_write`` may adjust them from each
+    layer's fresh K/V). Returns the last token's logits, the token-layers computed and how many
+    tokens were computed at the last layer. Nothing here reads the device: the sizes are known."""
     n = layout.length
-    index = selected
-    hidden = executor.embed(layout.token_ids[index])
-    positions = layout.positions[index]
+    hidden = executor.embed(layout.device_ids[rows.span.start : rows.span.stop] if rows.span is not None
+                            else layout.device_ids[rows.index])
     work = 0
     for layer in range(executor.num_layers):
-        wait_layer(buf, layer)  # streamed chunk caches: this layer may still be decoding
+        wait_layer(buf, layer)  # stored chunk caches: this layer may still be on its way
         if shrink is not None:
-            keep = shrink(layer, hidden, positions, index, buf)
+            keep = shrink(layer, hidden, rows, buf)
             if keep is not None:
-                hidden, positions, index = hidden[keep], positions[keep], index[keep]
+                hidden, rows = hidden[keep], rows.take(keep)
         if observe is not None:
-            observe(layer, hidden, positions, index)
+            observe(layer, hidden, rows)
         hidden = executor.run_layer(
-            layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n], ape, before_write
+            layer, hidden, rows, buf[layer, 0, :, :n], buf[layer, 1, :, :n], ape, before_write
         )
-        work += int(index.shape[0])
-    return executor.logits(hidden[-1:])[0], work, int(index.shape[0])
+        work += len(rows)
+    return executor.logits(hidden[-1:])[0], work, len(rows)
 
 
 class Observer(Protocol):
     """Called before each layer of a selective prefill with that layer's inputs (read only)."""
 
-    def __call__(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> None: ...
+    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows) -> None: ...
 
 
 class Shrink(Protocol):
-    """Called before each layer of a selective prefill; returns a keep-mask or None."""
+    """Called before each layer of a selective prefill; returns the rows to keep (a device index
+    into the current rows, sorted) or None."""
 
-    def __call__(
-        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, buf: torch.Tensor
-    ) -> torch.Tensor | None: ...
+    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows, buf: torch.Tensor) -> torch.Tensor | None: ...
 
 
 def finish(
     executor: LayerExecutor,
     layout: Layout,
     buf: torch.Tensor,
-    selected: torch.Tensor,
+    rows: Rows,
     ape: ApeAttention | None = None,
     shrink: Shrink | None = None,
     extra_work: int = 0,
@@ -101,7 +99,7 @@ def finish(
 ) -> FusionResult:
     """Selective prefill, then package the fused cache and counts."""
     with stage("recompute_s"):
-        logits, work, last = selective_prefill(executor, layout, buf, selected, ape, shrink, observe, before_write)
+        logits, work, last = selective_prefill(executor, layout, buf, rows, ape, shrink, observe, before_write)
     wait_layer(buf, executor.num_layers - 1)  # generation reads every layer
     cache = FusedCache(buf, layout.length, int(layout.positions[-1]) + 1, ape)
     return FusionResult(

@@ -33,9 +33,10 @@ import torch
 from chunkcache.blend.base import FusionInput, FusionResult, finish
 from chunkcache.blend.layout import Layout, sequential_layout, wait_layer
 from chunkcache.blend.spread import check_shares, spread_hook
-from chunkcache.blend.strategies import question_index, reused_buffer
+from chunkcache.blend.strategies import question_rows, reused_buffer
 from chunkcache.errors import InvalidInputError
-from chunkcache.model.executor import LayerExecutor
+from chunkcache.device import upload
+from chunkcache.model.executor import LayerExecutor, Rows
 from chunkcache.timing import stage
 
 GRADUAL_FACTOR = 2
@@ -99,13 +100,13 @@ class CacheBlend:
             raise InvalidInputError(
                 f"check_layer {self.check_layer} is past the model's last layer ({executor.num_layers - 1})"
             )
-        layout = sequential_layout(inp.pieces)
+        layout = sequential_layout(inp.pieces, executor.device)
         buf = reused_buffer(executor, layout, inp)
         context = layout.question.start
         budget = min(context, round(self.recompute_ratio * context))
-        question = question_index(layout)
+        question = question_rows(executor, layout)
         if budget >= context:
-            return finish(executor, layout, buf, torch.arange(layout.length))
+            return finish(executor, layout, buf, layout.span_rows(executor, range(0, layout.length)))
         if budget == 0:
             return finish(executor, layout, buf, question)
         gradual = self.gradual and self.selection != "random"  # random has no deviation to filter by
@@ -114,30 +115,28 @@ class CacheBlend:
         importance = None
         if self.selection == "random":
             generator = torch.Generator().manual_seed(self.seed)
-            score = torch.rand(context, generator=generator)
+            score = upload(torch.rand(context, generator=generator), executor.device)
         else:
             score, importance, probe_work = self.scores(executor, layout, buf)
-        chosen = self._choose(score, layout, first)
-        selected = torch.sort(torch.cat([chosen, question])).values
+        sinks = self._sink_mask(layout, executor.device)
+        chosen = self._choose(score, layout, first, sinks)
+        rows = layout.rows(executor, torch.sort(torch.cat([chosen, question.index])).values)
         shrink = None
         if gradual:
-            shrink = _GradualShrink(
-                executor, self, budget, len(question), self._sink_mask(layout),
-                None if self.selection == "random" else importance,
-            )
+            shrink = _GradualShrink(executor, self, budget, len(question), sinks, importance)
         spread = spread_hook(executor, layout, self.spread_k, self.spread_v)
-        return finish(executor, layout, buf, selected, shrink=shrink, extra_work=probe_work, before_write=spread)
+        return finish(executor, layout, buf, rows, shrink=shrink, extra_work=probe_work, before_write=spread)
 
     def scores(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Per context token, how much recomputing it is worth (deviation, weighted as set); the
-        question's attention per sequence index when ``weight`` is qattn*; the probe's work."""
+        question's attention per sequence index when ``weight`` is qattn*; the probe's work. Both
+        stay on the model's device, where the ranking runs too."""
         context = layout.question.start
         with stage("select_s"):
             importance = (reuse_attention(executor, layout, buf, self.qattn_from)
                           if self.weight.startswith("qattn") else None)
-            # ranking happens on the CPU, where the question's attention and the indices live
-            score = self._deviation(executor, layout, buf)[:context].cpu()
+            score = self._deviation(executor, layout, buf)[:context]
             if importance is not None:
                 score = _weighted(score, importance[:context], self.weight)
         work = self.check_layer * layout.length
@@ -145,19 +144,22 @@ class CacheBlend:
             work += executor.num_layers * len(layout.question)
         return score, importance, work
 
-    def _sink_mask(self, layout: Layout) -> torch.Tensor:
+    def _sink_mask(self, layout: Layout, device: torch.device) -> torch.Tensor | None:
+        """Per sequence index, True for the first ``sinks`` tokens of every chunk (None: no sinks)."""
+        if not self.sinks:
+            return None
         mask = torch.zeros(layout.length, dtype=torch.bool)
         for span in layout.chunks:
             mask[span.start : min(span.stop, span.start + self.sinks)] = True
-        return mask
+        return upload(mask, device)
 
-    def _choose(self, score: torch.Tensor, layout: Layout, count: int) -> torch.Tensor:
+    def _choose(self, score: torch.Tensor, layout: Layout, count: int, sinks: torch.Tensor | None) -> torch.Tensor:
         """``count`` context indices: forced sinks first, then the highest scores."""
-        score = score.clone()
-        score[self._sink_mask(layout)[: score.shape[0]]] = float("inf")
+        if sinks is not None:
+            score = score.masked_fill(sinks[: score.shape[0]], float("inf"))
         if not self.per_chunk:
             return torch.topk(score, count).indices
-        picks = [torch.empty(0, dtype=torch.long)]  # the head's cache is exact: never chosen
+        picks = [torch.empty(0, dtype=torch.long, device=score.device)]  # the head's cache is exact: never chosen
         total = sum(len(s) for s in layout.chunks)
         for span in layout.chunks:
             share = min(len(span), round(count * len(span) / max(total, 1)))
@@ -167,19 +169,20 @@ class CacheBlend:
     def _deviation(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor) -> torch.Tensor:
         """Deviation of fresh vs reused K/V at the check layer, per token."""
         n = layout.length
-        index = torch.arange(n)
-        hidden = executor.embed(layout.token_ids)
+        rows = layout.span_rows(executor, range(0, n))
+        hidden = executor.embed(layout.device_ids)
         keys = torch.empty_like(buf[0, 0, :, :n])
         values = torch.empty_like(keys)
         for layer in range(self.check_layer):
-            hidden = executor.run_layer(layer, hidden, layout.positions, index, keys, values)
-        q, k, v = executor.qkv(self.check_layer, hidden, layout.positions)
+            hidden = executor.run_layer(layer, hidden, rows, keys, values)
         wait_layer(buf, self.check_layer)
         old = buf[self.check_layer, :, :, :n]
+        if self.weight != "attn":
+            k, v = executor.kv(self.check_layer, hidden, rows)
+            return token_deviation(k, v, old[0], old[1], self.selection)
+        q, k, v = executor.qkv(self.check_layer, hidden, rows)
         deviation = token_deviation(k, v, old[0], old[1], self.selection)
-        if self.weight == "attn":
-            deviation = deviation * question_attention(executor, q[:, layout.question.start :], k)
-        return deviation
+        return deviation * question_attention(executor, q[:, layout.question.start :], k)
 
 
 def _weighted(deviation: torch.Tensor, importance: torch.Tensor, weight: str) -> torch.Tensor:
@@ -196,23 +199,23 @@ def check_qattn_from(value: float) -> None:
 
 def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, start: float = 0.0) -> torch.Tensor:
     """Attention [N] the question pays to each token in a question-only pass over the reused
-    cache, averaged over the layers from ``start`` (a fraction of the depth) on. The pass's K/V
-    land at the question's indices, which are recomputed later anyway and which no context
-    token attends to."""
+    cache, averaged over the layers from ``start`` (a fraction of the depth) on, accumulated on
+    the model's device. The pass's K/V land at the question's indices, which are recomputed later
+    anyway and which no context token attends to."""
     n = layout.length
-    index = question_index(layout)
-    positions = layout.positions[index]
-    hidden = executor.embed(layout.token_ids[index])
-    total = torch.zeros(n)
+    rows = question_rows(executor, layout)
+    hidden = executor.embed(layout.device_ids[layout.question.start : layout.question.stop])
+    total = torch.zeros(n, device=executor.device)
     first = min(executor.num_layers - 1, int(start * executor.num_layers))
+
+    def accumulate(q: torch.Tensor, keys: torch.Tensor) -> None:
+        total.add_(question_attention(executor, q, keys))  # the keys hold the question's own by now
+
     for layer in range(executor.num_layers):
         wait_layer(buf, layer)
-        # the layers before ``first`` only carry the hidden state on: no query needed
-        q = executor.qkv(layer, hidden, positions)[0] if layer >= first else None
-        # run_layer writes the question's own K/V, which its attention row includes
-        hidden = executor.run_layer(layer, hidden, positions, index, buf[layer, 0, :, :n], buf[layer, 1, :, :n])
-        if q is not None:
-            total += question_attention(executor, q, buf[layer, 0, :, :n]).cpu()
+        # the layers before ``first`` only carry the hidden state on
+        hidden = executor.run_layer(layer, hidden, rows, buf[layer, 0, :, :n], buf[layer, 1, :, :n],
+                                    on_query=accumulate if layer >= first else None)
     return total / (executor.num_layers - first)
 
 
@@ -224,18 +227,20 @@ def question_attention(executor: LayerExecutor, q: torch.Tensor, k: torch.Tensor
     # the query heads sharing a key head attend to it together: no copy of the keys per head
     grouped = q.float().reshape(kv_heads, -1, dim)  # [kv_heads, group * nq, d]
     scores = (grouped @ k.float().transpose(-1, -2)) * executor.scale  # [kv_heads, group * nq, N]
-    causal = torch.arange(total)[None, :] > torch.arange(total - nq, total)[:, None]
-    scores = scores.view(kv_heads, -1, nq, total).masked_fill(causal.to(scores.device), float("-inf"))
+    keys = torch.arange(total, device=scores.device)
+    causal = keys[None, :] > keys[total - nq :, None]
+    scores = scores.view(kv_heads, -1, nq, total).masked_fill(causal, float("-inf"))
     return torch.softmax(scores, dim=-1).mean(dim=(0, 1, 2))
 
 
 class _GradualShrink:
     """Cuts the selection from its first size to ``budget`` over GRADUAL_LAYERS layers after the
-    check layer, keeping the tokens that deviate most at each layer (sinks always kept)."""
+    check layer, keeping the tokens that deviate most at each layer (sinks always kept). Every
+    size is known from the budget, so the host never reads the device to cut."""
 
     def __init__(
-        self, executor: LayerExecutor, blend: CacheBlend, budget: int, n_question: int, protected: torch.Tensor,
-        importance: torch.Tensor | None = None,
+        self, executor: LayerExecutor, blend: CacheBlend, budget: int, n_question: int,
+        protected: torch.Tensor | None, importance: torch.Tensor | None = None,
     ) -> None:
         self.protected = protected  # bool per sequence index: never dropped (sinks)
         self.importance = importance  # per sequence index, from the question-only pass (weight=qattn)
@@ -244,24 +249,23 @@ class _GradualShrink:
         self.budget = budget
         self.n_question = n_question
 
-    def __call__(
-        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, buf: torch.Tensor
-    ) -> torch.Tensor | None:
+    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows, buf: torch.Tensor) -> torch.Tensor | None:
         step = layer - self.blend.check_layer
         if not 1 <= step <= GRADUAL_LAYERS:
             return None
-        n_context = index.shape[0] - self.n_question
+        n_context = len(rows) - self.n_question
         first = self.budget * GRADUAL_FACTOR
         target = max(self.budget, round(first - (first - self.budget) * step / GRADUAL_LAYERS))
         if n_context <= target:
             return None
-        where = index[:n_context]
-        _, k, v = self.executor.qkv(layer, hidden[:n_context], positions[:n_context])
-        deviation = token_deviation(k, v, buf[layer, 0][:, where], buf[layer, 1][:, where], self.blend.selection).cpu()
+        part = rows.first(n_context)
+        k, v = self.executor.kv(layer, hidden[:n_context], part)
+        where = part.index
+        deviation = token_deviation(k, v, buf[layer, 0][:, where], buf[layer, 1][:, where], self.blend.selection)
         if self.importance is not None:
             deviation = _weighted(deviation, self.importance[where], self.blend.weight)
-        deviation[self.protected[where]] = float("inf")
-        keep = torch.zeros(index.shape[0], dtype=torch.bool)
-        keep[torch.topk(deviation, target).indices] = True
-        keep[n_context:] = True  # question tokens sit last in the sorted index
-        return keep
+        if self.protected is not None:
+            deviation = deviation.masked_fill(self.protected[where], float("inf"))
+        kept = torch.sort(torch.topk(deviation, target).indices).values
+        # question tokens sit last in the sorted rows and are always kept
+        return torch.cat([kept, torch.arange(n_context, len(rows), device=kept.device)])

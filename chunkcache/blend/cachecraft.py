@@ -20,10 +20,11 @@ import torch
 from chunkcache.blend.base import FusionInput, FusionResult, finish
 from chunkcache.blend.cacheblend import CacheBlend, check_qattn_from, reuse_attention
 from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
-from chunkcache.blend.strategies import question_index, reused_buffer
+from chunkcache.blend.strategies import question_rows, reused_buffer
 from chunkcache.blend.layout import sequential_layout
 from chunkcache.blend.spread import check_shares, spread_hook
 from chunkcache.errors import InvalidInputError
+from chunkcache.device import upload
 from chunkcache.model.executor import LayerExecutor
 from chunkcache.store.variants import VariantMeta
 from chunkcache.timing import stage
@@ -99,10 +100,11 @@ class CacheCraft:
             raise InvalidInputError(f"cachecraft select must be one of {', '.join(SELECTS)}, got {self.select!r}")
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
-        layout = sequential_layout(inp.pieces)
+        layout = sequential_layout(inp.pieces, executor.device)
         buf = reused_buffer(executor, layout, inp)
         plans: Sequence[ChunkPlan | None] = inp.plans or (None,) * len(layout.chunks)
-        picked = [question_index(layout)]
+        question = question_rows(executor, layout)
+        picked = [question.index]
         by_blend = [i for i, p in enumerate(plans)
                     if p is None or p.tokens is None or (self.select == "blend" and p.tokens)]
         work = 0
@@ -123,13 +125,20 @@ class CacheCraft:
             with stage("select_s"):
                 importance = reuse_attention(executor, layout, buf, self.qattn_from)
             work += executor.num_layers * len(layout.question)
-        for i in rest:
-            plan, span = plans[i], layout.chunks[i]
-            if self.select != "qattn":
-                picked.append(span.start + torch.tensor(plan.tokens, dtype=torch.long))
-            else:  # the tiny floor lets question attention rank tokens with no recorded inter score
-                score = (torch.tensor(plan.inter) + 1e-6) * importance[span.start : span.stop]
-                picked.append(span.start + torch.topk(score, len(plan.tokens)).indices)
-        selected = torch.unique(torch.cat(picked))  # sorted
+        if self.select != "qattn":  # the recorded choice: known on the host
+            chosen = [layout.chunks[i].start + torch.tensor(plans[i].tokens, dtype=torch.long) for i in rest]
+            if chosen:
+                picked.append(upload(torch.cat(chosen), executor.device))
+        elif rest:
+            # the tiny floor lets question attention rank tokens with no recorded inter score
+            inter = upload(torch.cat([torch.tensor(plans[i].inter) + 1e-6 for i in rest]), executor.device)
+            start = 0
+            for i in rest:
+                span, count = layout.chunks[i], len(plans[i].tokens)
+                score = inter[start : start + len(span)] * importance[span.start : span.stop]
+                picked.append(span.start + torch.topk(score, count).indices)
+                start += len(span)
+        # the picks are disjoint (one set per chunk, the question apart): sorting them is enough
+        rows = layout.rows(executor, torch.sort(torch.cat(picked)).values)
         spread = spread_hook(executor, layout, self.spread_k, self.spread_v)
-        return finish(executor, layout, buf, selected, extra_work=work, before_write=spread)
+        return finish(executor, layout, buf, rows, extra_work=work, before_write=spread)

@@ -16,7 +16,7 @@ import torch
 
 from chunkcache.blend.craft_math import cci
 from chunkcache.blend.layout import Layout
-from chunkcache.model.executor import LayerExecutor
+from chunkcache.model.executor import LayerExecutor, Rows
 
 
 @dataclass
@@ -54,20 +54,21 @@ class AttentionProfiler:
         self.chunks = [ChunkProfile() for _ in layout.chunks]
 
     @torch.inference_mode()
-    def __call__(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> None:
+    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows) -> None:
         if layer not in self.layers or not self.layout.chunks:
             return
-        if index.shape[0] != self.layout.length:
+        if len(rows) != self.layout.length:
             raise ValueError("AttentionProfiler needs a full prefill: every token computed")
         ex = self.executor
-        q, k, _ = ex.qkv(layer, hidden, positions)
+        q, k, _ = ex.qkv(layer, hidden, rows)
         group = ex.num_heads // ex.num_kv_heads
         first = self.layout.chunks[0].start
         for n, span in enumerate(self.layout.chunks):
             keys = k[:, : span.stop].repeat_interleave(group, dim=0).float()
             scores = (q[:, span.start : span.stop].float() @ keys.transpose(-1, -2)) * ex.scale
-            own = torch.arange(span.stop)[None, :] > torch.arange(span.start, span.stop)[:, None]
-            probs = torch.softmax(scores.masked_fill(own[None].to(scores.device), float("-inf")), dim=-1)
+            keys_at = torch.arange(span.stop, device=q.device)
+            own = keys_at[None, :] > keys_at[span.start : span.stop, None]
+            probs = torch.softmax(scores.masked_fill(own[None], float("-inf")), dim=-1)
             mass = probs.mean(dim=0).cpu()  # [chunk tokens, keys], averaged over heads
             per_token_inter = mass[:, first : span.start].sum(dim=1)
             profile = self.chunks[n]

@@ -71,12 +71,12 @@ def generate(
         index = cache.length
         cache.length += 1
         hidden = executor.embed(torch.tensor([token]))
-        position = torch.tensor([cache.next_position])
+        position = torch.arange(cache.next_position, cache.next_position + 1, device=executor.device)
         cache.next_position += 1
-        where = torch.tensor([index])
+        rows = executor.span_rows(range(index, index + 1), position)
         for layer in range(executor.num_layers):
             keys, values = cache.layer(layer)
-            hidden = executor.run_layer(layer, hidden, position, where, keys, values, cache.ape)
+            hidden = executor.run_layer(layer, hidden, rows, keys, values, cache.ape)
         logits = executor.logits(hidden)[0]
 
 

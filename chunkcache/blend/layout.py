@@ -1,5 +1,6 @@
-"""Where every token of a fused prompt sits (sequence index and RoPE position) and the fused
-cache buffer: the head's and chunks' stored KV placed at their indices, keys re-rotated."""
+"""Where every token of a fused prompt sits (sequence index and RoPE position, on the host and on
+the model's device) and the fused cache buffer: the head's and chunks' stored KV placed at their
+indices, keys re-rotated, one layer at a time as the fusion reaches it."""
 
 from __future__ import annotations
 
@@ -11,22 +12,38 @@ import torch
 
 from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
-from chunkcache.model.executor import ApeAttention, LayerExecutor, rotate
+from chunkcache.device import SideStream, upload
+from chunkcache.model.executor import ApeAttention, LayerExecutor, Rows, rotate
 from chunkcache.model.prompt import PromptPieces
 from chunkcache.timing import stage
 
 
 @dataclass(frozen=True)
 class Layout:
-    token_ids: torch.Tensor  # [N] int64
-    positions: torch.Tensor  # [N] int64: RoPE position of each index
+    token_ids: torch.Tensor  # [N] int64, host
+    positions: torch.Tensor  # [N] int64, host: RoPE position of each index
     head: range
     chunks: tuple[range, ...]
     question: range
+    device_ids: torch.Tensor  # the same two on the model's device (one asynchronous copy)
+    device_positions: torch.Tensor
 
     @property
     def length(self) -> int:
         return int(self.token_ids.shape[0])
+
+    @property
+    def context(self) -> range:
+        """Head and chunks: every index before the question."""
+        return range(0, self.question.start)
+
+    def span_rows(self, executor: LayerExecutor, span: range) -> Rows:
+        """`Rows` of a contiguous range of indices."""
+        return executor.span_rows(span, self.device_positions[span.start : span.stop])
+
+    def rows(self, executor: LayerExecutor, index: torch.Tensor) -> Rows:
+        """`Rows` of sorted sequence indices ``index`` (on the model's device)."""
+        return executor.rows(index, self.device_positions[index])
 
 
 def _ranges(pieces: PromptPieces) -> tuple[range, tuple[range, ...], range]:
@@ -39,26 +56,31 @@ def _ranges(pieces: PromptPieces) -> tuple[range, tuple[range, ...], range]:
     return head, tuple(chunks), range(start, start + len(pieces.question))
 
 
-def sequential_layout(pieces: PromptPieces) -> Layout:
-    """Head, chunks and question one after the other, positions equal to indices."""
+def _layout(pieces: PromptPieces, positions: torch.Tensor | None, device: torch.device) -> Layout:
     head, chunks, question = _ranges(pieces)
     ids = torch.tensor(pieces.all_ids(), dtype=torch.long)
-    return Layout(ids, torch.arange(ids.shape[0]), head, chunks, question)
+    positions = torch.arange(ids.shape[0]) if positions is None else positions
+    on_device = upload(torch.stack((ids, positions)), device)
+    return Layout(ids, positions, head, chunks, question, on_device[0], on_device[1])
 
 
-def parallel_layout(pieces: PromptPieces) -> Layout:
+def sequential_layout(pieces: PromptPieces, device: torch.device | str = "cpu") -> Layout:
+    """Head, chunks and question one after the other, positions equal to indices."""
+    return _layout(pieces, None, torch.device(device))
+
+
+def parallel_layout(pieces: PromptPieces, device: torch.device | str = "cpu") -> Layout:
     """APE: every chunk starts right after the head (shared positions); the question follows the
     longest chunk."""
     head, chunks, question = _ranges(pieces)
-    ids = torch.tensor(pieces.all_ids(), dtype=torch.long)
-    positions = torch.empty_like(ids)
+    positions = torch.empty(question.stop, dtype=torch.long)
     positions[: len(head)] = torch.arange(len(head))
     longest = max((len(r) for r in chunks), default=0)
     for r in chunks:
         positions[r.start : r.stop] = torch.arange(len(head), len(head) + len(r))
     q0 = len(head) + longest
     positions[question.start : question.stop] = torch.arange(q0, q0 + len(question))
-    return Layout(ids, positions, head, chunks, question)
+    return _layout(pieces, positions, torch.device(device))
 
 
 @dataclass
@@ -91,47 +113,59 @@ class LayerSource(Protocol):
     def layer(self, i: int) -> torch.Tensor: ...
 
 
-# Buffers whose streamed layers are filled on first use, by id (tensors compare elementwise, so
+# Buffers whose stored layers are placed on first use, by id (tensors compare elementwise, so
 # they cannot be dict keys); an entry goes when its buffer is garbage-collected.
-_LAZY: dict[int, "_LazyLayers"] = {}
+_LAZY: dict[int, "_Placement"] = {}
 
 
-class _LazyLayers:
-    def __init__(self, executor: LayerExecutor, placed: list[tuple[slice, LayerSource, int]], device: torch.device
-                 ) -> None:
-        self.executor, self.placed = executor, placed
+class _Placement:
+    """Places every stored cache's layer i into a fused buffer when the fusion first reaches
+    layer i: one concatenation over all caches (head and chunks lie side by side before the
+    question) and one re-rotation of every moved key, with per-token tables made once (fp64
+    angles of each cache's shift, applied in fp32, as `LayerExecutor.rerotate` computes them). Host
+    layers (the CPU tier's pinned caches, decoded disk entries) go to the device on a side stream
+    one layer ahead, so loading overlaps the computation of the layer before."""
+
+    def __init__(self, executor: LayerExecutor, sources: list[ChunkKV | LayerSource], placed: range,
+                 shifts: torch.Tensor, device: torch.device) -> None:
+        self.sources = sources
+        self.placed = placed  # the indices the caches fill, side by side
+        moved = torch.nonzero(shifts).flatten()  # host tensors: host operations
+        self.moved = range(int(moved[0]), int(moved[-1]) + 1) if len(moved) else None
+        self.rotation = (executor.rotation(upload(shifts[self.moved.start : self.moved.stop], device))
+                         if self.moved is not None else None)
+        if self.moved is not None:
+            self.moved = range(placed.start + self.moved.start, placed.start + self.moved.stop)
+        self.side = SideStream(device)
+        self.staged: dict[int, tuple[list[torch.Tensor], object]] = {}
         self.filled = 0
-        # Every streamed chunk's keys of a layer are re-rotated in one go, with per-token tables
-        # made once for all layers: a re-rotation per chunk and layer is a dozen small kernels
-        # each on a GPU. The tables are rerotate's (fp64 angles of each chunk's shift, applied in
-        # fp32), so the result is the same to the bit.
-        moved = [(span, delta) for span, _, delta in placed if delta]
-        self.turned: tuple[torch.Tensor | slice, tuple[torch.Tensor, torch.Tensor]] | None = None
-        if moved:
-            cols = torch.cat([torch.arange(span.start, span.stop) for span, _ in moved])
-            shifts = torch.cat([torch.full((span.stop - span.start,), delta) for span, delta in moved]).to(device)
-            whole = bool((cols[1:] - cols[:-1] == 1).all()) if len(cols) > 1 else True
-            where = slice(int(cols[0]), int(cols[-1]) + 1) if whole and len(cols) else cols.to(device)
-            self.turned = (where, executor.rotation(shifts))
+
+    def _stage(self, i: int) -> None:
+        layers = [s.kv[i] if isinstance(s, ChunkKV) else s.layer(i) for s in self.sources]
+        self.staged[i] = self.side.copy(layers)
 
     def ensure(self, buf: torch.Tensor, layer: int) -> None:
         while self.filled <= min(layer, buf.shape[0] - 1):
             i = self.filled
-            for span, source, _ in self.placed:
-                stored = source.layer(i).to(buf.device, buf.dtype)
-                buf[i, 0, :, span] = stored[0]
-                buf[i, 1, :, span] = stored[1]
-            if self.turned is not None:
-                where, rotation = self.turned
-                buf[i, 0, :, where] = rotate(buf[i, 0, :, where].float(), rotation).to(buf.dtype)
+            if i not in self.staged:
+                self._stage(i)
+            parts, event = self.staged.pop(i)
+            self.side.wait(event, parts)
+            if i + 1 < buf.shape[0]:
+                self._stage(i + 1)  # its copies run while this layer is computed
+            parts = [p.to(buf.dtype) for p in parts]
+            torch.cat(parts, dim=2, out=buf[i, :, :, self.placed.start : self.placed.stop])
+            if self.moved is not None:
+                keys = buf[i, 0, :, self.moved.start : self.moved.stop]
+                keys.copy_(rotate(keys.float(), self.rotation).to(buf.dtype))
             self.filled += 1
-        if self.filled == buf.shape[0]:  # every layer placed: let the streams' tensors go
-            self.placed, self.turned = [], None
+        if self.filled == buf.shape[0]:  # every layer placed: let the sources go
+            self.sources, self.rotation = [], None
             _LAZY.pop(id(buf), None)
 
 
 def wait_layer(buf: torch.Tensor, layer: int) -> None:
-    """Make sure layer ``layer`` of a fused buffer holds its streamed chunks (no-op otherwise)."""
+    """Make sure layer ``layer`` of a fused buffer holds its stored caches (no-op otherwise)."""
     lazy = _LAZY.get(id(buf))
     if lazy is not None:
         lazy.ensure(buf, layer)
@@ -144,12 +178,14 @@ def assemble_cache(
     chunk_kvs: tuple[ChunkKV | LayerSource, ...],
     capacity: int,
 ) -> torch.Tensor:
-    """A cache buffer holding the stored KV of head and chunks at their layout positions. Chunks
-    given as layer streams are placed layer by layer as the fusion reaches each layer."""
+    """A cache buffer that holds the stored KV of head and chunks at their layout positions once
+    the fusion reaches each layer (`wait_layer`)."""
     with stage("rerotate_s"):
         buf = executor.empty_kv(capacity)
         placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
-        streamed = []
+        if not placed:
+            return buf
+        shifts = []
         for span, kv in placed:
             if kv.num_tokens != len(span):
                 raise InvalidInputError(
@@ -159,13 +195,8 @@ def assemble_cache(
             if tuple(layout.token_ids[span.start : span.stop].tolist()) != kv.token_ids:
                 raise InvalidInputError("cached chunk's token ids differ from the prompt's; wrong cache entry")
             target = int(layout.positions[span.start]) if len(span) else 0
-            if not isinstance(kv, ChunkKV):
-                streamed.append((slice(span.start, span.stop), kv, target - kv.position_offset))
-                continue
-            stored = kv.kv.to(buf.device, buf.dtype)
-            buf[:, 0, :, span.start : span.stop] = executor.rerotate(stored[:, 0], target - kv.position_offset)
-            buf[:, 1, :, span.start : span.stop] = stored[:, 1]
-        if streamed:
-            _LAZY[id(buf)] = _LazyLayers(executor, streamed, buf.device)
-            weakref.finalize(buf, _LAZY.pop, id(buf), None)
+            shifts.append(torch.full((len(span),), target - kv.position_offset, dtype=torch.long))
+        region = range(placed[0][0].start, placed[-1][0].stop)  # head and chunks lie side by side
+        _LAZY[id(buf)] = _Placement(executor, [kv for _, kv in placed], region, torch.cat(shifts), buf.device)
+        weakref.finalize(buf, _LAZY.pop, id(buf), None)
         return buf

@@ -51,9 +51,9 @@ def primer_ids(template: PromptTemplate, setting: str) -> tuple[int, ...]:
 def prefill_head(executor: LayerExecutor, head_ids: tuple[int, ...], model_fingerprint: str) -> ChunkKV:
     """KV of a fixed prefix (the head, or head + primer) at positions 0.. (it has nothing before
     it: empty prefix fingerprint)."""
-    layout = sequential_layout(PromptPieces(head_ids, (), ()))
+    layout = sequential_layout(PromptPieces(head_ids, (), ()), executor.device)
     buf = executor.empty_kv(layout.length)
-    selective_prefill(executor, layout, buf, torch.arange(layout.length))
+    selective_prefill(executor, layout, buf, layout.span_rows(executor, range(0, layout.length)))
     return ChunkKV(buf, head_ids, 0, model_fingerprint, "")
 
 
@@ -80,14 +80,15 @@ def prefill_chunks(
     tokens = torch.zeros(len(chunks), longest, dtype=torch.long)
     for row, ids in enumerate(chunks):
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    positions = torch.arange(start, start + longest)
+    positions = torch.arange(start, start + longest, device=executor.device)
+    rows = executor.rows(torch.arange(len(chunks) * longest, device=executor.device), positions.repeat(len(chunks)))
     hidden = executor.embed(tokens)
     out = executor.empty_kv(0).new_empty(
         (len(chunks), executor.num_layers, 2, executor.num_kv_heads, longest, executor.head_dim)
     )
     for layer in range(executor.num_layers):
         prefix = head.kv[layer].to(executor.device)
-        hidden, k, v = executor.run_layer_batch(layer, hidden, positions, lengths, prefix[0], prefix[1])
+        hidden, k, v = executor.run_layer_batch(layer, hidden, rows, lengths, prefix[0], prefix[1])
         out[:, layer, 0], out[:, layer, 1] = k, v
     return [
         ChunkKV(out[row, :, :, :, : len(ids)].clone(), tuple(ids), start, head.model_fingerprint, prefix_fingerprint)

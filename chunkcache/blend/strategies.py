@@ -10,11 +10,17 @@ from chunkcache.blend.base import FusionInput, FusionResult, finish
 from chunkcache.blend.craft_profile import AttentionProfiler
 from chunkcache.blend.layout import Layout, assemble_cache, parallel_layout, sequential_layout
 from chunkcache.errors import InvalidInputError
-from chunkcache.model.executor import ApeAttention, LayerExecutor
+from chunkcache.device import upload
+from chunkcache.model.executor import ApeAttention, LayerExecutor, Rows
 
 
-def question_index(layout: Layout) -> torch.Tensor:
-    return torch.arange(layout.question.start, layout.question.stop)
+def question_rows(executor: LayerExecutor, layout: Layout) -> Rows:
+    return layout.span_rows(executor, layout.question)
+
+
+def host_rows(executor: LayerExecutor, layout: Layout, index: torch.Tensor) -> Rows:
+    """`Rows` of sorted indices the host chose (one asynchronous copy to the device)."""
+    return layout.rows(executor, upload(index, executor.device))
 
 
 def reused_buffer(executor: LayerExecutor, layout: Layout, inp: FusionInput) -> torch.Tensor:
@@ -31,10 +37,11 @@ class FullPrefill:
     uses_cache = False
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
-        layout = sequential_layout(inp.pieces)
+        layout = sequential_layout(inp.pieces, executor.device)
         buf = executor.empty_kv(layout.length + inp.max_new_tokens)
         profiler = AttentionProfiler(executor, layout) if inp.profile else None
-        result = finish(executor, layout, buf, torch.arange(layout.length), observe=profiler)
+        every = layout.span_rows(executor, range(0, layout.length))
+        result = finish(executor, layout, buf, every, observe=profiler)
         if profiler is not None:
             result.profiles = profiler.chunks
         return result
@@ -48,8 +55,8 @@ class Reuse:
     uses_cache = True
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
-        layout = sequential_layout(inp.pieces)
-        return finish(executor, layout, reused_buffer(executor, layout, inp), question_index(layout))
+        layout = sequential_layout(inp.pieces, executor.device)
+        return finish(executor, layout, reused_buffer(executor, layout, inp), question_rows(executor, layout))
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,10 @@ class Epic:
             raise InvalidInputError(f"epic_k must be >= 0, got {self.epic_k}")
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
-        layout = sequential_layout(inp.pieces)
+        layout = sequential_layout(inp.pieces, executor.device)
         heads = [torch.arange(r.start, min(r.stop, r.start + self.epic_k)) for r in layout.chunks]
-        selected = torch.cat([*heads, question_index(layout)])
-        return finish(executor, layout, reused_buffer(executor, layout, inp), selected)
+        selected = torch.cat([*heads, torch.arange(layout.question.start, layout.question.stop)])
+        return finish(executor, layout, reused_buffer(executor, layout, inp), host_rows(executor, layout, selected))
 
 
 @dataclass(frozen=True)
@@ -86,10 +93,10 @@ class Ape:
             raise InvalidInputError("ape_temperature and ape_scale must be > 0")
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
-        layout = parallel_layout(inp.pieces)
+        layout = parallel_layout(inp.pieces, executor.device)
         buf = reused_buffer(executor, layout, inp)
         context = torch.zeros(buf.shape[3], dtype=torch.bool)
         for r in layout.chunks:
             context[r.start : r.stop] = True
-        ape = ApeAttention(context, self.ape_temperature, self.ape_scale)
-        return finish(executor, layout, buf, question_index(layout), ape=ape)
+        ape = ApeAttention(upload(context, executor.device), self.ape_temperature, self.ape_scale)
+        return finish(executor, layout, buf, question_rows(executor, layout), ape=ape)

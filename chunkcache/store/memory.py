@@ -11,6 +11,7 @@ import torch
 
 from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
+from chunkcache.device import pinned
 from chunkcache.store.policy import EntryInfo, EvictionPolicy, LRU, TierStats, victims
 
 
@@ -32,9 +33,12 @@ class MemoryTier:
         self.on_evict: list = []  # callbacks (key, kv) run for every evicted entry (write-back)
 
     def _place(self, kv: ChunkKV) -> ChunkKV:
-        tensor = kv.kv.to(self.device)
-        if self.device.type == "cpu" and torch.cuda.is_available():
-            tensor = tensor.pin_memory()  # fast, asynchronous copies to the GPU
+        if self.device.type == "cuda":  # from pinned memory, asynchronously: nobody waits for it
+            tensor = pinned(kv.kv, self.device).to(self.device, non_blocking=True)
+        else:
+            tensor = kv.kv.to(self.device)
+            if torch.cuda.is_available():
+                tensor = tensor.pin_memory()  # fast, asynchronous copies to the GPU
         if tensor is kv.kv:
             return kv
         return ChunkKV(tensor, kv.token_ids, kv.position_offset, kv.model_fingerprint, kv.prefix_fingerprint)

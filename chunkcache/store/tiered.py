@@ -24,6 +24,7 @@ import torch
 
 from chunkcache.codec import KVCodec, RawCodec, codec_for, decode_entry, unpack
 from chunkcache.codec.base import LEGACY_VERSIONS, peek_version
+from chunkcache.device import pinned, upload
 from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
 from chunkcache.store.memory import MemoryTier
@@ -141,12 +142,12 @@ class TieredStore:
                 continue
             try:
                 with stage("codec_decode_s"):
-                    kv = decode_entry(data, model_fingerprint, device)
+                    kv = decode_entry(data, model_fingerprint)  # on the host: see _moved
             except CorruptCacheError as exc:
                 tier.drop_corrupt(key, exc)
                 continue
             self._promote(i, key, kv, data)
-            return kv
+            return kv if device is None else _moved(kv, device)
         return None
 
     def _promote(self, found_at: int, key: str, kv: ChunkKV, data: bytes | None) -> None:
@@ -180,7 +181,12 @@ class TieredStore:
     def stream(self, keys: Sequence[str], model_fingerprint: str | None = None,
                device: torch.device | str | None = None) -> list[LayerStream]:
         """A layer-wise prefetch: one background job per key reads the entry and decodes it layer
-        by layer into a `LayerStream`, promoting it when complete. Returns at once."""
+        by layer into a `LayerStream`, promoting it when complete. Returns at once.
+
+        The layers stay where the tier holds them (the GPU tier's on the device) or in host
+        memory, pinned when ``device`` is a GPU: the fusion moves them one layer ahead on a
+        side stream. A loader thread that copied to the GPU itself would wait, and make the
+        GPU wait, for the copy."""
         streams = []
         for key in keys:
             stream = LayerStream(key)
@@ -199,7 +205,7 @@ class TieredStore:
                      stream: LayerStream) -> None:
         for i, tier in enumerate(self.tiers):
             if isinstance(tier, MemoryTier):
-                kv = tier.get(key, model_fingerprint, device)
+                kv = tier.get(key, model_fingerprint)
                 if kv is not None:
                     stream.start_from(kv)
                     self._promote(i, key, kv, None)
@@ -213,9 +219,9 @@ class TieredStore:
             decode_at = time.perf_counter()
             try:
                 if peek_version(data) in LEGACY_VERSIONS:
-                    kv = decode_entry(data, model_fingerprint, device)
+                    kv = decode_entry(data, model_fingerprint)
                     stream.decode_s += time.perf_counter() - decode_at
-                    stream.start_from(kv)
+                    stream.start_from(ChunkKV(pinned(kv.kv, device), *_metadata(kv)))
                     self._promote(i, key, kv, data)
                     return
                 entry = unpack(data, model_fingerprint=model_fingerprint)
@@ -224,10 +230,10 @@ class TieredStore:
                 tier.drop_corrupt(key, exc)
                 continue
             stream.start(len(entry.sections), *entry.metadata())
-            dev = torch.device(device or "cpu")
+            host = torch.device("cpu")
             try:
                 for layer in range(len(entry.sections)):
-                    stream.push(codec.layer(entry, layer, dev))
+                    stream.push(pinned(codec.layer(entry, layer, host), device))
             except CorruptCacheError as exc:
                 tier.drop_corrupt(key, exc)  # never served: the engine recomputes the chunk
                 raise
@@ -282,7 +288,7 @@ class TieredStore:
         self._forget_pending([key])
         data = codec.encode(kv) if any(not isinstance(t, MemoryTier) for t in self.tiers) else None
         if data is not None and not isinstance(codec, RawCodec):
-            kv = decode_entry(data, None, kv.kv.device)  # memory tiers hold what the lower tiers return
+            kv = _moved(decode_entry(data), kv.kv.device)  # memory tiers hold what the lower tiers return
         first = self.tiers[0]
         if self.write_through or not isinstance(first, MemoryTier):
             for tier in self.tiers:
@@ -386,8 +392,14 @@ class TieredStore:
             tier.close()
 
 
+def _metadata(kv: ChunkKV) -> tuple[tuple[int, ...], int, str, str]:
+    return kv.token_ids, kv.position_offset, kv.model_fingerprint, kv.prefix_fingerprint
+
+
 def _moved(kv: ChunkKV, device: torch.device | str) -> ChunkKV:
-    return ChunkKV(kv.kv.to(device), kv.token_ids, kv.position_offset, kv.model_fingerprint, kv.prefix_fingerprint)
+    """``kv`` on ``device``; host tensors go to a GPU through pinned memory, asynchronously."""
+    target = torch.device(device)
+    return kv if kv.kv.device == target else ChunkKV(upload(kv.kv, target), *_metadata(kv))
 
 
 TIER_NAMES = ("gpu", "cpu", "disk", "remote")

@@ -23,10 +23,10 @@ def test_a_full_prefill_records_each_chunks_dependence_on_the_ones_before(smollm
     layout = sequential_layout(pieces)
     ex = smollm2.executor
     plain_buf = ex.empty_kv(layout.length)
-    plain, _, _ = selective_prefill(ex, layout, plain_buf, torch.arange(layout.length))
+    plain, _, _ = selective_prefill(ex, layout, plain_buf, layout.span_rows(ex, range(0, layout.length)))
     profiler = AttentionProfiler(ex, layout)
     buf = ex.empty_kv(layout.length)
-    logits, _, _ = selective_prefill(ex, layout, buf, torch.arange(layout.length), observe=profiler)
+    logits, _, _ = selective_prefill(ex, layout, buf, layout.span_rows(ex, range(0, layout.length)), observe=profiler)
     assert torch.equal(logits, plain) and torch.equal(buf, plain_buf)  # observing changes nothing
 
     layers = sampled_layers(ex.num_layers)

@@ -24,7 +24,7 @@ def _plain(smollm2: LoadedModel, head_ids: tuple[int, ...], chunk: tuple[int, ..
     """The chunk's KV from one causal prefill of head + chunk (no batching)."""
     layout = sequential_layout(PromptPieces(head_ids + chunk, (), ()))
     buf = smollm2.executor.empty_kv(layout.length)
-    selective_prefill(smollm2.executor, layout, buf, torch.arange(layout.length))
+    selective_prefill(smollm2.executor, layout, buf, layout.span_rows(smollm2.executor, range(0, layout.length)))
     return buf[:, :, :, len(head_ids) :]
 
 

@@ -9,16 +9,17 @@ import torch
 
 from chunkcache.errors import UnsupportedModelError
 from chunkcache.model import LoadedModel, load_model
-from chunkcache.model.executor import LayerExecutor, folded_attention
+from chunkcache.model.attention import folded_attention
+from chunkcache.model.executor import LayerExecutor
 
 
 def _full_prefill(executor: LayerExecutor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = ids.shape[0]
     buf = executor.empty_kv(n)
     hidden = executor.embed(ids)
-    index = torch.arange(n)
+    rows = executor.span_rows(range(0, n))
     for layer in range(executor.num_layers):
-        hidden = executor.run_layer(layer, hidden, index, index, buf[layer, 0], buf[layer, 1])
+        hidden = executor.run_layer(layer, hidden, rows, buf[layer, 0], buf[layer, 1])
     return executor.logits(hidden), buf
 
 
@@ -68,24 +69,24 @@ def test_subset_over_exact_cache_equals_full(family: str, tiny_dirs: dict[str, P
     buf = exact.clone()
     buf[:, :, :, subset] = 0  # the subset's KV must come from the recompute, not the cache
     hidden = executor.embed(ids[subset])
+    rows = executor.rows(subset)
     for layer in range(executor.num_layers):
-        hidden = executor.run_layer(layer, hidden, subset, subset, buf[layer, 0], buf[layer, 1])
+        hidden = executor.run_layer(layer, hidden, rows, buf[layer, 0], buf[layer, 1])
     assert torch.allclose(executor.logits(hidden), full_logits[subset], atol=1e-4)
     assert torch.allclose(buf, exact, atol=1e-5)
 
 
-def test_rotary_tables_follow_positions_changed_in_place(tiny_dirs: dict[str, Path], models_dir: Path) -> None:
-    """The executor keeps the last rotary tables while the same positions come again; a caller
-    that changes its positions tensor in place must still get the new positions' rotation."""
+def test_rows_taken_from_rows_equal_rows_made_for_the_taken_positions(tiny_dirs: dict[str, Path],
+                                                                       models_dir: Path) -> None:
+    """Gradual filtering gathers the rows it keeps (tables included) instead of making their
+    rotary tables again: the gathered rows must equal new ones to the bit."""
     executor = load_model(str(tiny_dirs["llama"]), models_dir, "float32", "cpu", "sys").executor
-    x = torch.randn(2, 6, executor.head_dim, generator=torch.Generator().manual_seed(2))
-    positions = torch.arange(10, 16)
-    first = executor.apply_rope(x, positions)
-    assert torch.equal(executor.apply_rope(x, positions), first)
-    positions += 5
-    moved = executor.apply_rope(x, positions)
-    torch.testing.assert_close(moved, executor.rerotate(first, 5), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(moved, first)
+    rows = executor.rows(torch.tensor([2, 5, 9, 40, 41]), torch.tensor([7, 310, 2900, 4000, 4001]))
+    keep = torch.tensor([1, 3, 4])
+    taken, made = rows.take(keep), executor.rows(torch.tensor([5, 40, 41]), torch.tensor([310, 4000, 4001]))
+    for name in ("index", "positions", "cos", "sin"):
+        assert torch.equal(getattr(taken, name), getattr(made, name)), name
+    assert taken.span is None and executor.span_rows(range(3, 6)).first(2).span == range(3, 5)
 
 
 def test_rerotated_keys_match_keys_computed_in_place(smollm2: LoadedModel) -> None:
@@ -96,8 +97,8 @@ def test_rerotated_keys_match_keys_computed_in_place(smollm2: LoadedModel) -> No
     hidden = executor.embed(ids)
     n = ids.shape[0]
     p, q = 40, 3600
-    _, k_at_p, _ = executor.qkv(0, hidden, torch.arange(p, p + n))
-    _, k_at_q, _ = executor.qkv(0, hidden, torch.arange(q, q + n))
+    _, k_at_p, _ = executor.qkv(0, hidden, executor.rows(torch.arange(p, p + n)))
+    _, k_at_q, _ = executor.qkv(0, hidden, executor.rows(torch.arange(q, q + n)))
     moved = executor.rerotate(k_at_p, q - p)
     scale = k_at_q.abs().max()
     assert (moved - k_at_q).abs().max() <= 1e-4 * scale

@@ -1,0 +1,191 @@
+"""The fused path on an emulated GPU (`tests/fake_cuda.py`): from the call to the first token no
+strategy makes the GPU wait for the host (no pageable copy, no read of a device value, no output
+size that depends on device values, no host tensor in a device operation), whether the chunk
+caches come from the GPU tier (on the device) or from host memory (the CPU tier's pinned caches,
+decoded disk entries); and a layer costs a bounded number of device operations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+import chunkcache.blend.base as base
+from chunkcache.blend import FusionInput, make_strategy
+from chunkcache.blend.cachecraft import ChunkPlan
+from chunkcache.blend.prefill import prefill_chunks, prefill_head
+from chunkcache.kv import ChunkKV
+from chunkcache.model import sparse_attention
+from chunkcache.model.executor import LayerExecutor
+from chunkcache.model.prompt import PromptPieces
+from chunkcache.store.stream import LayerStream
+from tests.fake_cuda import FakeCuda, Record
+
+LAYERS = 6
+PLAIN = {"selection": "k", "gradual": False, "weight": "none", "spread_k": 0.0, "spread_v": 0.0}
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("full", {}),
+    "reuse": ("reuse", {}),
+    "epic": ("epic", {"epic_k": 4}),
+    "ape": ("ape", {}),
+    "cacheblend": ("cacheblend", {}),  # today's defaults: kv, qattn, gradual, spread
+    "cacheblend-plain": ("cacheblend", PLAIN),
+    "cacheblend-options": ("cacheblend", {"weight": "attn", "sinks": 2, "per_chunk": True}),
+    "cacheblend-qattn_add": ("cacheblend", {"weight": "qattn_add", "selection": "v"}),
+    "cacheblend-random": ("cacheblend", {"selection": "random"}),
+    "cachecraft": ("cachecraft", {}),
+    "cachecraft-plans": ("cachecraft", {}),
+    "cachecraft-plans-inter": ("cachecraft", {"select": "inter"}),
+}
+# Device operations per layer of a prefill: about 40 for a plain layer (norms, projections,
+# rotary, cache writes, attention, MLP); placing the stored caches, CacheBlend's deviation
+# check, gradual filtering and the spread add to it. The bound is about twice what a layer
+# costs today: a change that makes per-layer work grow with the prompt or the chunk count
+# (a Python loop over chunks, per-block attention) fails it.
+MAX_OPS_PER_LAYER = 150
+
+
+@dataclass
+class Prompt:
+    executor: LayerExecutor
+    pieces: PromptPieces
+    head: ChunkKV
+    chunks: list[ChunkKV]
+    fake: FakeCuda
+
+
+@pytest.fixture(scope="module")
+def prompts() -> dict[int, Prompt]:
+    """A tiny random Llama (its own: the emulation tags its weights) and prompts of 6 and 12 chunks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    executor = LayerExecutor(AutoModelForCausalLM.from_config(config).eval())
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(3, 256, (n,), generator=gen).tolist())
+
+    head, primer = ids(12), ids(7)
+    head_kv = prefill_head(executor, head, "fp")
+    prefix = prefill_head(executor, head + primer, "fp")
+    fake = FakeCuda()
+    out = {}
+    for count in (6, 12):
+        pieces = PromptPieces(head, tuple(ids(36 + (17 * i) % 25) for i in range(count)), ids(9))
+        out[count] = Prompt(executor, pieces, head_kv, prefill_chunks(executor, prefix, list(pieces.chunks), "p"), fake)
+    with fake.active():
+        fake.executor_on_device(executor)
+        executor.use_attention_backend("sdpa")
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt(prompts: dict[int, Prompt]) -> Prompt:
+    return prompts[6]
+
+
+def _plans(pieces: PromptPieces) -> tuple[ChunkPlan, ...]:
+    out = []
+    for i, chunk in enumerate(pieces.chunks):
+        inter = tuple(float((5 * t + i) % 11) for t in range(len(chunk)))
+        out.append(ChunkPlan("independent", tuple(range(0, len(chunk), 6)), 0.6, 0.0, 0.2, inter) if i % 2
+                   else ChunkPlan("independent", None))
+    return tuple(out)
+
+
+def _sources(p: Prompt, where: str) -> tuple[ChunkKV, tuple[Any, ...]]:
+    """The head's and chunks' caches as the GPU tier serves them (device tensors) or as the CPU
+    tier and disk decoding do (pinned host memory, the chunks streamed layer by layer)."""
+    if where == "gpu":
+        return (ChunkKV(p.fake.put(p.head.kv.clone()), p.head.token_ids, 0, "fp", ""),
+                tuple(ChunkKV(p.fake.put(c.kv.clone()), c.token_ids, c.position_offset, "fp", "p") for c in p.chunks))
+    streams = []
+    for c in p.chunks:
+        stream = LayerStream("k")
+        stream.start(c.num_layers, c.token_ids, c.position_offset, "fp", "p")
+        for layer in c.kv.unbind(0):
+            stream.push(p.fake.pinned_host(layer))
+        streams.append(stream)
+    return ChunkKV(p.fake.pinned_host(p.head.kv), p.head.token_ids, 0, "fp", ""), tuple(streams)
+
+
+def fused_first_token(p: Prompt, case: str, where: str) -> tuple[Record, int]:
+    """Run one strategy to its first token under the emulation; the record and the token."""
+    name, params = CASES[case]
+    fusion = make_strategy(name, **params)
+    plans = _plans(p.pieces) if case.startswith("cachecraft-plans") else ()
+    original = base.wait_layer
+
+    def counted(buf: torch.Tensor, layer: int) -> None:
+        p.fake.layer = layer
+        original(buf, layer)
+
+    base.wait_layer = counted
+    try:
+        with p.fake.active():
+            head, chunks = _sources(p, where)
+            inp = FusionInput(p.pieces, head, chunks if fusion.uses_cache else (), max_new_tokens=4, plans=plans)
+            with p.fake.watch() as record:
+                token = torch.argmax(fusion.fuse(p.executor, inp).logits)
+            return record, int(token)  # the one read: the first token itself
+    finally:
+        base.wait_layer = original
+
+
+@pytest.fixture(params=["sdpa", "triton"])
+def backend(request: pytest.FixtureRequest, prompt: Prompt, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Both ways a selection attends on a GPU. The Triton kernel cannot run in the emulation: its
+    reference (same contract, device operations only) stands in for the one launch."""
+    if request.param == "triton":
+        monkeypatch.setattr(sparse_attention, "triton_available", lambda: True)
+        monkeypatch.setattr(sparse_attention, "sparse_query_attention", sparse_attention.reference_sparse_attention)
+    prompt.executor.use_attention_backend(request.param)
+    yield request.param
+    prompt.executor.use_attention_backend("sdpa")
+
+
+@pytest.mark.parametrize("where", ["gpu", "host"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_no_wait_for_the_host_before_the_first_token(prompt: Prompt, case: str, where: str, backend: str) -> None:
+    record, _ = fused_first_token(prompt, case, where)
+    assert not record.waits, f"{case}: {record.summary()}"
+    # host data moves only asynchronously: the prompt's ids and positions, the host's choices
+    # (EPIC's tokens, masks), the rotary shifts, and in host mode each layer of stored caches
+    per_layer = LAYERS + 1 if where == "host" else 0
+    assert record.async_copies <= 8 + per_layer * (1 + len(prompt.chunks)), record.async_copies
+    busiest = max(n for layer, n in record.ops_by_layer.items() if layer >= 0)
+    assert busiest <= MAX_OPS_PER_LAYER, dict(record.ops_by_layer)
+    assert record.ops <= MAX_OPS_PER_LAYER * LAYERS * 2, record.ops  # probe and question pass included
+
+
+@pytest.mark.parametrize("case", ["reuse", "cacheblend", "cachecraft-plans", "ape"])
+def test_a_layer_costs_the_same_device_operations_whatever_the_prompt(prompts: dict[int, Prompt], case: str) -> None:
+    """Twice the chunks, other lengths: the same operations per layer (no Python loop over chunks
+    or attention blocks inside the layer loop), only bigger."""
+    small, large = (fused_first_token(prompts[n], case, "host")[0] for n in (6, 12))
+    per_layer = [{layer: n for layer, n in r.ops_by_layer.items() if layer >= 0} for r in (small, large)]
+    assert per_layer[0] == per_layer[1]
+
+
+def test_the_emulation_catches_a_wait(prompt: Prompt) -> None:
+    """The check above can fail: a device value read on the host, a pageable copy and a host
+    index are each caught, with the line they came from."""
+    with prompt.fake.active():
+        x = prompt.fake.put(torch.arange(6.0))
+        with prompt.fake.watch() as record:
+            int(x[2])
+            (x + 1).to("cuda")
+            y = torch.ones(3).to("cuda")
+            x[torch.tensor([1, 2])]
+            torch.ones(3).pin_memory().to("cuda", non_blocking=True)
+        assert [kind for kind, _ in record.waits] == ["read", "copy", "copy"]
+        assert record.async_copies == 1 and y.device.type == "cuda"
