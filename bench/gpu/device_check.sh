@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Device check on the lent GPU machine (one call, about 5-7 minutes): owns the whole GPU run.
+# Device check on the lent GPU machine (one call, about 7-9 minutes): owns the whole GPU run.
 #   1. install the carried cp312 wheels (.whl/) into /tmp/site, put the repo on PYTHONPATH, show the GPU
 #   2. pytest of everything that needs no packaged model weights, with CUDA present (log: $OUT/pytest.log)
 #   3. a Llama-3.1-8B-shaped bf16 model with random weights, built on the GPU and saved under /dev/shm or /tmp
-#   4. chunkcache bench ttft on it (full, reuse, cacheblend:0.15, epic, ape; 1K-8K tokens) -> $OUT/ttft-h/
-#   5. chunkcache eval on 3 bundled MuSiQue questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
+#   4. sync check: every strategy's fused prefill under torch.cuda.set_sync_debug_mode("error"), caches from
+#      the CPU tier (pinned) and from the disk tier (int8) -> $OUT/sync_check.txt (bench/gpu/sync_check.py)
+#   5. the Triton sparse-query attention kernel against masked SDPA: error and time at 8K / 32K
+#      -> $OUT/sparse_attention.txt (bench/gpu/sparse_attention_check.py)
+#   6. chunkcache bench ttft, caches served from the CPU tier (pinned): full, reuse, cacheblend:0.15, epic,
+#      ape at 1K-32K tokens in 16 chunks, a new question each round -> $OUT/ttft-cpu/
+#   7. the same from the disk tier (int8 entries; fewer lengths) -> $OUT/ttft-disk/
+#   8. cacheblend:0.15 with the masked-SDPA attention backend instead of Triton, CPU tier -> $OUT/ttft-sdpa/
+#   9. chunkcache eval on 3 bundled questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
 #      vs full in bf16 -> $OUT/eval/ (report.json, report.md)
-#   6. torch.profiler of one warm answer per strategy at 8K tokens (bench/gpu/profile_fusion.py) -> $OUT/profile.txt
-#   7. masked attention's cost with new shapes (new questions) and seen ones (bench/gpu/attention_probe.py)
-#      -> $OUT/attention_probe.txt
+#  10. (only when GPU_CHECK_SKIP leaves it in) torch.profiler of one warm answer per strategy
+#      (bench/gpu/profile_fusion.py) -> $OUT/profile.txt
 # Run from the repo root with $OUT set:  bash bench/gpu/device_check.sh   (carry: .whl .gpu)
-# CPU dry run of the same steps:  GPU_CHECK_TINY=1 GPU_CHECK_WHEELS=0 PYTHON=.venv/bin/python OUT=/tmp/gpu-out bash bench/gpu/device_check.sh
+# CPU dry run of the steps that need no GPU:
+#   GPU_CHECK_TINY=1 GPU_CHECK_WHEELS=0 GPU_CHECK_SKIP="pytest sparse profile" PYTHON=.venv/bin/python OUT=/tmp/gpu-out \
+#   TTFT_LENGTHS=1024 TTFT_DISK_LENGTHS=1024 bash bench/gpu/device_check.sh
 # Knobs (env): GPU_CHECK_TINY=1 (2-layer, hidden-64 model), GPU_CHECK_WHEELS=0 (skip the wheel install),
-# PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_CHUNKS, TTFT_REPEATS,
-# GPU_CHECK_SKIP (space-separated steps to skip: pytest ttft eval profile probe), GPU_CHECK_TESTS (test paths for step 2), PROFILE_TOKENS, GPU_CHECK_REUSE_MODEL=1 (a rerun on the
-# still-warm machine keeps the saved model instead of building it again).
+# PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_DISK_LENGTHS, TTFT_CHUNKS,
+# TTFT_REPEATS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk sdpa eval profile;
+# default "profile"), GPU_CHECK_TESTS (test paths for step 2), PROFILE_TOKENS (sync check and profile),
+# GPU_CHECK_REUSE_MODEL=1 (a rerun on the still-warm machine keeps the saved model instead of building it again).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -26,7 +35,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error HF_HUB_D
 unset CI  # tests/conftest.py fails (not skips) the redis tests when CI is set and redis-server is absent
 PY=${PYTHON:-python3}
 TINY=${GPU_CHECK_TINY:-0}
-SKIP=" ${GPU_CHECK_SKIP:-} "
+SKIP=" ${GPU_CHECK_SKIP-profile} "
 SCRATCH=${GPU_CHECK_SCRATCH:-/tmp/gpu-check}
 # the packaged models' cache: only SmolLM2's tokenizer files (tests' tiny models use them), no weights
 export XDG_CACHE_HOME=$SCRATCH/xdg
@@ -84,7 +93,7 @@ PYTEST_PID=""
 if [[ $SKIP != *" pytest "* ]]; then
   step "2 pytest in the background (log: \$OUT/pytest.log)"
   # GPU_CHECK_TESTS narrows the run (a space-separated list of test paths)
-  read -r -a TEST_PATHS <<< "${GPU_CHECK_TESTS:-tests/codec tests/blend tests/model tests/store tests/eval tests/test_engine.py tests/test_config.py tests/test_cli.py}"
+  read -r -a TEST_PATHS <<< "${GPU_CHECK_TESTS:-tests/codec tests/blend tests/model tests/store tests/test_engine.py tests/test_config.py}"
   PYTEST_ARGS=(-q -rs -p no_weights_plugin -p no:cacheprovider -m "not slow and not qwen" --durations=10
     "${TEST_PATHS[@]}" --ignore tests/eval/test_recall.py)
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 120)
@@ -119,21 +128,45 @@ if [ -n "$PYTEST_PID" ]; then
   grep -q "pytest exit 0" "$OUT/pytest.log" || fail "pytest"
 fi
 
-if [[ $SKIP != *" ttft "* && -f $MODEL/config.json ]]; then
-  LENGTHS=${TTFT_LENGTHS:-1024,2048,4096,8192}
-  CHUNKS=${TTFT_CHUNKS:-16}  # the bundled passages are about 570-630 tokens: 8192 / 16 = 512 each
-  REPEATS=${TTFT_REPEATS:-5}
-  step "4 chunkcache bench ttft --lengths $LENGTHS --chunks $CHUNKS --repeats $REPEATS"
-  rm -rf "$SCRATCH/store-ttft"
-  timeout -k 10 240 "$PY" -m chunkcache.cli bench ttft --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-ttft" \
-    --lengths "$LENGTHS" --chunks "$CHUNKS" --repeats "$REPEATS" \
-    --strategies full,reuse,cacheblend:0.15,cacheblend:0.15:spread_k=0:spread_v=0,epic,ape --out "$OUT/ttft-h" || fail "bench ttft"
+export CHUNKCACHE_CPU_BUDGET=${CHUNKCACHE_CPU_BUDGET:-96GiB}  # the CPU tier holds every prompt's caches
+SIZES=${PROFILE_TOKENS:-8192}
+if [[ $SKIP != *" sync "* && -f $MODEL/config.json ]]; then
+  step "4 sync check: fused prefill under set_sync_debug_mode(\"error\"), CPU and disk tiers, $SIZES tokens"
+  timeout -k 10 150 "$PY" bench/gpu/sync_check.py --model "$MODEL" --dtype bfloat16 --tokens "$SIZES" --chunks 16 \
+    > "$OUT/sync_check.txt" 2>&1 || fail "sync check"
+  grep -E "SYNC" "$OUT/sync_check.txt"
+fi
+
+if [[ $SKIP != *" sparse "* && $TINY != 1 ]]; then
+  step "5 sparse-query attention: Triton kernel vs masked SDPA at 8K / 32K"
+  timeout -k 10 90 "$PY" bench/gpu/sparse_attention_check.py --lengths 8192,32768 > "$OUT/sparse_attention.txt" 2>&1 \
+    || fail "sparse attention check"
+  cat "$OUT/sparse_attention.txt"
+fi
+
+CHUNKS=${TTFT_CHUNKS:-16}
+REPEATS=${TTFT_REPEATS:-3}
+ttft() {  # ttft STEP LABEL LENGTHS STRATEGIES [ENV=VALUE ...]: one bench ttft run into $OUT/ttft-LABEL
+  local number=$1 label=$2 lengths=$3 strategies=$4; shift 4
+  step "$number chunkcache bench ttft ($label: $*) --lengths $lengths --chunks $CHUNKS --repeats $REPEATS"
+  rm -rf "$SCRATCH/store-$label"
+  env "$@" timeout -k 10 200 "$PY" -m chunkcache.cli bench ttft --model "$MODEL" --dtype bfloat16 \
+    --store "$SCRATCH/store-$label" --lengths "$lengths" --chunks "$CHUNKS" --repeats "$REPEATS" \
+    --strategies "$strategies" --out "$OUT/ttft-$label" || fail "bench ttft $label"
+}
+if [[ -f $MODEL/config.json ]]; then
+  [[ $SKIP != *" ttft "* ]] && ttft 6 cpu "${TTFT_LENGTHS:-1024,4096,8192,16384,32768}" \
+    full,reuse,cacheblend:0.15,epic,ape CHUNKCACHE_STORE_TIERS=cpu
+  [[ $SKIP != *" disk "* ]] && ttft 7 disk "${TTFT_DISK_LENGTHS:-1024,8192,32768}" \
+    full,reuse,cacheblend:0.15,epic CHUNKCACHE_STORE_TIERS=disk CHUNKCACHE_CODEC=int8
+  [[ $SKIP != *" sdpa "* ]] && ttft 8 sdpa "${TTFT_SDPA_LENGTHS:-8192,32768}" full,cacheblend:0.15 \
+    CHUNKCACHE_STORE_TIERS=cpu CHUNKCACHE_ATTENTION_BACKEND=sdpa
 fi
 
 if [[ $SKIP != *" eval "* && -f $MODEL/config.json ]]; then
-  step "5 chunkcache eval: 3 bundled questions, first-token KL vs full in bf16"
+  step "9 chunkcache eval: 3 bundled questions, first-token KL vs full in bf16"
   rm -rf "$SCRATCH/store-eval" "$SCRATCH/eval"
-  timeout -k 10 180 "$PY" -m chunkcache.cli eval --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-eval" \
+  timeout -k 10 120 "$PY" -m chunkcache.cli eval --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-eval" \
     --dataset chunkcache/data/demo.json --limit 3 --max-new-tokens 8 --quiet \
     --strategies full,cacheblend:1.0,cacheblend:0.15,reuse --out "$SCRATCH/eval" || fail "eval"
   mkdir -p "$OUT/eval"
@@ -148,19 +181,11 @@ for label, s in r["strategies"].items():
 EOF
 fi
 
-PROFILE_TOKENS=${PROFILE_TOKENS:-8192}
 if [[ $SKIP != *" profile "* && -f $MODEL/config.json ]]; then
-  step "6 torch.profiler of one warm answer per strategy at $PROFILE_TOKENS tokens -> \$OUT/profile.txt"
-  timeout -k 10 180 "$PY" bench/gpu/profile_fusion.py --model "$MODEL" --dtype bfloat16 --tokens "$PROFILE_TOKENS" \
+  step "10 torch.profiler of one warm answer per strategy at $SIZES tokens -> \$OUT/profile.txt"
+  timeout -k 10 180 "$PY" bench/gpu/profile_fusion.py --model "$MODEL" --dtype bfloat16 --tokens "$SIZES" \
     --chunks 16 > "$OUT/profile.txt" 2>&1 || fail "profile"
   grep -E "^=====|^host waits" "$OUT/profile.txt"
-fi
-
-if [[ $SKIP != *" probe "* && -f $MODEL/config.json ]]; then
-  step "7 attention probe: new and repeated questions at $PROFILE_TOKENS tokens -> \$OUT/attention_probe.txt"
-  timeout -k 10 240 "$PY" bench/gpu/attention_probe.py --model "$MODEL" --dtype bfloat16 --tokens "$PROFILE_TOKENS" \
-    --chunks 16 > "$OUT/attention_probe.txt" 2>&1 || fail "attention probe"
-  grep -A2 "^=====" "$OUT/attention_probe.txt"
 fi
 
 step "done; files under \$OUT:"

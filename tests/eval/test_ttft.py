@@ -54,6 +54,7 @@ def test_report_puts_every_strategy_beside_full(smollm2: LoadedModel, store_path
     assert list(config["strategies"]) == ["full", "cacheblend:1.0", "cacheblend-random:0.5", "reuse"]
     full = config["strategies"]["full"]
     assert full["ttft_speedup_vs_full"] == 1.0 and full["recomputed_fraction"] == 1.0
+    assert all(s["first_ttft_s"] > 0 for s in config["strategies"].values())  # the warm-up, reported apart
     assert full["stages_s_median"]["recompute_s"] > 0 and full["stages_s_median"]["store_read_s"] == 0
     reuse = config["strategies"]["reuse"]
     assert reuse["recomputed_fraction"] < 0.5
@@ -93,3 +94,24 @@ def test_sweep_builds_prompts_of_the_asked_size(smollm2: LoadedModel, store_path
         assert config["tokens"] <= config["prompt_tokens_median"] <= config["tokens"] + 120
     plot_ttft(report, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_joins_short_passages_for_long_contexts() -> None:
+    """32K-token prompts from a dataset of ~600-token passages: consecutive passages are joined,
+    each prompt's chunks distinct and each at least the asked size."""
+    from chunkcache.eval.ttft import sweep_examples
+
+    passages = tuple(f"passage {i} " + "word " * 50 for i in range(10))
+    examples = [Example("q?", passages[:5], ()), Example("q?", passages[5:], ())]
+
+    def count(text: str) -> int:
+        return len(text.split())
+
+    def cut(text: str, n: int) -> str:
+        return " ".join(text.split()[:n])
+
+    (prompt,) = sweep_examples(examples, 8 * 120, 8, count, cut)
+    assert len(prompt.chunks) == 8 and len(set(prompt.chunks)) == 8
+    assert all(count(c) == 120 for c in prompt.chunks)
+    with pytest.raises(ValueError, match="passages have"):
+        sweep_examples(examples, 11 * 60, 11, count, cut)  # fewer passages than chunks
