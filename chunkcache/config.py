@@ -83,6 +83,7 @@ class Settings:
     port: int = 8000
     api_key_env: str = "CHUNKCACHE_API_KEY"
     max_queue: int = 32  # requests waiting for the engine; past it: 429
+    warm_up: bool = True  # serve: answer a made-up question per strategy before listening (engine.warm_up)
     max_documents: int = 64  # per request
     max_document_chars: int = 200_000  # per document
     max_tokens_limit: int = 2048  # the most new tokens a request may ask for

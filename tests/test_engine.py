@@ -45,6 +45,15 @@ def test_answer_reports_its_work(engine: ChunkCacheEngine) -> None:
     assert second.params["recompute_ratio"] == 0.5 and second.strategy == "cacheblend"
 
 
+def test_warm_up_answers_and_leaves_no_made_up_chunk_behind(engine: ChunkCacheEngine) -> None:
+    before = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=4)
+    kept = set(engine.store.keys())
+    assert engine.warm_up(["cacheblend", "reuse"]) > 0
+    assert set(engine.store.keys()) == kept  # the head's and prefix's caches were there already
+    after = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=4)
+    assert after.token_ids == before.token_ids and after.cache_hits == 3
+
+
 def test_precompute_returns_stable_keys_and_fills_the_store(engine: ChunkCacheEngine) -> None:
     keys = engine.precompute(CHUNKS)
     assert keys == [engine.chunk_key(c) for c in CHUNKS] and len(set(keys)) == 3

@@ -28,6 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              index_path=args.index, host=args.host, port=args.port,
                              max_new_tokens=args.max_new_tokens)
     service = RagService(settings)
+    if settings.warm_up:  # kernels compiled and libraries started before the first user waits
+        print(f"chunkcache serve: warmed up in {service.engine.warm_up():.1f} s", flush=True)
     key_note = (f"API key required (from ${settings.api_key_env})"
                 if settings.api_key_env and os.environ.get(settings.api_key_env) else "no API key")
     print(f"chunkcache serve: {settings.model} on http://{settings.host}:{settings.port} "
