@@ -38,3 +38,40 @@ def test_each_strategy_on_cuda_matches_the_cpu(strategy: str, tiny_dirs: dict[st
                                    **PARAMS.get(strategy, {}))
         logits[device] = answer.first_token_logits.float().cpu()
     assert torch.allclose(logits["cuda"], logits["cpu"], atol=1e-3, rtol=1e-3), (logits["cuda"] - logits["cpu"]).abs().max()
+
+
+@pytest.mark.parametrize("where", ["gpu", "pinned host"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_no_strategy_synchronises_before_the_first_token(strategy: str, where: str, tiny_dirs: dict[str, Path],
+                                                         models_dir: Path) -> None:
+    """What tests/blend/test_device_path.py checks under an emulation, on a real GPU: the fused
+    prefill runs under `torch.cuda.set_sync_debug_mode("error")`, with the caches on the device
+    (GPU tier) or in pinned host memory, streamed layer by layer (CPU tier, decoded entries)."""
+    from chunkcache.blend import FusionInput, make_strategy
+    from chunkcache.blend.prefill import prefill_chunks, prefill_head
+    from chunkcache.kv import ChunkKV
+    from chunkcache.store.stream import LayerStream
+
+    model = load_model(str(tiny_dirs["llama"]), models_dir, "bfloat16", "cuda", "sys")
+    ex = model.executor
+    pieces = model.template.pieces(QUESTION, CHUNKS)
+    head = prefill_head(ex, pieces.head, "fp")
+    chunks = prefill_chunks(ex, head, list(pieces.chunks), "p")
+    if where == "pinned host":
+        head = ChunkKV(head.kv.cpu().pin_memory(), head.token_ids, 0, "fp", "")
+        streams = []
+        for c in chunks:
+            stream = LayerStream("k")
+            stream.start_from(ChunkKV(c.kv.cpu().pin_memory(), c.token_ids, c.position_offset, "fp", "p"))
+            streams.append(stream)
+        chunks = streams
+    fusion = make_strategy(strategy, **PARAMS.get(strategy, {}))
+    inp = FusionInput(pieces, head, tuple(chunks) if fusion.uses_cache else (), max_new_tokens=2)
+    fusion.fuse(ex, inp)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = fusion.fuse(ex, inp).logits
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits).all()
