@@ -19,9 +19,10 @@ def cuda_runtime(device: torch.device) -> bool:
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` on ``device``, copied without a wait: through pinned memory, asynchronously. The
-    pinned staging block is not reused before the copy has run (PyTorch's host allocator records
-    the copy), so ``host`` may change or go as soon as this returns."""
+    """``host`` on ``device``, copied without a wait: through pinned memory, asynchronously. A
+    pageable ``host`` is staged in pinned memory first, which PyTorch's host allocator does not
+    reuse before the copy has run; an already pinned ``host`` is copied from directly, so it must
+    not change until the device has read it."""
     if device.type == "cpu" or host.device.type != "cpu":
         return host.to(device)
     staged = host if host.is_pinned() else host.pin_memory()
@@ -37,32 +38,46 @@ def pinned(host: torch.Tensor, device: torch.device | str | None) -> torch.Tenso
 
 
 class SideStream:
-    """Copies to ``device`` issued on a second stream, each batch followed by an event that the
-    compute stream waits for before it reads what was copied: loading layer i + 1 overlaps the
-    computation of layer i. Without a CUDA runtime copies run inline."""
+    """Copies from host memory into device tensors issued on a second stream, each batch ending in
+    an event that the compute stream waits for before it reads the destinations: loading layer
+    i + 1 overlaps the computation of layer i. Without a CUDA runtime copies run inline and
+    events are None."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._stream = torch.cuda.Stream(device) if cuda_runtime(device) else None
 
-    def copy(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        """The ``tensors`` on the device (those already there as they are) and an event that
-        marks the copies' end (None without a side stream)."""
+    def follow(self) -> None:
+        """Order the side stream after everything queued on the compute stream so far: memory the
+        compute stream allocated (and may still be using from an earlier life) is safe to write."""
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def mark(self) -> Any:
+        """An event at the current point of the compute stream (None without a side stream)."""
         if self._stream is None:
-            return [t.to(self.device, non_blocking=t.is_pinned()) for t in tensors], None
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def copy_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any = None) -> Any:
+        """Copy each host source into its device destination once ``after`` (a `mark`) has passed;
+        returns the event marking the copies' end."""
+        if self._stream is None:
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=src.is_pinned())
+            return None
         with torch.cuda.stream(self._stream):
-            out = [t.to(self.device, non_blocking=True) for t in tensors]
+            if after is not None:
+                self._stream.wait_event(after)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
-        return out, event
+        return event
 
-    def wait(self, event: Any, tensors: list[torch.Tensor]) -> None:
-        """Make the current stream wait for ``event`` before it uses ``tensors``, and keep their
-        memory from being reused until the current stream's work on them is done."""
-        if event is None or self._stream is None:
-            return
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(event)
-        for tensor in tensors:
-            if tensor.device.type == "cuda":
-                tensor.record_stream(current)
+    def wait(self, event: Any) -> None:
+        """Make the compute stream wait for ``event`` (a device-side wait: the host goes on)."""
+        if event is not None and self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)

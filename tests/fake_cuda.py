@@ -230,7 +230,8 @@ class _Dispatch(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if device:
             self._check(name, args, kwargs, tensors)
-            if name not in _VIEWS:
+            upload = name == "copy_" and not on_device(args[1])  # a copy engine's transfer, counted apart
+            if name not in _VIEWS and not upload:
                 self.fake.op(name, tensors)
         out = func(*args, **kwargs)
         if device:

@@ -122,12 +122,15 @@ class _Placement:
     """Places every stored cache's layer i into a fused buffer when the fusion first reaches
     layer i: one concatenation over all caches (head and chunks lie side by side before the
     question) and one re-rotation of every moved key, with per-token tables made once (fp64
-    angles of each cache's shift, applied in fp32, as `LayerExecutor.rerotate` computes them). Host
-    layers (the CPU tier's pinned caches, decoded disk entries) go to the device on a side stream
-    one layer ahead, so loading overlaps the computation of the layer before."""
+    angles of each cache's shift, applied in fp32, as `LayerExecutor.rerotate` computes them).
+
+    Host layers (the CPU tier's pinned caches, decoded disk entries) go to the device on a side
+    stream one layer ahead, into one of two staging slots that hold a layer of every host cache
+    side by side; a slot is written again only once the concatenation that read it has run, so
+    staging never holds more than two layers however far the host runs ahead of the device."""
 
     def __init__(self, executor: LayerExecutor, sources: list[ChunkKV | LayerSource], placed: range,
-                 shifts: torch.Tensor, device: torch.device) -> None:
+                 shifts: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
         self.sources = sources
         self.placed = placed  # the indices the caches fill, side by side
         moved = torch.nonzero(shifts).flatten()  # host tensors: host operations
@@ -136,13 +139,34 @@ class _Placement:
                          if self.moved is not None else None)
         if self.moved is not None:
             self.moved = range(placed.start + self.moved.start, placed.start + self.moved.stop)
+        self.device, self.dtype = device, dtype
         self.side = SideStream(device)
+        self.slots: torch.Tensor | None = None  # [2, 2, kv_heads, host tokens, head_dim]
+        self.consumed: list[object] = [None, None]  # per slot: after the concatenation that read it
         self.staged: dict[int, tuple[list[torch.Tensor], object]] = {}
         self.filled = 0
 
     def _stage(self, i: int) -> None:
         layers = [s.kv[i] if isinstance(s, ChunkKV) else s.layer(i) for s in self.sources]
-        self.staged[i] = self.side.copy(layers)
+        host = [p.device.type == "cpu" and self.device.type != "cpu" for p in layers]
+        if not any(host):
+            self.staged[i] = (layers, None)
+            return
+        if self.slots is None:
+            first = next(p for p, h in zip(layers, host) if h)
+            tokens = sum(p.shape[2] for p, h in zip(layers, host) if h)
+            self.slots = torch.empty((2, 2, first.shape[1], tokens, first.shape[3]), dtype=self.dtype,
+                                     device=self.device)
+            self.side.follow()
+        slot, start, views, copies = self.slots[i % 2], 0, [], []
+        for part, on_host in zip(layers, host):
+            if on_host:
+                view = slot[:, :, start : start + part.shape[2]]
+                copies.append((view, part))
+                start += part.shape[2]
+                part = view
+            views.append(part)
+        self.staged[i] = (views, self.side.copy_into(copies, after=self.consumed[i % 2]))
 
     def ensure(self, buf: torch.Tensor, layer: int) -> None:
         while self.filled <= min(layer, buf.shape[0] - 1):
@@ -150,17 +174,18 @@ class _Placement:
             if i not in self.staged:
                 self._stage(i)
             parts, event = self.staged.pop(i)
-            self.side.wait(event, parts)
+            self.side.wait(event)
             if i + 1 < buf.shape[0]:
                 self._stage(i + 1)  # its copies run while this layer is computed
             parts = [p.to(buf.dtype) for p in parts]
             torch.cat(parts, dim=2, out=buf[i, :, :, self.placed.start : self.placed.stop])
+            self.consumed[i % 2] = self.side.mark()
             if self.moved is not None:
                 keys = buf[i, 0, :, self.moved.start : self.moved.stop]
                 keys.copy_(rotate(keys.float(), self.rotation).to(buf.dtype))
             self.filled += 1
         if self.filled == buf.shape[0]:  # every layer placed: let the sources go
-            self.sources, self.rotation = [], None
+            self.sources, self.rotation, self.slots = [], None, None
             _LAZY.pop(id(buf), None)
 
 
@@ -197,6 +222,7 @@ def assemble_cache(
             target = int(layout.positions[span.start]) if len(span) else 0
             shifts.append(torch.full((len(span),), target - kv.position_offset, dtype=torch.long))
         region = range(placed[0][0].start, placed[-1][0].stop)  # head and chunks lie side by side
-        _LAZY[id(buf)] = _Placement(executor, [kv for _, kv in placed], region, torch.cat(shifts), buf.device)
+        _LAZY[id(buf)] = _Placement(executor, [kv for _, kv in placed], region, torch.cat(shifts), buf.device,
+                                    buf.dtype)
         weakref.finalize(buf, _LAZY.pop, id(buf), None)
         return buf

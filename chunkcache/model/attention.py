@@ -79,6 +79,13 @@ def plain_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
                                               enable_gqa=q.shape[0] != keys.shape[0])[0]
 
 
+def plain_is_fast(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether `plain_attention` on CUDA reaches a fused kernel: grouped-query fp32 does not (flash
+    takes no fp32, the memory-efficient kernel no grouped queries in torch 2.11), and the math
+    fallback holds every score at once (about 128 GiB at 32K tokens)."""
+    return not (q.dtype == torch.float32 and q.shape[0] != keys.shape[0])
+
+
 def blocked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: float
                       ) -> torch.Tensor:
     """Sparse queries on the CPU: up to ``_ATTENTION_BLOCKS`` blocks of queries, each over the keys

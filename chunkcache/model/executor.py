@@ -15,9 +15,10 @@ import torch
 
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.arch import check_supported
+from chunkcache.model import sparse_attention
 from chunkcache.model.attention import (
     SPARSE_BACKENDS, ApeAttention, ape_attention, blocked_attention, device_sparse_attention, masked_attention,
-    plain_attention,
+    plain_attention, plain_is_fast,
 )
 
 __all__ = ["ApeAttention", "KVHook", "LayerExecutor", "QueryHook", "Rows", "rotate", "rotate_half"]
@@ -111,6 +112,9 @@ class LayerExecutor:
         """How a selection of queries attends on a GPU (``Settings.attention_backend``)."""
         if name not in SPARSE_BACKENDS:
             raise InvalidInputError(f"attention_backend must be one of {', '.join(SPARSE_BACKENDS)}, got {name!r}")
+        if name == "triton" and not sparse_attention.triton_available():
+            raise InvalidInputError("attention_backend 'triton' needs the triton package (it comes with PyTorch's "
+                                    "CUDA builds); install it or use 'auto'")
         self.sparse_backend = name
 
     # --- RoPE -------------------------------------------------------------------------------
@@ -265,7 +269,8 @@ class LayerExecutor:
                 out = plain_attention(q, keys, values, self.scale, causal=False)
             else:
                 out = blocked_attention(q, keys, values, rows.index, self.scale)
-        elif rows.span is not None and rows.span.stop == total and (rows.span.start == 0 or n == 1):
+        elif (rows.span is not None and rows.span.stop == total and (rows.span.start == 0 or n == 1)
+              and plain_is_fast(q, keys)):
             # a prefill of every position, or one query after every key: known without a read
             out = plain_attention(q, keys, values, self.scale, causal=n > 1)
         else:

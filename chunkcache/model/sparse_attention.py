@@ -1,8 +1,15 @@
 """Sparse-query causal attention: a few queries at arbitrary sorted sequence positions attend to
 a fused KV cache, each to the keys up to its own position. This module owns the Triton kernel
-that does it in one launch without any host read (`sparse_query_attention`), its plain-torch
-reference with the same contract (`reference_sparse_attention`, the CPU path and the tests'
-oracle) and the check whether Triton can be used at all (`triton_available`).
+that does it without any host read (`sparse_query_attention`), its plain-torch reference with
+the same contract (`reference_sparse_attention`, the CPU path and the tests' oracle) and the check
+whether Triton can be used at all (`triton_available`).
+
+Split-KV (flash decoding): a program per (head, query block) loops over all keys up to the block's
+last position, so a few queries (a decoded token, a question over a long cache) would leave most
+of the GPU idle while `heads` programs each read S keys serially. When the programs would not fill
+the GPU (`_splits`, from shapes and the SM count only), the key range is cut into equal splits as
+a third grid axis; each program writes an fp32 partial (running max, sum, unnormalised output) and
+a second small kernel merges a row's partials logsumexp-style. Otherwise one launch, as before.
 
 Triton is optional: it is imported only when the kernel is first used. ``triton.jit`` reads
 ``TRITON_INTERPRET`` when it decorates a function, not at launch, and Triton decorates its own
@@ -24,7 +31,12 @@ import torch.nn.functional as F
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 is the largest config sized below
-_kernels: dict[bool, Any] = {}  # interpreter active -> the kernel decorated in that mode
+_kernels: dict[bool, Any] = {}  # interpreter active -> (kernel, combine kernel) decorated in that mode
+# Splits hold at least this many keys: below it, writing and merging partials costs more than the
+# parallelism gains. The tests lower it to reach splits at the small S the interpreter can afford.
+_MIN_SPLIT_KEYS = 512
+_COMBINE_ROWS = 16  # rows a combine program merges
+_PRETEND_SMS = 132  # the interpreter has no device: an H100's SM count keeps the split rule the same
 tl: Any = None  # triton.language once `_kernel` has imported it (the kernel's body needs the global)
 
 
@@ -72,21 +84,41 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int
     return 64, 32, 8, 2
 
 
+@functools.cache  # a driver query: the same for every call on a device
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(n_programs: int, S: int, sm_count: int, block_n: int, min_split: int) -> tuple[int, int]:
+    """(splits, keys per split) for `n_programs` (head, query block) programs over S keys: a pure
+    function of shapes, so a CUDA graph replays the grid it captured. Splits are whole key blocks
+    of at least `min_split` keys (the last one may be shorter). The launch configs leave room for
+    about two programs an SM, so a grid of up to 2 x SMs programs runs in one wave: split as much
+    as still fits in it, i.e. only when at most one program an SM would run without splitting."""
+    splits = min(2 * sm_count // n_programs, S // max(min_split, block_n))
+    if splits < 2:
+        return 1, S
+    split_len = -(-S // splits)
+    split_len = -(-split_len // block_n) * block_n
+    return -(-S // split_len), split_len
+
+
 def _kernel_source(
-    Q, K, V, Idx, Out,
+    Q, K, V, Idx, Out, Part,
     stride_qh, stride_qm, stride_kh, stride_kn, stride_vh, stride_vn, stride_om,
-    n, S, qk_scale,
+    n, S, split_len, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):  # pragma: no cover - its lines run inside Triton (compiled, or interpreted without coverage)
     # One program per (query head, query block): folding a GQA group into the block would save K/V
     # reads only while blocks are under-filled, and would divide the programs of a short n by the
     # group. Heads vary fastest, so a group's programs run side by side and share K/V tiles in L2;
     # query blocks run last-first: later positions see more keys, so the longest programs start first.
+    # With SPLIT, program_id(2) picks the keys [split * split_len, (split + 1) * split_len).
     head = tl.program_id(0)
     block_m = tl.num_programs(1) - 1 - tl.program_id(1)
     kv_head = (head // GROUP).to(tl.int64)
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (block_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # row * stride may pass 2**31
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < n
@@ -99,17 +131,25 @@ def _kernel_source(
     # there the dots see the same bf16 values widened to fp32 (bf16 products are exact in fp32).
     if UPCAST:
         q = q.to(tl.float32)
-    # Keys past the block's last position are never read.
+    # Keys past the block's last position are never read. A split past it has no key to read and
+    # stores the neutral partial (m = -1e30, l = 0, acc = 0).
     end = tl.max(pos, axis=0) + 1
+    lo = 0
+    hi = end
+    if SPLIT:
+        lo = tl.program_id(2) * split_len
+        hi = tl.minimum(end, lo + split_len)
     k_ptrs = K + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # A split may hold no key for some rows (positions before it): a finite start keeps their
+    # exp2(m_i - m_new) and exp2(qk - m_new) at 1 and 0 instead of NaN from -inf - -inf.
+    m_i = tl.full([BLOCK_M], -1.0e30 if SPLIT else float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, end, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        live = cols < end
+        live = cols < hi
         k = tl.load(k_ptrs + start_n * stride_kn, mask=live[:, None], other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=live[:, None], other=0.0)
         if UPCAST:
@@ -123,9 +163,9 @@ def _kernel_source(
             qk = tl.dot(q, tl.trans(k))
         qk = qk * qk_scale
         # One masked path for every block: the where is cheap next to the two dots, and it also
-        # hides the zero-filled keys past `end` in the last block.
+        # hides the zero-filled keys past `end` in the last block (split_len is whole blocks).
         qk = tl.where(cols[None, :] <= pos[:, None], qk, float("-inf"))
-        # Every row sees key 0 in the first block, so m_new is finite from then on (no inf - inf).
+        # Unsplit, every row sees key 0 in the first block, so m_new is finite from then on.
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
@@ -139,13 +179,48 @@ def _kernel_source(
         else:
             acc = tl.dot(p, v, acc * alpha[:, None])
         m_i = m_new
-    out = acc / l_i[:, None]
+    if SPLIT:  # Part: acc [splits, heads, n, d], then m and l [2, splits, heads, n], fp32
+        rec = (tl.program_id(2) * tl.num_programs(0) + head).to(tl.int64) * n + offs_m
+        tl.store(Part + rec[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=rows[:, None])
+        ml = Part + tl.num_programs(2).to(tl.int64) * tl.num_programs(0) * n * HEAD_DIM + rec
+        tl.store(ml, m_i, mask=rows)
+        tl.store(ml + tl.num_programs(2).to(tl.int64) * tl.num_programs(0) * n, l_i, mask=rows)
+    else:
+        out = acc / l_i[:, None]
+        o_ptrs = Out + offs_m[:, None] * stride_om + head * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows[:, None])
+
+
+def _combine_source(Part, Out, stride_om, n, splits, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):  # pragma: no cover
+    # One program per (ROWS rows, head) merges its splits' partials: out = sum_s w_s acc_s /
+    # sum_s w_s l_s, w_s = exp2(m_s - max m). A run-time loop over the splits, not one tile of them,
+    # so that their number (it grows with S) never makes a new compiled variant in mid-request.
+    # Split 0 holds key 0, which every row sees: the running max is finite from then on.
+    head = tl.program_id(1)
+    offs_m = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < n
+    records = splits.to(tl.int64) * tl.num_programs(1) * n
+    m_all = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_all = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for s in range(0, splits):
+        rec = (s * tl.num_programs(1) + head).to(tl.int64) * n + offs_m
+        m_s = tl.load(Part + records * HEAD_DIM + rec, mask=rows, other=0.0)
+        l_s = tl.load(Part + records * (HEAD_DIM + 1) + rec, mask=rows, other=1.0)  # no 0 / 0
+        a_s = tl.load(Part + rec[:, None] * HEAD_DIM + offs_d[None, :], mask=rows[:, None], other=0.0)
+        m_new = tl.maximum(m_all, m_s)
+        alpha = tl.math.exp2(m_all - m_new)
+        w = tl.math.exp2(m_s - m_new)
+        l_all = l_all * alpha + l_s * w
+        acc = acc * alpha[:, None] + a_s * w[:, None]
+        m_all = m_new
     o_ptrs = Out + offs_m[:, None] * stride_om + head * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows[:, None])
+    tl.store(o_ptrs, (acc / l_all[:, None]).to(Out.dtype.element_ty), mask=rows[:, None])
 
 
 def _kernel(interpreting: bool) -> Any:
-    """The jitted kernel, decorated on first use in the mode of Triton's own library."""
+    """The jitted (kernel, combine kernel), decorated on first use in the mode of Triton's library."""
     global tl
     import triton
     import triton.language as tl
@@ -153,11 +228,11 @@ def _kernel(interpreting: bool) -> Any:
     if interpreting not in _kernels:
         # n and S change with every request: specialising on them (== 1, divisible by 16) would
         # only multiply the compiled variants.
-        kernel = triton.jit(_kernel_source, do_not_specialize=["n", "S"])
+        kernel = triton.jit(_kernel_source, do_not_specialize=["n", "S", "split_len"])
         if _is_interpreted(kernel) != interpreting:
             raise RuntimeError(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} was changed after "
                                "triton was imported: set it before the process imports triton")
-        _kernels[interpreting] = kernel
+        _kernels[interpreting] = kernel, triton.jit(_combine_source, do_not_specialize=["n", "splits"])
     return _kernels[interpreting]
 
 
@@ -209,8 +284,9 @@ def sparse_query_attention(
     in q's dtype (row i = the concatenation over heads of head h's output for query i), ready for
     the o_proj linear.
 
-    One Triton launch, no host read of any tensor value and no allocation but the output, so it
-    can be captured in a CUDA graph. Indices must lie in [0, S): one past it sees all S keys, a
+    One Triton launch (two when the keys are split, see `_splits`), no host read of any tensor
+    value and no allocation but the output (and, split, an fp32 scratch for the partials), all
+    sized by shapes alone, so it can be captured in a CUDA graph. Indices must lie in [0, S): one past it sees all S keys, a
     negative one gives NaN. Sorting only matters for speed (each query block reads keys up to its
     largest index). Needs CUDA tensors, or any tensors when `interpreter_active`."""
     _check_shapes(q, keys, values, index)
@@ -222,25 +298,32 @@ def sparse_query_attention(
     if q.device.type != "cuda" and not interpreting:
         raise RuntimeError(f"sparse_query_attention needs CUDA tensors (got {q.device}); to run it on the CPU, set "
                            "TRITON_INTERPRET=1 before the process imports triton, or use reference_sparse_attention")
-    kernel = _kernel(interpreting)
+    kernel, combine = _kernel(interpreting)
     heads, n, d = q.shape
     kv_heads, S, _ = keys.shape
     out = torch.empty(n, heads * d, dtype=q.dtype, device=q.device)
     if n == 0:
         return out
     block_m, block_n, num_warps, num_stages = launch_config(d, q.dtype)
-    grid = (heads, -(-n // block_m))
+    blocks = -(-n // block_m)
+    sms = _sm_count(q.device) if q.device.type == "cuda" else _PRETEND_SMS
+    splits, split_len = _splits(heads * blocks, S, sms, block_n, _MIN_SPLIT_KEYS)
+    # unsplit, the kernel never touches Part: the output stands in for it
+    part = torch.empty(splits * heads * n * (d + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
     upcast = interpreting and q.dtype == torch.bfloat16
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext()
     with guard:  # Triton launches on the current device, which may not be q's
-        kernel[grid](
-            q, keys, values, index, out,
+        kernel[(heads, blocks, splits)](
+            q, keys, values, index, out, part,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            out.stride(0), n, S, scale * math.log2(math.e),
+            out.stride(0), n, S, split_len, scale * math.log2(math.e),
             GROUP=heads // kv_heads, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-            IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+            IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, SPLIT=splits > 1,
             num_warps=num_warps, num_stages=num_stages,
         )
+        if splits > 1:  # split only with few programs: a few rows a program still leaves many
+            combine[(-(-n // _COMBINE_ROWS), heads)](part, out, out.stride(0), n, splits, HEAD_DIM=d,
+                                                     ROWS=_COMBINE_ROWS, num_warps=4)
     return out
 
 

@@ -150,9 +150,14 @@ class TieredStore:
             return kv if device is None else _moved(kv, device)
         return None
 
-    def _promote(self, found_at: int, key: str, kv: ChunkKV, data: bytes | None) -> None:
+    def _promote(self, found_at: int, key: str, kv: ChunkKV, data: bytes | None, to_gpu: bool = True) -> None:
+        """Put a hit into every tier above the one it was found in. ``to_gpu=False`` (loader
+        threads) leaves the GPU tier out: its copy would run on the stream the fusion computes
+        on, queued before the fusion's own kernels, and carry the chunk over PCIe a second time
+        next to the fusion's layer-by-layer copies."""
         for tier in self.tiers[:found_at]:
-            self._put_tier(tier, key, kv, data, None)
+            if to_gpu or not (isinstance(tier, MemoryTier) and tier.device.type == "cuda"):
+                self._put_tier(tier, key, kv, data, None)
 
     def prefetch(self, keys: Sequence[str], model_fingerprint: str | None = None,
                  device: torch.device | str | None = None) -> PrefetchHandle:
@@ -208,7 +213,7 @@ class TieredStore:
                 kv = tier.get(key, model_fingerprint)
                 if kv is not None:
                     stream.start_from(kv)
-                    self._promote(i, key, kv, None)
+                    self._promote(i, key, kv, None, to_gpu=False)
                     return
                 continue
             read_at = time.perf_counter()
@@ -222,7 +227,7 @@ class TieredStore:
                     kv = decode_entry(data, model_fingerprint)
                     stream.decode_s += time.perf_counter() - decode_at
                     stream.start_from(ChunkKV(pinned(kv.kv, device), *_metadata(kv)))
-                    self._promote(i, key, kv, data)
+                    self._promote(i, key, kv, data, to_gpu=False)
                     return
                 entry = unpack(data, model_fingerprint=model_fingerprint)
                 codec = codec_for(entry.header["codec"])
@@ -240,7 +245,7 @@ class TieredStore:
             finally:
                 stream.decode_s += time.perf_counter() - decode_at
             try:
-                self._promote(i, key, stream.result(), data)
+                self._promote(i, key, stream.result(), data, to_gpu=False)
             except Exception as exc:  # noqa: BLE001 - the chunk was served; only the copy failed
                 log.warning("could not promote chunk cache %s: %s", key[:16], exc)
             return

@@ -68,7 +68,7 @@ def prompts() -> dict[int, Prompt]:
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
         tie_word_embeddings=False)
     torch.manual_seed(0)
-    executor = LayerExecutor(AutoModelForCausalLM.from_config(config).eval())
+    executor = LayerExecutor(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval())  # as on a GPU
     gen = torch.Generator().manual_seed(1)
 
     def ids(n: int) -> tuple[int, ...]:
