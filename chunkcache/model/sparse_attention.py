@@ -32,10 +32,10 @@ import torch.nn.functional as F
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 is the largest config sized below
 _kernels: dict[bool, Any] = {}  # interpreter active -> (kernel, combine kernel) decorated in that mode
-# Splits hold at least this many keys: below it, writing and merging partials costs more than the
-# parallelism gains. The tests lower it to reach splits at the small S the interpreter can afford.
+# Fewer keys a split would not pay for writing and merging its partials. The tests lower it to
+# reach splits at the small S the interpreter can afford.
 _MIN_SPLIT_KEYS = 512
-_COMBINE_ROWS = 16  # rows a combine program merges
+_COMBINE_ROWS = 16  # rows a combine program merges: a split grid has few rows, so still many programs
 _PRETEND_SMS = 132  # the interpreter has no device: an H100's SM count keeps the split rule the same
 tl: Any = None  # triton.language once `_kernel` has imported it (the kernel's body needs the global)
 
@@ -72,7 +72,8 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int
 
     Checked by compiling for sm_90 (Triton 3.5, 3.6, 3.9) without a GPU: no register spills in
     16-bit; shared memory 40 KB (head_dim 64, 16-bit), 80 KB (128), 96 KB (256), fp32 at most 72 KB,
-    under an H100's 227 KB (and an sm_86's 99 KB)."""
+    under an H100's 227 KB (and an sm_86's 99 KB). The split-KV variant: the same shared memory, no
+    spills (Triton 3.9) but one 4-byte store outside the loop (fp32, head_dim 32)."""
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMA units with whole tiles in registers: larger tiles spill.
         if head_dim <= 64:
@@ -92,9 +93,10 @@ def _sm_count(device: torch.device) -> int:
 def _splits(n_programs: int, S: int, sm_count: int, block_n: int, min_split: int) -> tuple[int, int]:
     """(splits, keys per split) for `n_programs` (head, query block) programs over S keys: a pure
     function of shapes, so a CUDA graph replays the grid it captured. Splits are whole key blocks
-    of at least `min_split` keys (the last one may be shorter). The launch configs leave room for
-    about two programs an SM, so a grid of up to 2 x SMs programs runs in one wave: split as much
-    as still fits in it, i.e. only when at most one program an SM would run without splitting."""
+    of at least `min_split` keys (the last one may be shorter). Two 16-bit programs fit an SM at
+    head_dim <= 128 (sm_90: <= 221 registers x 128 threads, <= 80 KB shared), so a grid of up to
+    2 x SMs programs runs in one wave: split as much as still fits in it, i.e. only when there is
+    at most one program an SM unsplit. (fp32 and head_dim 256 fit one an SM: two waves.)"""
     splits = min(2 * sm_count // n_programs, S // max(min_split, block_n))
     if splits < 2:
         return 1, S
@@ -118,24 +120,26 @@ def _kernel_source(
     head = tl.program_id(0)
     block_m = tl.num_programs(1) - 1 - tl.program_id(1)
     kv_head = (head // GROUP).to(tl.int64)
-    offs_m = (block_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # row * stride may pass 2**31
+    # A 64-bit block start: row * stride may pass 2**31 for huge n. Offsets inside a block stay
+    # 32-bit (BLOCK_M x stride is far below it; 64-bit row vectors spilled fp32 at head_dim 128).
+    row0 = (block_m * BLOCK_M).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = block_m * BLOCK_M + offs_r
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < n
     # Rows past n pretend to sit at position 0: key 0 keeps their softmax finite, and they are
     # neither stored nor counted in the loop bound. The clamp keeps a bad index inside the keys.
     pos = tl.minimum(tl.load(Idx + offs_m, mask=rows, other=0), S - 1).to(tl.int32)
-    q = tl.load(Q + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=rows[:, None], other=0.0)
+    q = tl.load(Q + head.to(tl.int64) * stride_qh + row0 * stride_qm + offs_r[:, None] * stride_qm
+                + offs_d[None, :], mask=rows[:, None], other=0.0)
     # Triton's interpreter keeps bf16 as uint16 and would multiply the raw bits as integers, so
     # there the dots see the same bf16 values widened to fp32 (bf16 products are exact in fp32).
     if UPCAST:
         q = q.to(tl.float32)
-    # Keys past the block's last position are never read. A split past it has no key to read and
-    # stores the neutral partial (m = -1e30, l = 0, acc = 0).
+    # Keys past the block's last position are never read.
     end = tl.max(pos, axis=0) + 1
-    lo = 0
-    hi = end
+    lo, hi = 0, end
     if SPLIT:
         lo = tl.program_id(2) * split_len
         hi = tl.minimum(end, lo + split_len)
@@ -147,6 +151,13 @@ def _kernel_source(
     m_i = tl.full([BLOCK_M], -1.0e30 if SPLIT else float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if SPLIT:  # Part: acc [splits, heads, n, d], then m and l [2, splits, heads, n], all fp32
+        total = tl.num_programs(2).to(tl.int64) * tl.num_programs(0) * n
+        rec0 = (tl.program_id(2) * tl.num_programs(0) + head).to(tl.int64) * n + row0
+        ml_ptrs = Part + total * HEAD_DIM + rec0 + offs_r
+        # the neutral partial (m = -1e30, l = 0; acc = 0 below) of a split past the block's keys
+        tl.store(ml_ptrs, m_i, mask=rows)
+        tl.store(ml_ptrs + total, l_i, mask=rows)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         live = cols < hi
@@ -179,23 +190,25 @@ def _kernel_source(
         else:
             acc = tl.dot(p, v, acc * alpha[:, None])
         m_i = m_new
-    if SPLIT:  # Part: acc [splits, heads, n, d], then m and l [2, splits, heads, n], fp32
-        rec = (tl.program_id(2) * tl.num_programs(0) + head).to(tl.int64) * n + offs_m
-        tl.store(Part + rec[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=rows[:, None])
-        ml = Part + tl.num_programs(2).to(tl.int64) * tl.num_programs(0) * n * HEAD_DIM + rec
-        tl.store(ml, m_i, mask=rows)
-        tl.store(ml + tl.num_programs(2).to(tl.int64) * tl.num_programs(0) * n, l_i, mask=rows)
+        # Stored in the last iteration, not after the loop: live past it, m_i and l_i made ptxas
+        # spill hundreds of bytes (sm_90, fp32 at head_dim 128), for one uniform branch a block.
+        if SPLIT and start_n + BLOCK_N >= hi:
+            tl.store(ml_ptrs, m_i, mask=rows)
+            tl.store(ml_ptrs + total, l_i, mask=rows)
+    if SPLIT:
+        tl.store(Part + rec0 * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=rows[:, None])
     else:
         out = acc / l_i[:, None]
-        o_ptrs = Out + offs_m[:, None] * stride_om + head * HEAD_DIM + offs_d[None, :]
+        o_ptrs = Out + row0 * stride_om + offs_r[:, None] * stride_om + head * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows[:, None])
 
 
-def _combine_source(Part, Out, stride_om, n, splits, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):  # pragma: no cover
+def _combine_source(Part, Out, stride_om, n, splits,
+                    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):  # pragma: no cover - runs in Triton
     # One program per (ROWS rows, head) merges its splits' partials: out = sum_s w_s acc_s /
-    # sum_s w_s l_s, w_s = exp2(m_s - max m). A run-time loop over the splits, not one tile of them,
-    # so that their number (it grows with S) never makes a new compiled variant in mid-request.
-    # Split 0 holds key 0, which every row sees: the running max is finite from then on.
+    # sum_s w_s l_s, w_s = exp2(m_s - max m), with an online max. A run-time loop over the splits,
+    # not one tile of them, so that their number (it grows with S) never compiles a new variant in
+    # mid-request. Split 0 holds key 0, which every row sees: the running max is finite from then on.
     head = tl.program_id(1)
     offs_m = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -286,9 +299,10 @@ def sparse_query_attention(
 
     One Triton launch (two when the keys are split, see `_splits`), no host read of any tensor
     value and no allocation but the output (and, split, an fp32 scratch for the partials), all
-    sized by shapes alone, so it can be captured in a CUDA graph. Indices must lie in [0, S): one past it sees all S keys, a
-    negative one gives NaN. Sorting only matters for speed (each query block reads keys up to its
-    largest index). Needs CUDA tensors, or any tensors when `interpreter_active`."""
+    sized by shapes alone, so it can be captured in a CUDA graph. Indices must lie in [0, S): one
+    past it sees all S keys, a negative one gives NaN. Sorting only matters for speed (each query
+    block reads keys up to its largest index). Needs CUDA tensors, or any tensors when
+    `interpreter_active`."""
     _check_shapes(q, keys, values, index)
     _check_kernel_inputs(q, keys, values)
     if not triton_available():
@@ -308,8 +322,8 @@ def sparse_query_attention(
     blocks = -(-n // block_m)
     sms = _sm_count(q.device) if q.device.type == "cuda" else _PRETEND_SMS
     splits, split_len = _splits(heads * blocks, S, sms, block_n, _MIN_SPLIT_KEYS)
-    # unsplit, the kernel never touches Part: the output stands in for it
-    part = torch.empty(splits * heads * n * (d + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
+    # One scratch per call (the caching allocator: no sync); unsplit, the output stands in for it.
+    part = out if splits == 1 else torch.empty(splits * heads * n * (d + 2), dtype=torch.float32, device=q.device)
     upcast = interpreting and q.dtype == torch.bfloat16
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext()
     with guard:  # Triton launches on the current device, which may not be q's
@@ -321,7 +335,7 @@ def sparse_query_attention(
             IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, SPLIT=splits > 1,
             num_warps=num_warps, num_stages=num_stages,
         )
-        if splits > 1:  # split only with few programs: a few rows a program still leaves many
+        if splits > 1:
             combine[(-(-n // _COMBINE_ROWS), heads)](part, out, out.stride(0), n, splits, HEAD_DIM=d,
                                                      ROWS=_COMBINE_ROWS, num_warps=4)
     return out

@@ -3,7 +3,8 @@ Triton kernel against the reference for the index patterns, layouts and dtypes c
 produces. The kernel tests run in this process when Triton's interpreter is active here or on
 CUDA; otherwise (the usual CPU run) `test_kernel_tests_under_interpreter` runs them in a child
 pytest started with TRITON_INTERPRET=1, because the interpreter must be chosen before triton is
-imported and another test may have imported it already."""
+imported and another test may have imported it already. The split-KV path is reached at the
+interpreter's small S by lowering the minimum split size (`_MIN_SPLIT_KEYS`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from chunkcache.model import sparse_attention
 from chunkcache.model.sparse_attention import (
+    _splits,
     interpreter_active,
+    launch_config,
     reference_sparse_attention,
     sparse_query_attention,
 )
@@ -143,12 +147,16 @@ def test_kernel_each_launch_config(device: str, d: int, dtype: torch.dtype) -> N
     _check_kernel(*_inputs(2, 1, 150, d, index, dtype, device), index.to(device), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("last", [200, 259])  # the largest index inside S, and S - 1
-def test_kernel_ignores_cache_past_the_largest_index(device: str, last: int) -> None:
+# the largest index inside S, and S - 1; split into 3 splits of 96 keys, the last one holding 200
+@pytest.mark.parametrize("last,split", [(200, False), (259, False), (200, True)])
+def test_kernel_ignores_cache_past_the_largest_index(device: str, monkeypatch: pytest.MonkeyPatch, last: int,
+                                                     split: bool) -> None:
     """K/V as views into a [layers, 2, kv_heads, capacity, d] buffer whose tail (past the largest
     index, inside and past S) holds huge values (must not change the result) or NaN values
     (proves those rows are never loaded: a loaded, masked NaN value would still poison P @ V);
     q as the transposed view of [n, heads, d] that q_proj(x).view gives."""
+    if split:
+        monkeypatch.setattr(sparse_attention, "_MIN_SPLIT_KEYS", 64)
     S, capacity, kv_heads, d = 260, 333, 2, 32
     index = _sorted_with_duplicates(77, last)
     index[-1] = last
@@ -192,6 +200,76 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
         sparse_query_attention(*_inputs(2, 2, 6, 16, index), index, SCALE)
 
 
+# --- split-KV ------------------------------------------------------------------------------------
+def test_split_rule_on_an_h100_for_an_8b_model() -> None:
+    """32 heads: one decoded token or a 32-token question is one block a head, 32 programs on 132
+    SMs; 264 // 32 = 8 splits of 4096 keys at S = 32K. Enough programs, or too few keys: no split."""
+    assert _splits(32, 32768, 132, 64, 512) == (8, 4096)
+    assert _splits(64, 32768, 132, 64, 512) == (4, 8192)
+    assert _splits(32, 1000, 132, 64, 512) == (1, 1000)  # one split of 512 would be all but the last
+    assert _splits(133, 32768, 132, 64, 512) == (1, 32768)
+    assert _splits(4, 3000, 132, 64, 512) == (5, 640)  # 5 splits of >= 512 keys, in whole blocks
+
+
+def test_split_rule_bounds() -> None:
+    """Whole blocks of at least min_split keys that cover [0, S) with a non-empty last split, never
+    more than two programs an SM in all, and a split only where the programs alone fill no SM each."""
+    for n_programs in (1, 3, 32, 66, 100, 132, 133, 4000):
+        for S in (1, 63, 512, 1000, 1025, 4096, 32768, 100003):
+            for sms, block_n, min_split in ((132, 64, 512), (78, 32, 1024), (1, 16, 64), (132, 64, 16)):
+                splits, split_len = _splits(n_programs, S, sms, block_n, min_split)
+                if splits == 1:
+                    assert split_len == S
+                    continue
+                assert n_programs <= sms and n_programs * splits <= 2 * sms
+                assert split_len % block_n == 0 and split_len >= max(min_split, block_n)
+                assert (splits - 1) * split_len < S <= splits * split_len
+
+
+def _split_index(case: str, S: int) -> torch.Tensor:
+    if case == "decode":
+        return torch.tensor([S - 1])
+    if case == "question":
+        return torch.arange(S - 32, S)
+    # 64 queries below 60 (whole query blocks whose later splits are empty), then a few scattered up
+    # to S - 1 in the last block (rows before a split's first key inside a split that has keys)
+    low = torch.randint(0, 60, (64,), generator=torch.Generator().manual_seed(3)).sort().values
+    return torch.cat((low, torch.tensor([61, 100, 150, 151, 250, S - 1])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 1])  # GQA groups 1 and 4
+@pytest.mark.parametrize("case", ["decode", "question", "scattered"])
+def test_kernel_split_kv_matches_reference(device: str, monkeypatch: pytest.MonkeyPatch, case: str,
+                                           kv_heads: int, dtype: torch.dtype) -> None:
+    monkeypatch.setattr(sparse_attention, "_MIN_SPLIT_KEYS", 64)
+    S, heads, d = 300, 4, 32
+    index = _split_index(case, S)
+    block_m, block_n, _, _ = launch_config(d, dtype)
+    splits, split_len = _splits(heads * -(-index.shape[0] // block_m), S, 132, block_n, 64)
+    assert splits > 1 and S % split_len  # the last split is shorter
+    if case == "scattered":
+        assert index[:block_m].max() < split_len  # the first query block has keys in split 0 only
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    _check_kernel(*_inputs(heads, kv_heads, S, d, index, dtype, device), index.to(device), atol=tol, rtol=tol)
+
+
+def test_kernel_split_rule_ignores_index_values(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split count (grid and scratch size) comes from shapes alone: a CUDA graph replayed with
+    other indices keeps a valid grid."""
+    monkeypatch.setattr(sparse_attention, "_MIN_SPLIT_KEYS", 64)
+    calls = []
+    monkeypatch.setattr(sparse_attention, "_splits", lambda *args: calls.append(args) or _splits(*args))
+    for index in (torch.tensor([0, 1, 2]), torch.tensor([5, 200, 299])):
+        _check_kernel(*_inputs(4, 2, 300, 16, index, device=device), index.to(device))
+    assert len(calls) == 2 and calls[0] == calls[1]
+    sms = calls[0][2]
+    if device == "cpu":
+        assert sms == sparse_attention._PRETEND_SMS
+    else:
+        assert sms == torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300)
@@ -231,13 +309,20 @@ def test_imports_and_reports_without_triton() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 128),
                                      (torch.float16, 256)])
-def test_cuda_without_host_sync_and_in_a_graph(dtype: torch.dtype, d: int) -> None:
+@pytest.mark.parametrize("n", [400, 32, 1])  # 400: unsplit (forced); 32 and 1: split-KV
+def test_cuda_without_host_sync_and_in_a_graph(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, d: int,
+                                               n: int) -> None:
     """No host sync; a captured call reads the index on the device at every replay."""
     pytest.importorskip("triton")
     if interpreter_active():
         pytest.skip("the interpreter is active in this process")
     S, heads, kv_heads, tol = 3000, 8, 2, 1e-4 if dtype == torch.float32 else 2e-2
-    index = _question_span(400, S).cuda()
+    if n == 400:
+        monkeypatch.setattr(sparse_attention, "_MIN_SPLIT_KEYS", 1 << 30)
+    else:
+        sms = sparse_attention._sm_count(torch.device("cuda", torch.cuda.current_device()))
+        assert _splits(heads, S, sms, launch_config(d, dtype)[1], sparse_attention._MIN_SPLIT_KEYS)[0] > 1
+    index = _question_span(n, S, min(n, 20)).cuda()
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(index.shape[0], heads, d, device="cuda", generator=gen, dtype=dtype).transpose(0, 1)
     buf = torch.randn(2, 2, kv_heads, S + 100, d, device="cuda", generator=gen, dtype=dtype)
@@ -254,7 +339,7 @@ def test_cuda_without_host_sync_and_in_a_graph(dtype: torch.dtype, d: int) -> No
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = sparse_query_attention(q, keys, values, index, SCALE)
-    index.copy_(_sorted_with_duplicates(400, S // 2))
+    index.copy_(_sorted_with_duplicates(n, S // 2) if n > 2 else torch.tensor([S // 2]))
     graph.replay()
     expected = reference_sparse_attention(q.float(), keys.float(), values.float(), index, SCALE)
     torch.testing.assert_close(captured.float(), expected, atol=tol, rtol=tol)
