@@ -32,11 +32,6 @@ class Layout:
     def length(self) -> int:
         return int(self.token_ids.shape[0])
 
-    @property
-    def context(self) -> range:
-        """Head and chunks: every index before the question."""
-        return range(0, self.question.start)
-
     def span_rows(self, executor: LayerExecutor, span: range) -> Rows:
         """`Rows` of a contiguous range of indices."""
         return executor.span_rows(span, self.device_positions[span.start : span.stop])
@@ -133,12 +128,14 @@ class _Placement:
                  shifts: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
         self.sources = sources
         self.placed = placed  # the indices the caches fill, side by side
-        moved = torch.nonzero(shifts).flatten()  # host tensors: host operations
-        self.moved = range(int(moved[0]), int(moved[-1]) + 1) if len(moved) else None
-        self.rotation = (executor.rotation(upload(shifts[self.moved.start : self.moved.stop], device))
-                         if self.moved is not None else None)
-        if self.moved is not None:
-            self.moved = range(placed.start + self.moved.start, placed.start + self.moved.stop)
+        # the keys to turn: from the first moved token to the last (unmoved ones between them
+        # turn by 0); host tensors, so these are host operations
+        self.moved, self.rotation = None, None
+        moved = torch.nonzero(shifts).flatten()
+        if len(moved):
+            first, last = int(moved[0]), int(moved[-1]) + 1
+            self.moved = range(placed.start + first, placed.start + last)
+            self.rotation = executor.rotation(upload(shifts[first:last], device))
         self.device, self.dtype = device, dtype
         self.side = SideStream(device)
         self.slots: torch.Tensor | None = None  # [2, 2, kv_heads, host tokens, head_dim]
