@@ -103,6 +103,19 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from chunkcache.eval.decode_bench import format_table, run_decode_bench
+    from chunkcache.store.policy import parse_bytes
+
+    engine = _engine(args)
+    report = run_decode_bench(engine.model.executor, _ints(args.batches, "--batches"),
+                              _ints(args.contexts, "--contexts"), args.steps, max_kv_bytes=parse_bytes(args.max_kv))
+    print(format_table(report))
+    if args.out:
+        print(f"wrote {_write_json(Path(args.out), 'decode.json', report)}")
+    return 0
+
+
 def _bundled_or(dataset: str | None) -> Path:
     return Path(dataset) if dataset else Path(str(resources.files("chunkcache").joinpath("data/demo.json")))
 
@@ -475,6 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
     from chunkcache.api.cli import add_load_parser
 
     add_load_parser(bench, common)
+
+    p = bench.add_parser("decode", help="batched decode: ms per step and tokens/s per batch size and context")
+    common(p)
+    p.add_argument("--batches", default="1,8,32", help="sequences decoded together")
+    p.add_argument("--contexts", default="1024,8192", help="tokens already in each sequence's cache")
+    p.add_argument("--steps", type=int, default=16, help="timed steps (after 3 warm-up steps)")
+    p.add_argument("--max-kv", default="8GiB", help="skip a row whose caches would need more than this")
+    p.add_argument("--out", help="folder for decode.json")
+    p.set_defaults(func=cmd_bench_decode)
 
     p = bench.add_parser("precompute", help="precompute throughput beside a bare batched prefill loop on the same chunks")
     common(p)

@@ -83,6 +83,12 @@ class Settings:
     port: int = 8000
     api_key_env: str = "CHUNKCACHE_API_KEY"
     max_queue: int = 32  # requests waiting for the engine; past it: 429
+    # Requests decoded together (one batched forward per token); a new one is fused between two
+    # steps and joins. 1: one request at a time.
+    max_batch: int = 16
+    # Bytes the fused caches of running requests may hold together (GPU memory on CUDA, host
+    # memory on the CPU): a request that does not fit waits, one larger than all of it is refused.
+    kv_budget: str = "2GiB"
     warm_up: bool = True  # serve: answer a made-up question per strategy before listening (engine.warm_up)
     max_documents: int = 64  # per request
     max_document_chars: int = 200_000  # per document

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chunkcache.blend import FusionInput, FusionResult, Sampling, generate, make_strategy
+import torch
+
+from chunkcache.blend import FusionInput, Sampling, make_strategy
 from chunkcache.blend.craft_cache import CraftVariants
 from chunkcache.blend.prefill import prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings
 from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInputError
+from chunkcache.generation import Answer, Fused, Generation, OnText, Plan, decode_step
 from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, PromptPieces, load_model
 from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
@@ -23,47 +25,6 @@ from chunkcache.store.variants import VariantIndex
 from chunkcache.timing import collect, stage
 
 _STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
-
-
-@dataclass(frozen=True)
-class Answer:
-    text: str
-    ttft_s: float  # call -> first token: loading and fusion included
-    # load_s, blend_s, decode_s, total_s, and the stages inside them: store_read_s,
-    # codec_decode_s, miss_prefill_s, rerotate_s, select_s, recompute_s, first_token_s
-    timings: dict[str, float]
-    prompt_tokens: int
-    reused_tokens: int
-    recomputed_tokens: int
-    strategy: str
-    params: dict[str, Any] = field(default_factory=dict)
-    cache_hits: int = 0
-    cache_misses: int = 0
-    token_ids: tuple[int, ...] = ()
-    finish_reason: str = "stop"  # stop: EOS, a stop request or a full context; length: max_new_tokens
-    chunks: tuple[dict[str, Any], ...] = ()  # cachecraft: per chunk the variant, CCI, beta', CFO, recomputed
-    # next-token logits after the prompt, kept only when asked for (evaluation)
-    first_token_logits: Any = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("first_token_logits")
-        out["token_ids"] = list(self.token_ids)
-        return out
-
-
-@dataclass
-class _Prepared:
-    result: FusionResult
-    pieces: PromptPieces
-    started: float
-    timings: dict[str, float]
-    hits: int
-    misses: int
-    strategy: str
-    params: dict[str, Any]
-    first_token_from: float
-    chunk_stats: tuple[dict[str, Any], ...] = ()
 
 
 class ChunkCacheEngine:
@@ -260,62 +221,22 @@ class ChunkCacheEngine:
         max_new_tokens: int | None = None,
         sampling: Sampling | None = None,
         keep_logits: bool = False,
-        on_text: Callable[[str], bool | None] | None = None,
+        on_text: OnText | None = None,
         record_variants: bool | None = None,
         **params: Any,
     ) -> Answer:
-        """Answer ``question`` from ``chunks`` with a fusion strategy (default from Settings).
+        """Answer ``question`` from ``chunks`` with a fusion strategy (default from Settings): a
+        batch of one (`plan`, `begin`, then `decode_step` until done).
 
         ``on_text`` is called with each new piece of text as it is generated (whole characters);
         when it returns True generation stops there (a stop sequence, a client gone) and the
         answer's ``finish_reason`` is ``stop``. ``record_variants`` overrides the
         ``craft_variants`` setting for this call (a full prefill then keeps cachecraft variants)."""
-        prepared = self._prepare(question, chunks, strategy, max_new_tokens, params, record_variants)
-        first_logits = prepared.result.logits.clone() if keep_logits else None
-        tokens: list[int] = []
-        ttft = 0.0
-        decode_start = time.perf_counter()
-        deltas = _TextDeltas(self._detokenize)
-        limit = self._max_new(max_new_tokens)
-        finish = "length"
-        for token in self._tokens(prepared, max_new_tokens, sampling):
-            if not tokens:
-                ttft = time.perf_counter() - prepared.started
-                decode_start = time.perf_counter()
-                prepared.timings["first_token_s"] = decode_start - prepared.first_token_from
-            tokens.append(token)
-            if token in self.model.eos_token_ids:
-                finish = "stop"
-            if on_text is not None:
-                piece = deltas.add(token)
-                if piece and on_text(piece):
-                    finish = "stop"
-                    break
-        else:
-            tail = deltas.rest() if on_text is not None else ""
-            if tail:  # text held back at the end (an incomplete character, a changed prefix)
-                on_text(tail)  # type: ignore[misc]
-        if finish == "length" and len(tokens) < limit:
-            finish = "stop"  # the context is full: nothing more can follow
-        timings = dict(prepared.timings)
-        timings["decode_s"] = time.perf_counter() - decode_start
-        timings["total_s"] = time.perf_counter() - prepared.started
-        return Answer(
-            text=self._detokenize(tokens),
-            ttft_s=ttft,
-            timings=timings,
-            prompt_tokens=prepared.pieces.total,
-            reused_tokens=prepared.result.reused_tokens,
-            recomputed_tokens=prepared.result.recomputed_tokens,
-            strategy=prepared.strategy,
-            params=prepared.params,
-            cache_hits=prepared.hits,
-            cache_misses=prepared.misses,
-            token_ids=tuple(tokens),
-            finish_reason=finish,
-            chunks=prepared.chunk_stats,
-            first_token_logits=first_logits,
-        )
+        generation = self.begin(self.plan(question, chunks, strategy, max_new_tokens, sampling, on_text,
+                                          keep_logits=keep_logits, record_variants=record_variants, **params))
+        while not generation.done:
+            self.decode_step([generation])
+        return generation.answer()
 
     def stream(
         self,
@@ -327,38 +248,29 @@ class ChunkCacheEngine:
         **params: Any,
     ) -> Iterator[str]:
         """Yield the answer's text as it is generated."""
-        prepared = self._prepare(question, chunks, strategy, max_new_tokens, params)
-        deltas = _TextDeltas(self._detokenize)
-        for token in self._tokens(prepared, max_new_tokens, sampling):
-            piece = deltas.add(token)
-            if piece:
-                yield piece
+        pieces: list[str] = []
+        generation = self.begin(self.plan(question, chunks, strategy, max_new_tokens, sampling, pieces.append,
+                                          **params))
+        while not generation.done:
+            self.decode_step([generation])
+            yield from pieces
+            pieces.clear()
+        yield from pieces
 
-    def _tokens(self, prepared: _Prepared, max_new_tokens: int | None, sampling: Sampling | None) -> Iterator[int]:
-        limit = self._max_new(max_new_tokens)
-        return generate(
-            self.model.executor, prepared.result.cache, prepared.result.logits, limit,
-            self.model.eos_token_ids, sampling or Sampling(),
-        )
-
-    def _detokenize(self, tokens: list[int]) -> str:
-        return self.model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-    def _max_new(self, max_new_tokens: int | None) -> int:
-        limit = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if limit < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {limit}")
-        return limit
-
-    def _prepare(
+    def plan(
         self,
         question: str,
         chunks: Sequence[str],
-        strategy: str | None,
-        max_new_tokens: int | None,
-        params: dict[str, Any],
+        strategy: str | None = None,
+        max_new_tokens: int | None = None,
+        sampling: Sampling | None = None,
+        on_text: OnText | None = None,
+        keep_logits: bool = False,
         record_variants: bool | None = None,
-    ) -> _Prepared:
+        **params: Any,
+    ) -> Plan:
+        """Check and tokenize a request without fusing it: what `begin` needs, and how many bytes
+        its fused cache will hold (a scheduler admits it when they fit)."""
         check_request(question, chunks)
         name = strategy or self.settings.strategy
         defaults = {k: getattr(self.settings, k) for k in _STRATEGY_DEFAULTS}
@@ -371,11 +283,35 @@ class ChunkCacheEngine:
                 f"the model's context of {self.model.max_positions}; pass fewer or shorter chunks "
                 "or lower max_new_tokens"
             )
+        record = fusion.name == "full" and (self.settings.craft_variants if record_variants is None else record_variants)
+        return Plan(question, pieces, fusion, name, limit, sampling or Sampling(), on_text, record, keep_logits,
+                    pieces.total + limit)
+
+    def begin(self, plan: Plan, buffer: torch.Tensor | None = None) -> Generation:
+        """Load the plan's chunk caches and fuse them (into ``buffer``, a zeroed fused-cache buffer
+        of at least ``plan.kv_tokens`` tokens, when given): the first token is ready to pick."""
+        return Generation(plan, self._fuse(plan, buffer), self.model.eos_token_ids, self._detokenize)
+
+    def decode_step(self, generations: Sequence[Generation]) -> None:
+        """One token for each unfinished generation, in one batched forward."""
+        decode_step(self.model.executor, generations)
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        return self.model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def _max_new(self, max_new_tokens: int | None) -> int:
+        limit = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if limit < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {limit}")
+        return limit
+
+    def _fuse(self, plan: Plan, buffer: torch.Tensor | None) -> Fused:
+        fusion, pieces, limit = plan.fusion, plan.pieces, plan.max_new_tokens
         started = time.perf_counter()
-        hits = misses = 0
+        hits = 0
         head_kv, chunk_kvs = None, ()
         plans: tuple[Any, ...] = ()
-        record = fusion.name == "full" and (self.settings.craft_variants if record_variants is None else record_variants)
+        before = self._tier_hits()
         with collect() as stages:
             variants = None
             if fusion.name == "cachecraft":  # chunks served by a variant need no independent cache
@@ -384,14 +320,17 @@ class ChunkCacheEngine:
                 plans = tuple(found)
             if fusion.uses_cache:
                 head_kv, chunk_kvs, hits = self._load(pieces.chunks, variants)
-                misses = len(chunk_kvs) - hits
             loaded_at = time.perf_counter()
+            inp = FusionInput(pieces, head_kv, chunk_kvs, limit, plans, plan.record_variants, buffer)
             try:
-                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, plans, record))
+                result = fusion.fuse(self.model.executor, inp)
             except CorruptCacheError:  # a streamed layer failed to decode: its entry was dropped
                 keys = [self._chunk_key(ids) for ids in pieces.chunks]
                 chunk_kvs, _ = self._complete(keys, pieces.chunks, [None] * len(keys))
-                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, (), record))
+                if buffer is not None:
+                    buffer.zero_()
+                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, (),
+                                                                      plan.record_variants, buffer))
             streams = [kv for kv in chunk_kvs if isinstance(kv, LayerStream)]
             if streams:  # background load time vs what fusion still waited for: the overlap
                 stages["stream_load_s"] = sum(s.load_s for s in streams)
@@ -406,32 +345,15 @@ class ChunkCacheEngine:
                                  result.profiles, self._prefix)
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]
-        chunk_stats = tuple(p.to_dict() for p in plans)
-        return _Prepared(result, pieces, started, timings, hits, misses, name, used, fused_at, chunk_stats)
+        after = self._tier_hits()
+        tier_hits = {tier: after[tier] - before.get(tier, 0) for tier in after}
+        misses = len(chunk_kvs) - hits if fusion.uses_cache else 0
+        return Fused(result, started, fused_at, timings, hits, misses, used, tuple(p.to_dict() for p in plans),
+                     tier_hits)
 
-
-class _TextDeltas:
-    """The new text each token adds to the detokenized answer, in whole characters only."""
-
-    def __init__(self, detokenize: Callable[[list[int]], str]) -> None:
-        self._detokenize = detokenize
-        self._tokens: list[int] = []
-        self._emitted = ""
-
-    def add(self, token: int) -> str:
-        self._tokens.append(token)
-        text = self._detokenize(self._tokens)
-        if not text.startswith(self._emitted) or text.endswith("\ufffd"):
-            return ""  # a multi-byte character is not complete yet
-        piece, self._emitted = text[len(self._emitted) :], text
-        return piece
-
-    def rest(self) -> str:
-        """What the final text adds to what was emitted (empty if it no longer extends it)."""
-        text = self._detokenize(self._tokens)
-        piece = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
-        self._emitted = text
-        return piece
+    def _tier_hits(self) -> dict[str, int]:
+        counters = getattr(self.store, "counters", None)
+        return {tier: int(v.get("hits", 0)) for tier, v in counters().items()} if counters else {}
 
 
 def check_request(question: str, chunks: Sequence[str]) -> None:

@@ -11,6 +11,7 @@
 #      ape at 1K-32K tokens in 16 chunks, a new question each round -> $OUT/ttft-cpu/
 #   7. the same from the disk tier (int8 entries; fewer lengths) -> $OUT/ttft-disk/
 #   8. cacheblend:0.15 with the masked-SDPA attention backend instead of Triton, CPU tier -> $OUT/ttft-sdpa/
+#   8b. chunkcache bench decode: batched decode step, batch 1 / 8 / 32 at context 1K / 8K -> $OUT/decode/
 #   9. chunkcache eval on 3 bundled questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
 #      vs full in bf16 -> $OUT/eval/ (report.json, report.md)
 #  10. (only when GPU_CHECK_SKIP leaves it in) torch.profiler of one warm answer per strategy
@@ -21,7 +22,7 @@
 #   TTFT_LENGTHS=1024 TTFT_DISK_LENGTHS=1024 bash bench/gpu/device_check.sh
 # Knobs (env): GPU_CHECK_TINY=1 (2-layer, hidden-64 model), GPU_CHECK_WHEELS=0 (skip the wheel install),
 # PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_DISK_LENGTHS, TTFT_CHUNKS,
-# TTFT_REPEATS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk sdpa eval profile;
+# TTFT_REPEATS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk sdpa decode eval profile;
 # default "profile"), GPU_CHECK_TESTS (test paths for step 2), PROFILE_TOKENS (sync check and profile),
 # GPU_CHECK_REUSE_MODEL=1 (a rerun on the still-warm machine keeps the saved model instead of building it again).
 set -uo pipefail
@@ -161,6 +162,13 @@ if [[ -f $MODEL/config.json ]]; then
     full,reuse,cacheblend:0.15,epic CHUNKCACHE_STORE_TIERS=disk CHUNKCACHE_CODEC=int8
   [[ $SKIP != *" sdpa "* ]] && ttft 8 sdpa "${TTFT_SDPA_LENGTHS:-8192,32768}" full,cacheblend:0.15 \
     CHUNKCACHE_STORE_TIERS=cpu CHUNKCACHE_ATTENTION_BACKEND=sdpa
+fi
+
+if [[ $SKIP != *" decode "* && -f $MODEL/config.json ]]; then
+  step "8b chunkcache bench decode: batch 1/8/32 at context 1K/8K (targets: batch 1 <= 5 ms/token, batch 32 >= 15x its tokens/s)"
+  timeout -k 10 150 "$PY" -m chunkcache.cli bench decode --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-decode" \
+    --batches "${DECODE_BATCHES:-1,8,32}" --contexts "${DECODE_CONTEXTS:-1024,8192}" --steps 32 --max-kv 80GiB \
+    --out "$OUT/decode" || fail "bench decode"
 fi
 
 if [[ $SKIP != *" eval "* && -f $MODEL/config.json ]]; then

@@ -1,5 +1,5 @@
 """The HTTP service (`chunkcache serve`): OpenAI-compatible and native RAG endpoints over one
-engine worker, with metrics."""
+engine scheduler, with metrics."""
 
 from chunkcache.api.app import create_app
 from chunkcache.api.service import RagService

@@ -20,8 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkcache.api import schemas as s
 from chunkcache.api.service import ModelNotFoundError, NoIndexError, RagService, RequestTooLargeError
-from chunkcache.api.worker import CancelledRequestError, QueueFullError
 from chunkcache.errors import ChunkCacheError, ContextTooLongError, InvalidInputError, UnknownStrategyError
+from chunkcache.scheduler import CancelledRequestError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def create_app(service: RagService) -> FastAPI:
 
     @app.get("/health", response_model=s.Health, tags=["service"])
     async def health() -> s.Health:
-        return s.Health(status="ok", model=service.model_id, queued=service.worker.waiting,
+        return s.Health(status="ok", model=service.model_id, queued=service.scheduler.waiting,
                         index=service.index is not None)
 
     @app.get("/metrics", tags=["service"], response_class=Response,

@@ -45,6 +45,8 @@ def add_load_parser(bench: argparse._SubParsersAction, common: Callable[[argpars
     p.add_argument("--duration", type=float, default=60.0, help="seconds measured, after the warm-up")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of load before measuring")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-batch", default="",
+                   help="requests decoded together, one run per value, side by side (e.g. 1,16; default: settings)")
     p.add_argument("--out", help="folder for load.json")
     p.set_defaults(func=cmd_bench_load)
 
@@ -53,13 +55,22 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from chunkcache.eval.load import format_table, run_load
+    from chunkcache.eval.load import compare_table, format_table, run_load
 
-    report = run_load(args.model, args.clients, args.duration, args.warmup, args.max_tokens)
-    print(format_table(report))
+    batches = [int(b) for b in args.max_batch.split(",") if b.strip()] or [None]
+    reports = []
+    for batch in batches:
+        env = {"CHUNKCACHE_MAX_BATCH": str(batch)} if batch is not None else None
+        report = run_load(args.model, args.clients, args.duration, args.warmup, args.max_tokens, extra_env=env)
+        report["max_batch"] = batch
+        print(format_table(report), flush=True)
+        reports.append(report)
+    if len(reports) > 1:
+        print(compare_table(reports))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "load.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        body = reports[0] if len(reports) == 1 else {"runs": reports}
+        (out / "load.json").write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {out / 'load.json'}")
-    return 1 if report["server_errors"] else 0
+    return 1 if any(r["server_errors"] for r in reports) else 0

@@ -86,6 +86,10 @@ class _LiveCollector(Collector):
             size.add_metric([tier], v.get("bytes", 0))
             entries.add_metric([tier], v.get("entries", 0))
         queued = GaugeMetricFamily("chunkcache_queue_requests", "requests waiting for or running on the engine")
-        worker = self.service.worker
-        queued.add_metric([], worker.waiting + int(worker.busy))
-        yield from (lookups, evictions, corrupt, size, entries, queued)
+        scheduler = self.service.scheduler
+        queued.add_metric([], scheduler.waiting + max(scheduler.running, int(scheduler.busy)))
+        running = GaugeMetricFamily("chunkcache_running_requests", "requests being decoded together (the batch)")
+        running.add_metric([], scheduler.running)
+        kv = GaugeMetricFamily("chunkcache_kv_budget_used_bytes", "bytes of fused caches held by running requests")
+        kv.add_metric([], scheduler.pool.used if scheduler.pool is not None else 0)
+        yield from (lookups, evictions, corrupt, size, entries, queued, running, kv)

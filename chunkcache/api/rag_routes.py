@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from chunkcache.api import schemas as s
 from chunkcache.api.run import answer_once, answer_stream, sse, stream_error
 from chunkcache.api.service import AnswerRequest, AnswerResult, RagService
-from chunkcache.api.worker import QueueFullError
+from chunkcache.scheduler import QueueFullError
 
 router = APIRouter(tags=["rag"])
 
@@ -55,7 +56,7 @@ async def _events(items: AsyncIterator[str | AnswerResult]) -> AsyncIterator[str
 @router.post("/v1/retrieve", response_model=s.RetrieveResponse)
 async def retrieve(body: s.RetrieveRequest, request: Request) -> s.RetrieveResponse:
     service = _service(request)
-    refs = await service.worker.submit(lambda: service.retrieve(body.query, body.top_k))
+    refs = await asyncio.wrap_future(service.run(lambda: service.retrieve(body.query, body.top_k)))
     return s.RetrieveResponse(results=refs)
 
 
@@ -66,7 +67,7 @@ async def add_documents(body: s.DocumentsRequest, request: Request) -> s.Job:
     service.require_index("add documents to")
     job = service.new_job()
     try:
-        service.worker.submit(lambda: service.ingest(job, body.documents, body.precompute))
+        service.run(lambda: service.ingest(job, body.documents, body.precompute))
     except QueueFullError:
         service.jobs.pop(job.id, None)
         raise

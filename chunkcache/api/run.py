@@ -1,4 +1,4 @@
-"""Running an answer on the engine worker from a request handler: all at once (generation is
+"""Running an answer on the engine's scheduler from a request handler: all at once (generation is
 cancelled if the client disconnects) or as a stream of text pieces ending with the result.
 Errors that come before the first piece (bad chunks, no index, a full queue) are raised before
 any response starts, so a streaming request still gets its 4xx."""
@@ -10,6 +10,7 @@ import logging
 import json
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ _POLL_S = 0.25
 
 async def answer_once(request: Request, service: RagService, req: AnswerRequest) -> AnswerResult:
     cancelled = threading.Event()
-    future = service.worker.submit(lambda: service.answer(req, cancelled=cancelled), cancelled)
+    future = asyncio.wrap_future(service.answer(req, cancelled=cancelled))
     watcher = asyncio.create_task(_watch(request, cancelled))
     try:
         return await future
@@ -60,20 +61,15 @@ async def answer_stream(request: Request, service: RagService, req: AnswerReques
         loop.call_soon_threadsafe(items.put_nowait, piece)
         return cancelled.is_set()
 
-    def run() -> None:  # pieces, then one end item: nothing overtakes anything
+    def ended(done: Future[AnswerResult]) -> None:  # after every piece (same thread): nothing overtakes
+        error = done.exception()
+        end = _End(None if error is not None else done.result(), error)
         try:
-            end = _End(service.answer(req, on_text, cancelled), None)
-        except BaseException as exc:  # noqa: BLE001 - raised to the reader
-            end = _End(None, exc)
-        loop.call_soon_threadsafe(items.put_nowait, end)
+            loop.call_soon_threadsafe(items.put_nowait, end)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            log.debug("dropped a result: the event loop is closed")
 
-    future = service.worker.submit(run, cancelled)
-
-    def skipped(done: asyncio.Future[None]) -> None:  # cancelled before it ran, or shutdown
-        if not done.cancelled() and done.exception() is not None:
-            items.put_nowait(_End(None, done.exception()))
-
-    future.add_done_callback(skipped)
+    service.answer(req, on_text, cancelled).add_done_callback(ended)
     watcher = asyncio.create_task(_watch(request, cancelled))
     try:
         first = await items.get()

@@ -1,6 +1,7 @@
 """`RagService`: what every endpoint does once its body is validated, independent of HTTP: pick
 the chunks (sent documents, named index documents, or retrieval), answer through the engine,
-ingest documents as background jobs. All engine and index work runs on one `EngineWorker`."""
+ingest documents as background jobs. All engine and index work runs on the engine's `Scheduler`
+thread: answers are batched there, other work runs between decode steps."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chunkcache.api import schemas as s
 from chunkcache.api.metrics import ServiceMetrics
-from chunkcache.api.worker import EngineWorker
 from chunkcache.blend import Sampling
 from chunkcache.blend.decode import StopText
+from chunkcache.blend.pool import KVPool
 from chunkcache.config import Settings
 from chunkcache.engine import Answer, ChunkCacheEngine
 from chunkcache.errors import ChunkCacheError, InvalidInputError
+from chunkcache.scheduler import Scheduler
+from chunkcache.store.policy import parse_bytes
 
 log = logging.getLogger(__name__)
 _JOBS_KEPT = 1000  # finished jobs remembered for GET /v1/jobs/{id}
@@ -84,13 +88,14 @@ class AnswerResult:
 
 
 class RagService:
-    """One engine (and optionally one index) behind a worker thread."""
+    """One engine (and optionally one index) behind a scheduler thread."""
 
     def __init__(self, settings: Settings, engine: ChunkCacheEngine | None = None, index: Any = None) -> None:
         self.settings = settings
         self.engine = engine or ChunkCacheEngine(settings)
         self.index = index if index is not None else _open_index(settings.index_path)
-        self.worker = EngineWorker(settings.max_queue)
+        pool = KVPool(self.engine.model.executor, parse_bytes(settings.kv_budget) or 2**62)
+        self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue)
         self.metrics = ServiceMetrics(self)
         self.jobs: dict[str, s.Job] = {}
         self.started = int(time.time())
@@ -101,9 +106,9 @@ class RagService:
 
     def close(self) -> None:
         """Cancel what waits, stop what runs at its next token, then close store and index
-        (only once the worker has stopped: it may still be writing to them)."""
-        if not self.worker.close():
-            log.error("the engine worker did not stop; store and index are left open")
+        (only once the engine thread has stopped: it may still be writing to them)."""
+        if not self.scheduler.close():
+            log.error("the engine thread did not stop; store and index are left open")
             return
         self.engine.close()
         if self.index is not None:
@@ -130,27 +135,45 @@ class RagService:
             )
         return asked
 
-    # --- answering (runs on the worker thread) --------------------------------------------
+    # --- answering ----------------------------------------------------------------------
     def answer(self, req: AnswerRequest, on_text: Callable[[str], bool | None] | None = None,
-               cancelled: threading.Event | None = None) -> AnswerResult:
-        start = time.perf_counter()
-        chunks, refs = self._chunks(req)
-        retrieve_s = time.perf_counter() - start
-        before = self._tier_hits()
+               cancelled: threading.Event | None = None) -> Future[AnswerResult]:
+        """Queue ``req`` on the scheduler; its chunks are picked on the engine thread (retrieval
+        uses the index there). ``on_text`` gets the text as it is generated (on that thread)."""
         cut = StopText(req.stop, on_text, cancelled)
-        answer = self.engine.answer(req.question, chunks, strategy=req.strategy, max_new_tokens=req.max_tokens,
+        picked: dict[str, Any] = {}
+
+        def plan() -> Any:
+            start = time.perf_counter()
+            chunks, picked["refs"] = self._chunks(req)
+            picked["retrieve_s"] = time.perf_counter() - start
+            return self.engine.plan(req.question, chunks, strategy=req.strategy, max_new_tokens=req.max_tokens,
                                     sampling=req.sampling, on_text=cut, **req.params)
-        if on_text is not None and not cut.stopped:
-            rest = cut.flush()
-            if rest:
-                on_text(rest)
-        after = self._tier_hits()
-        tier_hits = {tier: after[tier] - before.get(tier, 0) for tier in after}
-        text = cut.text if req.stop else answer.text
-        finish = "stop" if cut.stopped else answer.finish_reason
-        result = AnswerResult(answer, text, finish, refs, retrieve_s, tier_hits)
-        self.metrics.observe(result)
-        return result
+
+        done: Future[AnswerResult] = Future()
+
+        def finished(generated: Future[Answer]) -> None:
+            try:
+                answer = generated.result()
+                if on_text is not None and not cut.stopped:
+                    rest = cut.flush()
+                    if rest:
+                        on_text(rest)
+                text = cut.text if req.stop else answer.text
+                finish = "stop" if cut.stopped else answer.finish_reason
+                result = AnswerResult(answer, text, finish, picked["refs"], picked["retrieve_s"], answer.tier_hits)
+                self.metrics.observe(result)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+                done.set_exception(exc)
+                return
+            done.set_result(result)
+
+        self.scheduler.generate(plan, cancelled).add_done_callback(finished)
+        return done
+
+    def run(self, fn: Callable[[], Any], cancelled: threading.Event | None = None) -> Future[Any]:
+        """Run other engine or index work on the engine thread, between decode steps."""
+        return self.scheduler.call(fn, cancelled)
 
     def _chunks(self, req: AnswerRequest) -> tuple[list[str], list[s.Reference]]:
         if req.documents:
@@ -188,10 +211,6 @@ class RagService:
             )
         return self.index
 
-    def _tier_hits(self) -> dict[str, int]:
-        counters = getattr(self.engine.store, "counters", None)
-        return {tier: int(v.get("hits", 0)) for tier, v in counters().items()} if counters else {}
-
     # --- documents jobs ------------------------------------------------------------------
     def new_job(self) -> s.Job:
         job = s.Job(id=f"job-{uuid.uuid4().hex[:16]}", status="queued", created=int(time.time()))
@@ -202,7 +221,7 @@ class RagService:
         return job
 
     def ingest(self, job: s.Job, documents: list[s.DocumentIn], precompute: bool) -> None:
-        """Chunk, embed and index ``documents``, then precompute their chunks (worker thread)."""
+        """Chunk, embed and index ``documents``, then precompute their chunks (engine thread)."""
         from chunkcache.jobs.ingest import CHUNK_TOKENS, OVERLAP_TOKENS
         from chunkcache.retriever import Chunker, Document
 

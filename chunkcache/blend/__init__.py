@@ -9,7 +9,7 @@ from typing import Any
 from chunkcache.blend.base import FusionInput, FusionResult, FusionStrategy
 from chunkcache.blend.cacheblend import CacheBlend
 from chunkcache.blend.cachecraft import CacheCraft
-from chunkcache.blend.decode import Sampling, generate
+from chunkcache.blend.decode import Sampling
 from chunkcache.blend.layout import FusedCache
 from chunkcache.blend.strategies import Ape, Epic, FullPrefill, Reuse
 from chunkcache.errors import InvalidInputError, UnknownStrategyError
@@ -101,5 +101,5 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
 
 __all__ = [
     "STRATEGIES", "Ape", "CacheBlend", "Epic", "FullPrefill", "FusedCache", "FusionInput",
-    "FusionResult", "FusionStrategy", "Reuse", "Sampling", "generate", "make_strategy", "parse_strategy_spec",
+    "FusionResult", "FusionStrategy", "Reuse", "Sampling", "make_strategy", "parse_strategy_spec",
 ]

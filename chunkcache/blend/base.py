@@ -22,6 +22,20 @@ class FusionInput:
     max_new_tokens: int = 0
     plans: tuple[Any, ...] = ()  # cachecraft: a `ChunkPlan` per chunk
     profile: bool = False  # full: record each chunk's attention profile (cachecraft variants)
+    # where the fused cache goes: a zeroed [layers, 2, kv_heads, >= prompt + max_new_tokens, head_dim]
+    # buffer (a scheduler's `KVPool`), or None for a new one
+    buffer: torch.Tensor | None = None
+
+    def fused_buffer(self, executor: LayerExecutor, prompt_tokens: int) -> torch.Tensor:
+        """The buffer the fusion fills: ``buffer`` when given (checked), else a new zeroed one."""
+        tokens = prompt_tokens + self.max_new_tokens
+        if self.buffer is None:
+            return executor.empty_kv(tokens)
+        expected = (executor.num_layers, 2, executor.num_kv_heads)
+        if tuple(self.buffer.shape[:3]) != expected or self.buffer.shape[3] < tokens:
+            raise ValueError(f"a fused-cache buffer of shape {tuple(self.buffer.shape)} cannot hold {tokens} tokens "
+                             f"of this model ({expected} x tokens x head_dim)")
+        return self.buffer
 
 
 @dataclass

@@ -198,12 +198,11 @@ def assemble_cache(
     layout: Layout,
     head_kv: ChunkKV | None,
     chunk_kvs: tuple[ChunkKV | LayerSource, ...],
-    capacity: int,
+    buf: torch.Tensor,
 ) -> torch.Tensor:
-    """A cache buffer that holds the stored KV of head and chunks at their layout positions once
-    the fusion reaches each layer (`wait_layer`)."""
+    """``buf`` (a zeroed fused-cache buffer), made to hold the stored KV of head and chunks at
+    their layout positions once the fusion reaches each layer (`wait_layer`)."""
     with stage("rerotate_s"):
-        buf = executor.empty_kv(capacity)
         placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
         if not placed:
             return buf

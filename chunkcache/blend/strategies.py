@@ -24,9 +24,7 @@ def host_rows(executor: LayerExecutor, layout: Layout, index: torch.Tensor) -> R
 
 
 def reused_buffer(executor: LayerExecutor, layout: Layout, inp: FusionInput) -> torch.Tensor:
-    return assemble_cache(
-        executor, layout, inp.head_kv, inp.chunk_kvs, layout.length + inp.max_new_tokens
-    )
+    return assemble_cache(executor, layout, inp.head_kv, inp.chunk_kvs, inp.fused_buffer(executor, layout.length))
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class FullPrefill:
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
         layout = sequential_layout(inp.pieces, executor.device)
-        buf = executor.empty_kv(layout.length + inp.max_new_tokens)
+        buf = inp.fused_buffer(executor, layout.length)
         profiler = AttentionProfiler(executor, layout) if inp.profile else None
         every = layout.span_rows(executor, range(0, layout.length))
         result = finish(executor, layout, buf, every, observe=profiler)

@@ -181,3 +181,23 @@ def format_table(report: dict[str, Any]) -> str:
         f"server RSS after warm-up {m['after_warmup'] / 2**20:.0f} MiB, max after {m['max_after_warmup'] / 2**20:.0f} "
         f"MiB, end {m['end'] / 2**20:.0f} MiB (growth {report['rss_growth']:.1%})",
     ])
+
+
+def compare_table(reports: list[dict[str, Any]]) -> str:
+    """Runs side by side (one per ``max_batch``), each against the first."""
+    base = reports[0]
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if not a or not b else f"{a / b:.2f}x"
+
+    lines = ["| max_batch | requests/s | vs first | TTFT p50 s | first / this | TTFT p99 s | errors | RSS growth |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        t = r["ttft_s"]
+        lines.append(
+            f"| {r.get('max_batch') or 'settings'} | {r['requests_per_s']:.2f} | "
+            f"{ratio(r['requests_per_s'], base['requests_per_s'])} | {t['p50'] or 0:.2f} | "
+            f"{ratio(base['ttft_s']['p50'], t['p50'])} | {t['p99'] or 0:.2f} | {r['server_errors']} | "
+            f"{r['rss_growth']:.1%} |"
+        )
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ from chunkcache.model.attention import (
     plain_attention, plain_is_fast,
 )
 
-__all__ = ["ApeAttention", "KVHook", "LayerExecutor", "QueryHook", "Rows", "rotate", "rotate_half"]
+__all__ = ["ApeAttention", "DecodeSlot", "KVHook", "LayerExecutor", "QueryHook", "Rows", "rotate", "rotate_half"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,17 @@ class Rows:
         """The first ``n`` rows (views)."""
         span = range(self.span.start, self.span.start + n) if self.span is not None else None
         return Rows(self.index[:n], self.positions[:n], self.cos[:n], self.sin[:n], span)
+
+
+@dataclass(frozen=True)
+class DecodeSlot:
+    """Where one decoded token of a batch goes: its sequence's cache buffer
+    [layers, 2, kv_heads, capacity, head_dim], the index it is written at (it then attends over
+    every index up to it) and that sequence's APE attention, if any."""
+
+    kv: torch.Tensor
+    at: int
+    ape: ApeAttention | None = None
 
 
 class KVHook(Protocol):
@@ -213,9 +224,29 @@ class LayerExecutor:
             values[:, rows.index] = v
         if on_query is not None:
             on_query(q, keys)
-        out = self._attend(q, keys, values, rows, ape)
+        return self._rest(layer, hidden, self._attend(q, keys, values, rows, ape))
+
+    @torch.inference_mode()
+    def decode_layer(self, layer: int, hidden: torch.Tensor, rows: Rows, slots: list[DecodeSlot]) -> torch.Tensor:
+        """``layer`` for one new token of each of B sequences (``hidden`` [B, hidden], ``rows`` their
+        B positions): projections and MLP over the batch at once; each token's K/V written into its
+        own cache at ``slot.at`` and its query attending over that cache up to there. A sequence's
+        result equals `run_layer` on it alone, up to the float rounding of batched matrix kernels."""
+        q, k, v = self.qkv(layer, hidden, rows)
+        outs = []
+        for i, slot in enumerate(slots):
+            keys, values = slot.kv[layer, 0, :, : slot.at + 1], slot.kv[layer, 1, :, : slot.at + 1]
+            keys[:, slot.at] = k[:, i]
+            values[:, slot.at] = v[:, i]
+            one = Rows(rows.index[i : i + 1], rows.positions[i : i + 1], rows.cos[i : i + 1], rows.sin[i : i + 1],
+                       range(slot.at, slot.at + 1))
+            outs.append(self._attend(q[:, i : i + 1], keys, values, one, slot.ape))
+        return self._rest(layer, hidden, torch.cat(outs) if len(outs) > 1 else outs[0])
+
+    def _rest(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The layer after attention: output projection, residual, MLP, residual."""
         block = self.layers[layer]
-        hidden = hidden + block.self_attn.o_proj(out)
+        hidden = hidden + block.self_attn.o_proj(attended)
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
     @torch.inference_mode()
@@ -249,9 +280,7 @@ class LayerExecutor:
             mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
             attended = masked_attention(q[:, at], keys, values, mask, self.scale)
             out[at] = attended.transpose(0, 1).reshape(n, -1)
-        block = self.layers[layer]
-        flat = hidden.reshape(b * length, width) + block.self_attn.o_proj(out)
-        flat = flat + block.mlp(block.post_attention_layernorm(flat))
+        flat = self._rest(layer, hidden.reshape(b * length, width), out)
         split = (self.num_kv_heads, b, length, self.head_dim)
         return (flat.view(b, length, width), k.view(split).transpose(0, 1), v.view(split).transpose(0, 1))
 

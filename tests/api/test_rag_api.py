@@ -105,9 +105,9 @@ def test_a_client_that_disconnects_stops_its_generation(make_service: ServiceFac
                     if '"content":"' in line and '"content":""' not in line:
                         break  # the first generated text: now hang up
         deadline = time.monotonic() + 60
-        while service.worker.busy and time.monotonic() < deadline:
+        while service.scheduler.busy and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not service.worker.busy
+        assert not service.scheduler.busy
         generated = httpx.get(f"{url}/metrics").text
         count = next(float(line.split()[-1]) for line in generated.splitlines()
                      if line.startswith("chunkcache_generated_tokens_total"))

@@ -1,0 +1,104 @@
+"""`chunkcache bench decode`: the batched decode step alone (`chunkcache.blend.decode.step`: pick
+every sequence's token on the device, one read back, one batched forward), timed at several
+batch sizes and context lengths. Each sequence has its own cache, filled with random values of
+the model's dtype (decode time does not depend on the values, only on the lengths), so an 8K-token
+context costs no 8K-token prefill. Reports ms per step (what each sequence waits per token) and
+tokens/s over the batch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from chunkcache.blend.decode import DecodeSequence, step
+from chunkcache.blend.layout import FusedCache
+from chunkcache.errors import InvalidInputError
+from chunkcache.eval.machine import describe
+from chunkcache.model.executor import LayerExecutor
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    context: int
+    batch: int
+    steps: int
+    ms_per_step: float | None  # None: skipped (the caches would not fit in max_kv_bytes)
+    tokens_per_s: float | None
+    kv_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def kv_bytes(executor: LayerExecutor, tokens: int) -> int:
+    size = torch.empty((), dtype=executor.dtype).element_size()
+    return executor.num_layers * 2 * executor.num_kv_heads * executor.head_dim * size * tokens
+
+
+def _sequences(executor: LayerExecutor, batch: int, context: int, room: int, seed: int) -> list[DecodeSequence]:
+    gen = torch.Generator(executor.device).manual_seed(seed)
+    vocab = int(executor.lm_head.weight.shape[0])
+    seqs = []
+    for _ in range(batch):
+        kv = torch.empty(executor.num_layers, 2, executor.num_kv_heads, context + room, executor.head_dim,
+                         dtype=executor.dtype, device=executor.device)
+        kv.normal_(0, 1, generator=gen)
+        logits = torch.randn(vocab, generator=gen, device=executor.device)
+        seqs.append(DecodeSequence(FusedCache(kv, context, context), logits, max_new_tokens=room + 1,
+                                   eos_token_ids=()))
+    return seqs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_decode_bench(executor: LayerExecutor, batches: list[int], contexts: list[int], steps: int = 16,
+                     warmup: int = 3, max_kv_bytes: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Time ``steps`` decode steps (after ``warmup``) for every (context, batch)."""
+    if steps < 1 or warmup < 0:
+        raise InvalidInputError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+    limit = executor.max_positions
+    rows = []
+    for context in contexts:
+        if context < 1 or (limit and context + warmup + steps > limit):
+            raise InvalidInputError(f"context {context} (+{warmup + steps} decoded) does not fit the model's "
+                                    f"{limit} positions")
+        for batch in batches:
+            need = batch * kv_bytes(executor, context + warmup + steps)
+            if max_kv_bytes is not None and need > max_kv_bytes:
+                rows.append(DecodeRow(context, batch, steps, None, None, need))
+                continue
+            seqs = _sequences(executor, batch, context, warmup + steps, seed)
+            for _ in range(warmup):
+                step(executor, seqs)
+            _sync(executor.device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(executor, seqs)
+            _sync(executor.device)
+            seconds = time.perf_counter() - start
+            rows.append(DecodeRow(context, batch, steps, seconds / steps * 1e3, batch * steps / seconds, need))
+            del seqs
+    return {"machine": describe(executor.device), "dtype": str(executor.dtype).replace("torch.", ""),
+            "layers": executor.num_layers, "rows": [r.to_dict() for r in rows]}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"decode: {report['machine']}, {report['dtype']}, {report['layers']} layers",
+             "| context | batch | ms / step | tokens/s | vs batch 1 | KV GiB |", "|---:|---:|---:|---:|---:|---:|"]
+    single = {r["context"]: r["tokens_per_s"] for r in report["rows"] if r["batch"] == 1}
+    for r in report["rows"]:
+        gib = r["kv_bytes"] / 2**30
+        if r["ms_per_step"] is None:
+            lines.append(f"| {r['context']} | {r['batch']} | skipped: caches over max_kv_bytes | | | {gib:.2f} |")
+            continue
+        base = single.get(r["context"])
+        ratio = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
+        lines.append(f"| {r['context']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | "
+                     f"{gib:.2f} |")
+    return "\n".join(lines)
