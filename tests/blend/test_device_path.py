@@ -2,7 +2,8 @@
 strategy makes the GPU wait for the host (no pageable copy, no read of a device value, no output
 size that depends on device values, no host tensor in a device operation), whether the chunk
 caches come from the GPU tier (on the device) or from host memory (the CPU tier's pinned caches,
-decoded disk entries); and a layer costs a bounded number of device operations."""
+decoded disk entries); a layer costs a bounded number of device operations; and a batched decode
+step reads back once (the tokens) and copies only asynchronously."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 import chunkcache.blend.base as base
-from chunkcache.blend import FusionInput, make_strategy
+from chunkcache.blend import FusionInput, Sampling, make_strategy
 from chunkcache.blend.cachecraft import ChunkPlan
+from chunkcache.blend.decode import DecodeSequence, step
 from chunkcache.blend.prefill import prefill_chunks, prefill_head
 from chunkcache.kv import ChunkKV
 from chunkcache.model import sparse_attention
@@ -191,3 +193,24 @@ def test_the_emulation_catches_a_wait(prompt: Prompt) -> None:
             torch.ones(3).pin_memory().to("cuda", non_blocking=True)
         assert [kind for kind, _ in record.waits] == ["read", "copy", "copy"]
         assert record.async_copies == 1 and y.device.type == "cuda"
+
+
+@pytest.mark.parametrize("case", ["reuse", "ape"])
+def test_a_decode_step_reads_back_once_and_copies_only_asynchronously(prompts: dict[int, Prompt], case: str) -> None:
+    """Two sequences of different lengths (one greedy, one sampled) decoded together: per step one
+    read (the picked tokens) and one asynchronous copy (tokens, indices, positions), nothing else."""
+    name, params = CASES[case]
+    seqs = []
+    fake = prompts[6].fake
+    with fake.active():
+        for n, sampling in ((6, Sampling()), (12, Sampling(temperature=0.7, seed=3))):
+            p = prompts[n]
+            head, chunks = _sources(p, "gpu")
+            result = make_strategy(name, **params).fuse(p.executor, FusionInput(p.pieces, head, chunks, 8))
+            generator = torch.Generator().manual_seed(3)  # the emulated device's tensors are host tensors
+            seqs.append(DecodeSequence(result.cache, result.logits, 8, (), sampling, generator=generator))
+        with fake.watch() as record:
+            for _ in range(3):
+                step(p.executor, seqs)
+    assert [kind for kind, _ in record.waits] == ["read"] * 3, record.summary()
+    assert record.async_copies == 3

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkcache.blend import FusionInput, FusionResult, generate, make_strategy
+from chunkcache.blend import FusionInput, FusionResult, make_strategy
+from chunkcache.blend.decode import DecodeSequence, step
 from chunkcache.errors import InvalidInputError, UnknownStrategyError
 from chunkcache.model import LoadedModel
 
@@ -13,7 +14,9 @@ from chunkcache.model import LoadedModel
 def _run(smollm2: LoadedModel, inp: FusionInput, name: str, **params) -> tuple[FusionResult, list[int]]:
     result = make_strategy(name, **params).fuse(smollm2.executor, inp)
     logits = result.logits.clone()
-    tokens = list(generate(smollm2.executor, result.cache, result.logits, 12, smollm2.eos_token_ids))
+    seq, tokens = DecodeSequence(result.cache, result.logits, 12, smollm2.eos_token_ids), []
+    while not seq.done:
+        tokens += step(smollm2.executor, [seq])
     return FusionResult(result.cache, logits, result.recomputed_tokens, result.reused_tokens), tokens
 
 
