@@ -236,6 +236,8 @@ class ChunkCacheEngine:
                                           keep_logits=keep_logits, record_variants=record_variants, **params))
         while not generation.done:
             self.decode_step([generation])
+        if generation.error is not None:
+            raise generation.error
         return generation.answer()
 
     def stream(
@@ -256,6 +258,8 @@ class ChunkCacheEngine:
             yield from pieces
             pieces.clear()
         yield from pieces
+        if generation.error is not None:
+            raise generation.error
 
     def plan(
         self,

@@ -96,6 +96,7 @@ class Generation:
         self.ttft_s = 0.0
         self._decode_start = time.perf_counter()
         self._finished_at: float | None = None
+        self.error: Exception | None = None  # ``on_text`` failed: this generation ended with it
 
     @property
     def done(self) -> bool:
@@ -113,15 +114,19 @@ class Generation:
         if token in self._eos:
             self.finish_reason = "stop"
         on_text = self.plan.on_text
-        if on_text is not None:
-            piece = self._deltas.add(token)
-            if piece and on_text(piece):
-                self.finish_reason = "stop"
-                self.seq.stop()
-                self._finished_at = time.perf_counter()
-                return
-        if self.seq.done:
-            self._end()
+        try:
+            if on_text is not None:
+                piece = self._deltas.add(token)
+                if piece and on_text(piece):
+                    self.finish_reason = "stop"
+                    self.seq.stop()
+                    self._finished_at = time.perf_counter()
+                    return
+            if self.seq.done:
+                self._end()
+        except Exception as exc:  # noqa: BLE001 - one caller's callback must not end a whole batch
+            self.error = exc
+            self.stop()
 
     def stop(self) -> None:
         """End now (the request was cancelled): what was generated so far is the answer."""

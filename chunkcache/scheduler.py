@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -109,14 +109,8 @@ class Scheduler:
         """Refuse what waits, end what runs at its next step, stop the thread. Returns whether it
         stopped within ``timeout`` seconds."""
         self._closing = True
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                _fail(item, CancelledRequestError("the server is shutting down"))
-        for item in list(self._running):
+        self._refuse_queued()
+        for item in list(self._running) + ([self._held] if self._held is not None else []):
             item.cancelled.set()
         try:
             self._queue.put(_STOP, timeout=timeout)
@@ -140,25 +134,44 @@ class Scheduler:
     def _run(self) -> None:
         try:
             while True:
-                self._drop_cancelled()
-                if self._held is not None:
-                    self._start_held()
-                if self._held is None and len(self._running) < self.max_batch:
-                    item = self._next(block=not self._running)
-                    if item is _STOP:
+                try:
+                    if not self._turn():
                         return
-                    if item is not None:
-                        self._take(item)
-                if self._running:
-                    self._step()
+                except Exception:  # noqa: BLE001 - a fault outside any one request's work: keep serving
+                    log.exception("the engine thread hit an error between requests; it goes on")
         finally:
-            for item in self._running + ([self._held] if self._held is not None else []):
-                if item.generation is not None:
-                    item.generation.stop()
-                    _settle(item, item.generation.answer(), None)
-                else:
-                    _fail(item, CancelledRequestError("the server is shutting down"))
+            self._closing = True  # whatever stopped the thread, nobody waits for it in vain
+            for item in self._running:
+                self._release(item)
+                _fail(item, CancelledRequestError("the server is shutting down"))
+            if self._held is not None:
+                _fail(self._held, CancelledRequestError("the server is shutting down"))
             self._running, self._held = [], None
+            self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                _fail(item, CancelledRequestError("the server is shutting down"))
+
+    def _turn(self) -> bool:
+        """Drop what was cancelled, admit one item, run one decode step. False: stop."""
+        self._drop_cancelled()
+        if self._held is not None:
+            self._start_held()
+        if self._held is None and len(self._running) < self.max_batch:
+            item = self._next(block=not self._running)
+            if item is _STOP:
+                return False
+            if item is not None:
+                self._take(item)
+        if self._running:
+            self._step()
+        return True
 
     def _next(self, block: bool) -> Any:
         try:
@@ -167,7 +180,7 @@ class Scheduler:
             return None
 
     def _take(self, item: _Item) -> None:
-        if item.cancelled.is_set():
+        if item.cancelled.is_set() or not item.future.set_running_or_notify_cancel():
             _fail(item, CancelledRequestError("cancelled before it ran"))
             return
         if item.call is not None:
@@ -197,22 +210,27 @@ class Scheduler:
 
     def _start_held(self) -> None:
         item, pool = self._held, self.pool
-        if item is None or item.plan is None or pool is None or not pool.fits(item.plan.kv_tokens):
+        if item is None or item.plan is None or pool is None:
             return
-        self._held = None
-        if item.cancelled.is_set():
+        if item.cancelled.is_set() or self._closing:
+            self._held = None
             _fail(item, CancelledRequestError("cancelled before it ran"))
             return
-        item.buffer = pool.acquire(item.plan.kv_tokens)
-        generation, error = _attempt(lambda: self.engine.begin(item.plan, item.buffer))  # type: ignore[arg-type]
+        if not pool.fits(item.plan.kv_tokens):
+            return  # until running generations give memory back
+        self._held = None
+        item.buffer, error = _attempt(lambda: pool.acquire(item.plan.kv_tokens))  # type: ignore[union-attr]
+        if error is None:
+            item.generation, error = _attempt(lambda: self.engine.begin(item.plan, item.buffer))  # type: ignore[arg-type]
         if error is not None:
             self._release(item)
             _fail(item, error)
             return
-        item.generation = generation
         self._running.append(item)
 
     def _drop_cancelled(self) -> None:
+        if self._held is not None and self._held.cancelled.is_set():
+            self._start_held()  # fails it: it never started
         for item in self._running:
             if item.cancelled.is_set() and item.generation is not None:
                 item.generation.stop()
@@ -236,7 +254,10 @@ class Scheduler:
             generation = item.generation
             if generation is not None and generation.done:
                 self._release(item)
-                _settle(item, *_attempt(generation.answer))
+                if generation.error is not None:  # its own callback failed; the others go on
+                    _fail(item, generation.error)
+                else:
+                    _settle(item, *_attempt(generation.answer))
             else:
                 still.append(item)
         self._running = still
@@ -255,12 +276,14 @@ def _attempt(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
 
 
 def _settle(item: _Item, result: Any, error: BaseException | None) -> None:
-    if item.future.done():
-        return
-    if error is not None:
-        item.future.set_exception(error)
-    else:
-        item.future.set_result(result)
+    """Deliver to the waiting caller; a caller that stopped waiting (its future cancelled) is skipped."""
+    try:
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def _fail(item: _Item, error: BaseException) -> None:

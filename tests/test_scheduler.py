@@ -198,3 +198,54 @@ def test_a_request_cancelled_while_waiting_never_runs_and_close_refuses_the_rest
     assert scheduler.close(10)
     with pytest.raises(CancelledRequestError, match="shutting down"):
         scheduler.call(lambda: None)
+
+
+def test_failures_stay_with_their_request(engine: ChunkCacheEngine, alone: list[Answer],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller's text callback that raises fails that request only; memory that cannot be had
+    fails that request only; a request cancelled while it waits for memory is dropped at once.
+    The engine thread serves on after each."""
+    pool = _pool(engine)
+    one = max(pool.bytes_for(engine.plan(q, c, s, n).kv_tokens) for q, c, s, n, _, _ in REQUESTS[:3])
+    scheduler = Scheduler(engine, _pool(engine, one + one // 2), max_batch=4, max_queue=8)
+
+    def broken(_: str) -> None:
+        raise RuntimeError("the client's socket is gone")
+
+    cancelled, calls_of_fine, fine_done_when_dropped = threading.Event(), [0], []
+
+    def fine_text(_: str) -> None:
+        calls_of_fine[0] += 1
+        if calls_of_fine[0] == 2:  # `held` was planned a step ago and waits for memory now
+            cancelled.set()
+
+    try:
+        gate = _hold(scheduler)
+        failing = scheduler.generate(_plan(engine, 0, broken))
+        gate.set()
+        with pytest.raises(RuntimeError, match="socket"):
+            failing.result(timeout=300)
+        fine = scheduler.generate(_plan(engine, 2, fine_text))
+        held = scheduler.generate(_plan(engine, 1), cancelled)  # the budget holds one at a time
+        held.add_done_callback(lambda _: fine_done_when_dropped.append(fine.done()))
+        with pytest.raises(CancelledRequestError):
+            held.result(timeout=300)
+        assert fine.result(timeout=300).token_ids == alone[2].token_ids
+        assert fine_done_when_dropped == [False]  # dropped at once, not when memory came back
+
+        real = scheduler.pool.acquire  # type: ignore[union-attr]
+        calls = [0]
+
+        def out_of_memory(tokens: int) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise MemoryError("CUDA out of memory")
+            return real(tokens)
+
+        monkeypatch.setattr(scheduler.pool, "acquire", out_of_memory)
+        with pytest.raises(MemoryError):
+            scheduler.generate(_plan(engine, 1)).result(timeout=300)
+        assert scheduler.generate(_plan(engine, 1)).result(timeout=300).token_ids == alone[1].token_ids
+    finally:
+        scheduler.close()
+    assert scheduler.pool is not None and scheduler.pool.used == 0

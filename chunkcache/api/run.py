@@ -30,10 +30,11 @@ async def answer_once(request: Request, service: RagService, req: AnswerRequest)
     watcher = asyncio.create_task(_watch(request, cancelled))
     try:
         return await future
+    except BaseException:
+        cancelled.set()  # the handler was cancelled (or the answer failed): nothing more is wanted
+        raise
     finally:
         watcher.cancel()
-        if not future.done():
-            cancelled.set()  # this handler was cancelled: the work is wasted
 
 
 async def _watch(request: Request, cancelled: threading.Event) -> None:

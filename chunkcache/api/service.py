@@ -164,9 +164,15 @@ class RagService:
                 result = AnswerResult(answer, text, finish, picked["refs"], picked["retrieve_s"], answer.tier_hits)
                 self.metrics.observe(result)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
-                done.set_exception(exc)
+                result, error = None, exc
+            else:
+                error = None
+            if not done.set_running_or_notify_cancel():  # the caller stopped waiting
                 return
-            done.set_result(result)
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
 
         self.scheduler.generate(plan, cancelled).add_done_callback(finished)
         return done

@@ -73,6 +73,8 @@ class DecodeSequence:
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.sampling.greedy and self.generator is None:
+            # on the logits' device, so sampling reads nothing back; a seed therefore draws other
+            # tokens on a GPU than on the CPU (each is reproducible on its own)
             self.generator = torch.Generator(self.logits.device)
             if self.sampling.seed is not None:
                 self.generator.manual_seed(self.sampling.seed)

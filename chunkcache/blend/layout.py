@@ -109,8 +109,21 @@ class LayerSource(Protocol):
 
 
 # Buffers whose stored layers are placed on first use, by id (tensors compare elementwise, so
-# they cannot be dict keys); an entry goes when its buffer is garbage-collected.
+# they cannot be dict keys); an entry goes when its buffer is garbage-collected, or is handed
+# back to a pool (`forget`). _WATCHED: the buffers with a finalizer already (pool buffers live
+# on from request to request: one finalizer each, not one per request).
 _LAZY: dict[int, "_Placement"] = {}
+_WATCHED: set[int] = set()
+
+
+def _gone(key: int) -> None:
+    _LAZY.pop(key, None)
+    _WATCHED.discard(key)
+
+
+def forget(buf: torch.Tensor) -> None:
+    """Drop what a fusion left to place into ``buf`` (it failed, or the buffer is reused)."""
+    _LAZY.pop(id(buf), None)
 
 
 class _Placement:
@@ -220,5 +233,7 @@ def assemble_cache(
         region = range(placed[0][0].start, placed[-1][0].stop)  # head and chunks lie side by side
         _LAZY[id(buf)] = _Placement(executor, [kv for _, kv in placed], region, torch.cat(shifts), buf.device,
                                     buf.dtype)
-        weakref.finalize(buf, _LAZY.pop, id(buf), None)
+        if id(buf) not in _WATCHED:
+            _WATCHED.add(id(buf))
+            weakref.finalize(buf, _gone, id(buf))
         return buf

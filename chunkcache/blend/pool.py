@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from chunkcache.blend.layout import forget
 from chunkcache.model.executor import LayerExecutor
 
 
@@ -56,7 +57,8 @@ class KVPool:
         return buf
 
     def release(self, buf: torch.Tensor) -> None:
-        """Give a buffer from `acquire` back."""
+        """Give a buffer from `acquire` back (a fusion that failed may have left layers to place)."""
+        forget(buf)
         size = int(buf.shape[3])
         need = size * self.token_bytes
         self.used -= need

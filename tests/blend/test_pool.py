@@ -49,3 +49,28 @@ def test_a_pool_buffer_gives_the_same_answer_as_a_fresh_one(smollm2: LoadedModel
         pool.release(buf)
     with pytest.raises(ValueError, match="cannot hold"):
         engine.begin(engine.plan("When?", chunks, "full", 6), torch.zeros(1, 2, 3, 4, 5))
+
+
+def test_a_released_buffer_forgets_what_a_failed_fusion_left_to_place(smollm2: LoadedModel) -> None:
+    from chunkcache.blend import layout
+    from chunkcache.kv import ChunkKV
+    from chunkcache.model.prompt import PromptPieces
+
+    ex = smollm2.executor
+    pool = KVPool(ex, 2**26, granule=64)
+    pieces = PromptPieces((1, 2, 3), ((4, 5),), (6,))
+    lay = layout.sequential_layout(pieces)
+    head = ChunkKV(torch.zeros(ex.num_layers, 2, ex.num_kv_heads, 3, ex.head_dim), (1, 2, 3), 0, "m", "")
+    chunk = ChunkKV(torch.zeros(ex.num_layers, 2, ex.num_kv_heads, 2, ex.head_dim), (4, 5), 0, "m", "p")
+    buf = pool.acquire(lay.length + 4)
+    layout.assemble_cache(ex, lay, head, (chunk,), buf)  # layers to place when a fusion reaches them
+    assert id(buf) in layout._LAZY
+    pool.release(buf)  # as after a fusion that failed before it reached every layer
+    assert id(buf) not in layout._LAZY
+    again = pool.acquire(lay.length + 4)
+    layout.assemble_cache(ex, lay, head, (chunk,), again)
+    import weakref
+
+    finalizers = [f for f in weakref.finalize._registry.values() if f.weakref() is again]  # type: ignore[attr-defined]
+    assert again.data_ptr() == buf.data_ptr() and len(finalizers) == 1  # one per buffer, not one per request
+    pool.release(again)
