@@ -4,6 +4,8 @@ larger than the whole KV budget is a 413, and a full queue is a 429 at once, nev
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,19 +20,29 @@ QUESTIONS = ["Describe the river Rhine.", "When were the towers of Cologne cathe
              "Tell me about Basel in detail."]
 
 
+def _until(condition: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def _body(question: str, max_tokens: int = 10) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": question}], "documents": DOCS, "max_tokens": max_tokens}
 
 
 def test_concurrent_answers_equal_answers_alone_and_limits_are_4xx(make_service: ServiceFactory) -> None:
-    service = make_service(max_batch=4, max_queue=2, kv_budget="40MiB")  # SmolLM2 fp32: about 900 tokens
+    # max_queue 3: all three concurrent requests may wait at once; SmolLM2 fp32: about 900 tokens
+    service = make_service(max_batch=4, max_queue=3, kv_budget="40MiB")
     with running(service) as url, httpx.Client(base_url=url, timeout=120) as client:
         def ask(body: dict[str, Any]) -> httpx.Response:
             return client.post("/v1/chat/completions", json=body)
 
         alone = [ask(_body(q)).json()["choices"][0]["message"]["content"] for q in QUESTIONS]
         with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-            together = [r.json()["choices"][0]["message"]["content"] for r in pool.map(ask, map(_body, QUESTIONS))]
+            replies = list(pool.map(ask, map(_body, QUESTIONS)))
+        assert [r.status_code for r in replies] == [200] * len(QUESTIONS), [r.text for r in replies]
+        together = [r.json()["choices"][0]["message"]["content"] for r in replies]
         assert together == alone
 
         too_big = ask(_body(QUESTIONS[0], max_tokens=2000))
@@ -38,14 +50,14 @@ def test_concurrent_answers_equal_answers_alone_and_limits_are_4xx(make_service:
 
         gate = threading.Event()
         held = service.run(lambda: gate.wait(60))  # the engine thread is busy: requests queue
+        _until(lambda: service.scheduler.busy)
         with ThreadPoolExecutor(3) as pool:
-            waiting = [pool.submit(ask, _body(q, 2)) for q in QUESTIONS[:2]]
-            while service.scheduler.waiting < 2:
-                threading.Event().wait(0.01)
-            refused = ask(_body(QUESTIONS[2], 2))
+            waiting = [pool.submit(ask, _body(q, 2)) for q in QUESTIONS]
+            _until(lambda: service.scheduler.waiting == 3)
+            refused = ask(_body(QUESTIONS[0], 2))
             gate.set()
             statuses = [w.result(timeout=120).status_code for w in waiting]
         held.result(timeout=10)
         assert refused.status_code == 429 and "busy" in refused.json()["error"]["message"]
-        assert statuses == [200, 200]
+        assert statuses == [200, 200, 200]
     assert service.scheduler.pool is not None and service.scheduler.pool.used == 0
