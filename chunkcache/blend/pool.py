@@ -22,8 +22,7 @@ class KVPool:
         if granule < 1:
             raise ValueError(f"granule must be at least 1 token, got {granule}")
         self.executor, self.total, self.granule = executor, budget, granule
-        self.token_bytes = (executor.num_layers * 2 * executor.num_kv_heads * executor.head_dim
-                            * torch.empty((), dtype=executor.dtype).element_size())
+        self.token_bytes = executor.kv_bytes(1)
         self.used = 0  # bytes of buffers handed out
         self._free: dict[int, list[torch.Tensor]] = {}  # tokens -> buffers back in the pool
         self._held = 0  # bytes of free buffers kept

@@ -33,11 +33,6 @@ class DecodeRow:
         return dict(self.__dict__)
 
 
-def kv_bytes(executor: LayerExecutor, tokens: int) -> int:
-    size = torch.empty((), dtype=executor.dtype).element_size()
-    return executor.num_layers * 2 * executor.num_kv_heads * executor.head_dim * size * tokens
-
-
 def _sequences(executor: LayerExecutor, batch: int, context: int, room: int, seed: int) -> list[DecodeSequence]:
     gen = torch.Generator(executor.device).manual_seed(seed)
     vocab = int(executor.lm_head.weight.shape[0])
@@ -69,7 +64,7 @@ def run_decode_bench(executor: LayerExecutor, batches: list[int], contexts: list
             raise InvalidInputError(f"context {context} (+{warmup + steps} decoded) does not fit the model's "
                                     f"{limit} positions")
         for batch in batches:
-            need = batch * kv_bytes(executor, context + warmup + steps)
+            need = batch * executor.kv_bytes(context + warmup + steps)
             if max_kv_bytes is not None and need > max_kv_bytes:
                 rows.append(DecodeRow(context, batch, steps, None, None, need))
                 continue

@@ -311,6 +311,11 @@ class LayerExecutor:
         """Next-token logits (fp32) for hidden states [n, hidden]."""
         return self.lm_head(self.norm(hidden)).to(torch.float32)
 
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes a cache buffer of ``tokens`` tokens takes (every layer's K and V)."""
+        return (self.num_layers * 2 * self.num_kv_heads * self.head_dim * tokens
+                * torch.empty((), dtype=self.dtype).element_size())
+
     def empty_kv(self, tokens: int) -> torch.Tensor:
         """A zeroed cache buffer of shape [layers, 2, kv_heads, tokens, head_dim]."""
         return torch.zeros(

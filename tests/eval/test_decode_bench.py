@@ -10,13 +10,13 @@ import torch
 
 from chunkcache.blend.decode import step
 from chunkcache.errors import InvalidInputError
-from chunkcache.eval.decode_bench import _sequences, format_table, kv_bytes, run_decode_bench
+from chunkcache.eval.decode_bench import _sequences, format_table, run_decode_bench
 from chunkcache.model import load_model
 
 
 def test_rows_are_timed_or_skipped_and_bad_lengths_refused(tiny_dirs: dict[str, Path], models_dir: Path) -> None:
     ex = load_model(str(tiny_dirs["llama"]), models_dir, "float32", "cpu", "sys").executor
-    cap = 3 * kv_bytes(ex, 40 + 3) - 1
+    cap = 3 * ex.kv_bytes(40 + 3) - 1
     report = run_decode_bench(ex, [1, 3], [16, 40], steps=2, warmup=1, max_kv_bytes=cap)
     rows = {(r["context"], r["batch"]): r for r in report["rows"]}
     assert set(rows) == {(16, 1), (16, 3), (40, 1), (40, 3)}
