@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from chunkcache.blend import FusionInput, Sampling, make_strategy
-from chunkcache.blend.craft_cache import CraftVariants
+from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.prefill import prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings

@@ -1,10 +1,13 @@
-"""`ChunkKV`: the one type every part passes around (a chunk's KV tensors plus metadata)."""
+"""`ChunkKV`: the one type every part passes around (a chunk's KV tensors plus metadata), and `VariantMeta`, what Cache-Craft records of a stored variant of a chunk's cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
+
+from chunkcache.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -44,3 +47,27 @@ class ChunkKV:
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass(frozen=True)
+class VariantMeta:
+    key: str
+    chunk_key: str
+    preceding: tuple[str, ...]
+    weights: tuple[float, ...]  # attention to each preceding chunk
+    cci: float
+    token_inter: tuple[float, ...]  # per token of the chunk
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(self.preceding):
+            raise InvalidInputError("a variant needs one attention weight per preceding chunk")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VariantMeta:
+        return cls(key=str(data["key"]), chunk_key=str(data["chunk_key"]), preceding=tuple(data["preceding"]),
+                   weights=tuple(float(w) for w in data["weights"]), cci=float(data["cci"]),
+                   token_inter=tuple(float(t) for t in data["token_inter"]), hits=int(data["hits"]))

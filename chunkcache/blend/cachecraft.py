@@ -26,7 +26,7 @@ from chunkcache.blend.spread import check_shares, spread_hook
 from chunkcache.errors import InvalidInputError
 from chunkcache.device import upload
 from chunkcache.model.executor import LayerExecutor
-from chunkcache.store.variants import VariantMeta
+from chunkcache.kv import VariantMeta
 from chunkcache.timing import stage
 
 INDEPENDENT = "independent"

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
 from chunkcache.errors import InvalidInputError
+from chunkcache.kv import VariantMeta
 
 _MAP_SIZE = 1 << 34  # sparse; metadata only
 
@@ -24,30 +25,6 @@ def variant_key(chunk_key: str, preceding: Sequence[str]) -> str:
     """Store key of a chunk's cache as computed behind ``preceding`` (chunk keys, in order)."""
     text = "variant-v1|" + chunk_key + "|" + "|".join(preceding)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class VariantMeta:
-    key: str
-    chunk_key: str
-    preceding: tuple[str, ...]
-    weights: tuple[float, ...]  # attention to each preceding chunk
-    cci: float
-    token_inter: tuple[float, ...]  # per token of the chunk
-    hits: int = 0
-
-    def __post_init__(self) -> None:
-        if len(self.weights) != len(self.preceding):
-            raise InvalidInputError("a variant needs one attention weight per preceding chunk")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> VariantMeta:
-        return cls(key=str(data["key"]), chunk_key=str(data["chunk_key"]), preceding=tuple(data["preceding"]),
-                   weights=tuple(float(w) for w in data["weights"]), cci=float(data["cci"]),
-                   token_inter=tuple(float(t) for t in data["token_inter"]), hits=int(data["hits"]))
 
 
 class VariantIndex:

@@ -1,7 +1,7 @@
 """Screen: reuse on the sequential layout with APE's attention change for the question (env APE_TS="T,S").
 
-  APE_TS=1.0,0.8 .venv/bin/python bench/results/screen-qwen2.5-0.5b-push-40/ape_attention_screen.py \
-    bench/results/screen-qwen2.5-0.5b-push-40/first_token_screen.py \
+  APE_TS=1.0,0.8 .venv/bin/python research/screen-qwen2.5-0.5b-push-40/ape_attention_screen.py \
+    research/screen-qwen2.5-0.5b-push-40/first_token_screen.py \
     --data ../shared/data/hotpotqa_distractor_train100.jsonl --store /tmp/scr/ev/hp-store --tag hp --dir DIR reuse
 """
 import os, runpy, sys
