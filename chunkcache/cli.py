@@ -135,7 +135,7 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     if not examples:
         raise CliError(f"{dataset} has no example with passages to encode")
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    report = bench_codecs(_engine(args), examples[0], codecs, args.repeats)
+    report = bench_codecs(_engine(args), examples[0], codecs, args.repeats, device=args.device)
     report["dataset"] = str(dataset)
     print(format_table(report))
     if args.out:
@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passages", type=int, default=6, help="chunks taken from that example, in order")
     p.add_argument("--codecs", default=",".join(BENCH_CODECS), help="comma-separated codec specs")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", help="where entries decode (cpu, cuda, cuda:N); default: the model's device")
     p.add_argument("--out", help="folder for codec.json")
     p.set_defaults(func=cmd_bench_codec)
 

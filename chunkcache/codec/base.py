@@ -23,7 +23,10 @@ from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
 
 MAGIC = b"CCKV"
-FORMAT_VERSION = 2
+# Version 3 changed only cachegen's sections (interleaved rANS lanes, `rans`); the framing is
+# version 2's, so version-2 entries of every codec still decode (cachegen's through constriction).
+FORMAT_VERSION = 3
+LAYERED_VERSIONS = (2, 3)
 LEGACY_VERSIONS = (1,)  # version 1: one zstd'd tensor, raw codec only (read, never written)
 _PREFIX = struct.Struct("<4sHI")
 _DIGEST_SIZE = 32
@@ -64,6 +67,7 @@ class Entry:
 
     header: dict[str, Any]
     sections: tuple[memoryview, ...]
+    version: int = FORMAT_VERSION
 
     @property
     def dtype(self) -> torch.dtype:
@@ -155,10 +159,10 @@ def unpack(data: bytes, codec: str | None = None, model_fingerprint: str | None 
             f"cache entry has format version {version}, this chunkcache reads version "
             f"{FORMAT_VERSION}; upgrade chunkcache to use it (it is left in the store)"
         )
-    if version != FORMAT_VERSION:
+    if version not in LAYERED_VERSIONS:
         raise CorruptCacheError(
-            f"cache entry has format version {version}, this chunkcache reads version "
-            f"{FORMAT_VERSION}; clear the store or recompute the entry"
+            f"cache entry has format version {version}, this chunkcache reads versions "
+            f"{', '.join(map(str, LAYERED_VERSIONS))}; clear the store or recompute the entry"
         )
     start = _PREFIX.size
     try:
@@ -178,7 +182,7 @@ def unpack(data: bytes, codec: str | None = None, model_fingerprint: str | None 
             f"cache entry belongs to model {str(header['model_fingerprint'])[:12]}, "
             f"not {model_fingerprint[:12]}; it cannot be used with this model"
         )
-    return Entry(header, sections)
+    return Entry(header, sections, version)
 
 
 def peek_tokens(data: bytes | memoryview) -> int:
@@ -310,5 +314,10 @@ class LayeredCodec:
     def decode_entry(self, entry: Entry, device: torch.device | str | None = None) -> ChunkKV:
         """Decode an already validated container (all layers, in parallel) onto ``device``."""
         dev = torch.device(device or "cpu")
-        layers = list(_POOL.map(lambda i: self._layer(entry, i, dev), range(len(entry.sections))))
-        return entry.chunk_kv(torch.stack(layers) if layers else torch.empty(entry.header["shape"]))
+        out = torch.empty([int(s) for s in entry.header["shape"]], dtype=entry.dtype, device=dev)
+
+        def place(i: int) -> None:  # in the worker: the copies run in parallel too
+            out[i].copy_(self._layer(entry, i, dev))
+
+        list(_POOL.map(place, range(len(entry.sections))))
+        return entry.chunk_kv(out)

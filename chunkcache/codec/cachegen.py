@@ -10,7 +10,9 @@ Per layer, K and V are viewed as ``[tokens, channels]`` (channels = kv heads x h
   3: x1, the released config);
 - optional delta coding (the paper's token-wise locality): each group of ``group`` tokens has
   an anchor token stored in int8, and the other tokens are coded as their difference from it;
-- entropy coding with one symbol distribution per (layer, channel) (`entropy`)."""
+- entropy coding with one symbol distribution per (layer, channel) (`entropy`): every (K or V,
+  channel) is one lane of `rans` (container version 3), decoded by threads on the CPU and by a
+  Triton kernel on the GPU (`rans_triton`); version-2 entries decode through constriction."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from chunkcache.codec import rans, rans_triton
 from chunkcache.codec.base import Entry, LayeredCodec, bf16_bits, from_bf16_bits, frombuffer, join_parts, split_parts
-from chunkcache.codec.entropy import channel_tables, decode_streams, encode_streams
+from chunkcache.codec.entropy import channel_tables, decode_streams, pack_tables, read_tables
+from chunkcache.device import cuda_runtime, upload
 from chunkcache.errors import CorruptCacheError, InvalidInputError
 
 LEVEL_SCALE = {1: 0.5, 2: 0.625, 3: 1.0}
@@ -76,7 +80,7 @@ class CacheGenCodec(LayeredCodec):
     def encode_layer(self, layer: torch.Tensor, index: int, params: dict[str, Any]) -> bytes:
         group = int(params["group"])
         parts: list[bytes | np.ndarray] = []
-        streams = []
+        symbols_of, tables = [], []
         for kind, bins in ((0, params["bins_k"][index]), (1, params["bins_v"][index])):
             x = layer[kind].float().permute(1, 0, 2).reshape(layer.shape[2], -1)  # [tokens, channels]
             anchors = _anchor_rows(x.shape[0], group)
@@ -90,9 +94,10 @@ class CacheGenCodec(LayeredCodec):
                 parts += [a_codes.to(torch.int8).numpy(), a_scale]
             symbols, scales = _quantize(x, int(bins))
             parts.append(scales)
-            streams.append((np.ascontiguousarray(symbols.T), channel_tables(symbols.T, int(bins) - 1)))
-        tables, words = encode_streams(streams)
-        return join_parts([tables, words, *parts])
+            symbols_of.append(symbols.T)
+            tables.append(channel_tables(symbols.T, int(bins) - 1))
+        states, counts, words = rans.encode(np.concatenate(symbols_of), _lane_tables(tables))
+        return join_parts([pack_tables(tables), states, counts, words, *parts])
 
     def decode_layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
         params = entry.header["params"]
@@ -106,15 +111,28 @@ class CacheGenCodec(LayeredCodec):
         if min(bins) < 4:
             raise CorruptCacheError(f"cache entry has cachegen bins {bins}")
         per_tensor = 3 if group else 1
-        parts = split_parts(entry.sections[index], 2 + 2 * per_tensor)
-        streams = decode_streams(parts[0], parts[1], [(channels, coded, b - 1) for b in bins])
+        head = 2 if entry.version == 2 else 4
+        parts = split_parts(entry.sections[index], head + 2 * per_tensor)
+        steps = (bins[0] // 2 - 1, bins[1] // 2 - 1)
+        scales = [from_bf16_bits(parts[head + (kind + 1) * per_tensor - 1], coded) for kind in (0, 1)]
+        if entry.version == 2:
+            streams = [torch.from_numpy(s).to(device)
+                       for s in decode_streams(parts[0], parts[1], [(channels, coded, b - 1) for b in bins])]
+        elif _kernel_decodes(device):
+            streams = _decode_lanes(parts[:4], channels, coded, bins, device)
+        else:  # the CPU: decoded and dequantised by compiled loops, in the cache's layout
+            lanes = rans.dequantize(_decode_lanes(parts[:4], channels, coded, bins), steps,
+                                    torch.stack(scales).numpy(), heads)
+            if not group:
+                return torch.from_numpy(lanes).to(device)
+            streams = None
         out = []
         for kind in (0, 1):
-            own = parts[2 + kind * per_tensor : 2 + (kind + 1) * per_tensor]
-            steps = bins[kind] // 2 - 1
-            scale = from_bf16_bits(own[-1], coded).to(device)
-            symbols = torch.from_numpy(streams[kind]).to(device)  # [channels, tokens] int32
-            x = (symbols.T.float() - steps) * (scale[:, None] / steps)
+            own = parts[head + kind * per_tensor : head + (kind + 1) * per_tensor]
+            if streams is None:
+                x = torch.from_numpy(lanes[kind]).permute(1, 0, 2).reshape(coded, channels).to(device)
+            else:  # streams: [channels, tokens]
+                x = (streams[kind].T.float() - steps[kind]) * (scales[kind].to(device)[:, None] / steps[kind])
             if group:
                 a_codes = torch.from_numpy(frombuffer(own[0], np.int8, n_anchor * channels).copy()).to(device).float()
                 a_step = from_bf16_bits(own[1], n_anchor).to(device)[:, None]
@@ -126,3 +144,35 @@ class CacheGenCodec(LayeredCodec):
         return torch.stack(out)
 
 
+def _lane_tables(tables: list[np.ndarray]) -> np.ndarray:
+    """One cumulative table per lane (K's channels, then V's), K's and V's alphabets padded to
+    the larger with never-seen symbols."""
+    width = max(t.shape[1] for t in tables)
+    return rans.freq_table(np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tables]))
+
+
+def _kernel_decodes(device: torch.device) -> bool:
+    """Whether sections for ``device`` decode in the Triton kernel (a GPU with triton)."""
+    return cuda_runtime(device) and rans_triton.triton_available()
+
+
+def _decode_lanes(parts: list[memoryview], channels: int, tokens: int, bins: list[int],
+                  device: torch.device | None = None) -> Any:
+    """The symbols ``[2 x channels, tokens]`` (K's channels, then V's) of a version-3 section:
+    decoded by the Triton kernel on ``device`` (a GPU) into K's and V's uint8 tensors, or without
+    a device by `rans.decode` on the CPU into one int32 array."""
+    lanes = 2 * channels
+    cum = _lane_tables(read_tables(parts[0], [(channels, b - 1) for b in bins]))
+    states = frombuffer(parts[1], np.uint32, lanes)
+    counts = frombuffer(parts[2], np.uint32, rans.groups_of(lanes))
+    words = frombuffer(parts[3], np.uint16, len(parts[3]) // 2)
+    if len(parts[3]) % 2 or int(counts.sum(dtype=np.int64)) != len(words):
+        raise CorruptCacheError("entropy-coded section's words do not match its group counts")
+    if device is None:
+        return rans.decode(states, counts, words, cum, tokens)
+    meta = rans_triton.group_meta(lanes, tokens, counts)
+    symbols = torch.empty(lanes * tokens, dtype=torch.uint8, device=device)
+    rans_triton.decode_groups(*(upload(torch.from_numpy(np.array(a)), device) for a in (
+        states.view(np.int32), cum, words.view(np.int16), meta)), symbols)
+    symbols = symbols.view(lanes, tokens)
+    return [symbols[:channels], symbols[channels:]]

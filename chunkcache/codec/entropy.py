@@ -1,8 +1,10 @@
-"""Entropy coding of quantised symbols with one distribution per channel (constriction's rANS).
+"""Per-channel symbol tables of the entropy coder, and container version 2's decoder.
 
-The encoder counts each channel's symbols, stores the counts scaled into one byte per symbol
-(zstd-compressed: most are zero), and codes every channel with its own categorical model. The
-decoder rebuilds the same models from the same bytes, so both sides agree exactly."""
+The encoder counts each channel's symbols and stores the counts scaled into one byte per symbol
+(zstd-compressed: most are zero); every decoder rebuilds the same distributions from the same
+bytes, so both sides agree exactly. Version 3 codes with them through `rans` (lanes decoded in
+parallel); version 2 coded every channel of a layer in turn through constriction's rANS, and
+`decode_streams` still reads those entries."""
 
 from __future__ import annotations
 
@@ -33,35 +35,35 @@ def _models(table: np.ndarray) -> list[constriction.stream.model.Categorical]:
     return [constriction.stream.model.Categorical(row, perfect=False) for row in probs]
 
 
-def encode_streams(streams: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[bytes, np.ndarray]:
-    """rANS-code ``[(symbols [channels, n], table [channels, alphabet]), ...]`` into one word stream.
+def pack_tables(tables: Sequence[np.ndarray]) -> bytes:
+    """The uint8 count tables of a layer's streams, concatenated and zstd-compressed."""
+    flat = np.concatenate([t.reshape(-1) for t in tables]) if tables else np.zeros(0, np.uint8)
+    return zstandard.ZstdCompressor(level=3).compress(flat.tobytes())
 
-    Returns the tables (zstd) and the uint32 words."""
-    coder = constriction.stream.stack.AnsCoder()
-    # ANS is a stack: encode in reverse so that decoding runs forward.
-    for symbols, table in reversed(streams):
-        models = _models(table)
-        for row in range(symbols.shape[0] - 1, -1, -1):
-            coder.encode_reverse(np.ascontiguousarray(symbols[row], dtype=np.int32), models[row])
-    tables = np.concatenate([t.reshape(-1) for _, t in streams]) if streams else np.zeros(0, np.uint8)
-    return zstandard.ZstdCompressor(level=3).compress(tables.tobytes()), coder.get_compressed()
+
+def read_tables(tables_z: memoryview, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Inverse of `pack_tables`; ``shapes`` lists (channels, alphabet) per stream."""
+    sizes = [c * a for c, a in shapes]
+    flat = frombuffer(zstd_decompress(tables_z, sum(sizes)), np.uint8, sum(sizes))
+    starts = np.cumsum([0, *sizes])
+    return [flat[a:b].reshape(shape) for a, b, shape in zip(starts, starts[1:], shapes)]
 
 
 def decode_streams(
     tables_z: memoryview, words: memoryview, shapes: Sequence[tuple[int, int, int]]
 ) -> list[np.ndarray]:
-    """Inverse of `encode_streams`; ``shapes`` lists (channels, n, alphabet) per stream."""
-    sizes = [c * a for c, _, a in shapes]
-    tables = frombuffer(zstd_decompress(tables_z, sum(sizes)), np.uint8, sum(sizes))
+    """Container version 2's streams: constriction's rANS over every channel of a layer in turn,
+    one word stream; ``shapes`` lists (channels, n, alphabet) per stream. (Version 3 codes lanes
+    that decode in parallel: `rans`.)"""
+    tables = read_tables(tables_z, [(c, a) for c, _, a in shapes])
     stream = frombuffer(words, np.uint32, len(words) // 4) if len(words) % 4 == 0 else None
     if stream is None:
         raise CorruptCacheError("entropy-coded words are not a whole number of 32-bit words")
     try:
         coder = constriction.stream.stack.AnsCoder(stream.copy())
-        out, start = [], 0
-        for (channels, n, alphabet), size in zip(shapes, sizes):
-            models = _models(tables[start : start + size].reshape(channels, alphabet))
-            start += size
+        out = []
+        for (channels, n, alphabet), table in zip(shapes, tables):
+            models = _models(table)
             symbols = np.empty((channels, n), dtype=np.int32)
             for row in range(channels):
                 symbols[row] = coder.decode(models[row], n)

@@ -11,23 +11,20 @@ the GPU (`_splits`, from shapes and the SM count only), the key range is cut int
 a third grid axis; each program writes an fp32 partial (running max, sum, unnormalised output) and
 a second small kernel merges a row's partials logsumexp-style. Otherwise one launch, as before.
 
-Triton is optional: it is imported only when the kernel is first used. ``triton.jit`` reads
-``TRITON_INTERPRET`` when it decorates a function, not at launch, and Triton decorates its own
-library (``tl.sum``, ``tl.max``, ...) when it is first imported, so the interpreter is a
-per-process choice: the variable must be set before anything imports triton. The kernel is
-decorated lazily here, and a mode that does not match the library's is refused with an error
-rather than failing inside the interpreter (the CPU tests run in a process started with it)."""
+Triton is optional: it is imported only when the kernel is first used, and decorated in the
+mode of Triton's library (`chunkcache.triton_jit`: the interpreter is a per-process choice)."""
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from chunkcache.triton_jit import interpreter_active, jit, triton_available
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 is the largest config sized below
@@ -38,32 +35,6 @@ _MIN_SPLIT_KEYS = 512
 _COMBINE_ROWS = 16  # rows a combine program merges: a split grid has few rows, so still many programs
 _PRETEND_SMS = 132  # the interpreter has no device: an H100's SM count keeps the split rule the same
 tl: Any = None  # triton.language once `_kernel` has imported it (the kernel's body needs the global)
-
-
-@functools.cache  # callers ask once a layer; a failed import would search sys.path each time
-def triton_available() -> bool:
-    """Whether Triton can be imported here (a broken install counts as missing)."""
-    try:
-        import triton  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
-
-
-def _is_interpreted(fn: Any) -> bool:
-    from triton.runtime.jit import JITFunction
-
-    return not isinstance(fn, JITFunction)  # the interpreter's InterpretedFunction is no subclass
-
-
-def interpreter_active() -> bool:
-    """Whether Triton runs kernels in its interpreter in this process, i.e. ``TRITON_INTERPRET``
-    was set when triton was first imported (False without triton)."""
-    if not triton_available():
-        return False
-    import triton.language
-
-    return _is_interpreted(triton.language.sum)
 
 
 def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -235,17 +206,13 @@ def _combine_source(Part, Out, stride_om, n, splits,
 def _kernel(interpreting: bool) -> Any:
     """The jitted (kernel, combine kernel), decorated on first use in the mode of Triton's library."""
     global tl
-    import triton
     import triton.language as tl
 
     if interpreting not in _kernels:
         # n and S change with every request: specialising on them (== 1, divisible by 16) would
         # only multiply the compiled variants.
-        kernel = triton.jit(_kernel_source, do_not_specialize=["n", "S", "split_len"])
-        if _is_interpreted(kernel) != interpreting:
-            raise RuntimeError(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} was changed after "
-                               "triton was imported: set it before the process imports triton")
-        _kernels[interpreting] = kernel, triton.jit(_combine_source, do_not_specialize=["n", "splits"])
+        kernel = jit(_kernel_source, interpreting, do_not_specialize=["n", "S", "split_len"])
+        _kernels[interpreting] = kernel, jit(_combine_source, interpreting, do_not_specialize=["n", "splits"])
     return _kernels[interpreting]
 
 
