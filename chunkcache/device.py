@@ -37,6 +37,13 @@ def pinned(host: torch.Tensor, device: torch.device | str | None) -> torch.Tenso
     return host.pin_memory()
 
 
+def _place(dst: torch.Tensor, src: Any, non_blocking: bool) -> None:
+    if isinstance(src, torch.Tensor):
+        dst.copy_(src, non_blocking=non_blocking)
+    else:
+        src.into(dst)
+
+
 class SideStream:
     """Copies from host memory into device tensors issued on a second stream, each batch ending in
     an event that the compute stream waits for before it reads the destinations: loading layer
@@ -61,18 +68,19 @@ class SideStream:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def copy_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any = None) -> Any:
+    def copy_into(self, pairs: list[tuple[torch.Tensor, Any]], after: Any = None) -> Any:
         """Copy each host source into its device destination once ``after`` (a `mark`) has passed;
-        returns the event marking the copies' end."""
+        returns the event marking the copies' end. A source that is no tensor is an
+        `chunkcache.kv.EncodedLayer`: it uploads and decodes itself on the side stream."""
         if self._stream is None:
             for dst, src in pairs:
-                dst.copy_(src, non_blocking=src.is_pinned())
+                _place(dst, src, src.is_pinned() if isinstance(src, torch.Tensor) else True)
             return None
         with torch.cuda.stream(self._stream):
             if after is not None:
                 self._stream.wait_event(after)
             for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
+                _place(dst, src, True)
             event = torch.cuda.Event()
             event.record(self._stream)
         return event

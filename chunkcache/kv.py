@@ -1,9 +1,11 @@
-"""`ChunkKV`: the one type every part passes around (a chunk's KV tensors plus metadata), and `VariantMeta`, what Cache-Craft records of a stored variant of a chunk's cache."""
+"""`ChunkKV`: the one type every part passes around (a chunk's KV tensors plus metadata);
+`EncodedLayer`, one layer of it still in its codec's bytes for a GPU to decode; and
+`VariantMeta`, what Cache-Craft records of a stored variant of a chunk's cache."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -47,6 +49,18 @@ class ChunkKV:
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+
+class EncodedLayer(Protocol):
+    """One layer ``[2, kv_heads, tokens, head_dim]`` of a stored chunk still in its codec's form,
+    in pinned host memory (``device`` is the CPU): `into` uploads it and decodes it into ``dst``
+    on ``dst``'s device, queued on the current stream, without a host wait. The store hands these
+    to a fusion on a GPU instead of decoded layers (`chunkcache.codec.base.DeviceLayer`)."""
+
+    shape: tuple[int, int, int, int]
+    device: torch.device
+
+    def into(self, dst: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,17 @@
 #   2. pytest of everything that needs no packaged model weights, with CUDA present (log: $OUT/pytest.log)
 #   3. a Llama-3.1-8B-shaped bf16 model with random weights, built on the GPU and saved under /dev/shm or /tmp
 #   4. sync check: every strategy's fused prefill under torch.cuda.set_sync_debug_mode("error"), caches from
-#      the CPU tier (pinned) and from the disk tier (int8) -> $OUT/sync_check.txt (bench/gpu/sync_check.py)
+#      the CPU tier (pinned) and from the disk tier (int8, cachegen-2: decoded on the GPU)
+#      -> $OUT/sync_check.txt (bench/gpu/sync_check.py)
 #   5. the Triton sparse-query attention kernel against masked SDPA: error and time at 8K / 32K
 #      -> $OUT/sparse_attention.txt (bench/gpu/sparse_attention_check.py)
 #   6. chunkcache bench ttft, caches served from the CPU tier (pinned): full, reuse, cacheblend:0.15, epic,
 #      ape at 1K-32K tokens in 16 chunks, a new question each round -> $OUT/ttft-cpu/
 #   7. the same from the disk tier (int8 entries; fewer lengths) -> $OUT/ttft-disk/
+#   7b. chunkcache bench codec: size and GB/s of decoding onto the GPU per codec
+#      (issue 21's target: cachegen-2 >= 5 GB/s of bf16) -> $OUT/codec/
+#   7c. full vs cacheblend:0.15 at 8K from the disk tier in cachegen-2 and in raw (issue 21's target:
+#      cachegen-2 >= 3x faster than full; int8 is step 7) -> $OUT/ttft-disk-cachegen/, $OUT/ttft-disk-raw/
 #   8. cacheblend:0.15 with the masked-SDPA attention backend instead of Triton, CPU tier -> $OUT/ttft-sdpa/
 #   8b. chunkcache bench decode: batched decode step, batch 1 / 8 / 32 at context 1K / 8K -> $OUT/decode/
 #   9. chunkcache eval on 3 bundled questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
@@ -22,7 +27,7 @@
 #   TTFT_LENGTHS=1024 TTFT_DISK_LENGTHS=1024 bash bench/gpu/device_check.sh
 # Knobs (env): GPU_CHECK_TINY=1 (2-layer, hidden-64 model), GPU_CHECK_WHEELS=0 (skip the wheel install),
 # PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_DISK_LENGTHS, TTFT_CHUNKS,
-# TTFT_REPEATS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk sdpa decode eval profile;
+# TTFT_REPEATS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk codec sdpa decode eval profile;
 # default "profile"), GPU_CHECK_TESTS (test paths for step 2), PROFILE_TOKENS (sync check and profile),
 # GPU_CHECK_REUSE_MODEL=1 (a rerun on the still-warm machine keeps the saved model instead of building it again).
 set -uo pipefail
@@ -160,8 +165,19 @@ if [[ -f $MODEL/config.json ]]; then
     full,reuse,cacheblend:0.15,epic,ape CHUNKCACHE_STORE_TIERS=cpu
   [[ $SKIP != *" disk "* ]] && ttft 7 disk "${TTFT_DISK_LENGTHS:-1024,8192,32768}" \
     full,reuse,cacheblend:0.15,epic CHUNKCACHE_STORE_TIERS=disk CHUNKCACHE_CODEC=int8
+  [[ $SKIP != *" codec "* ]] && ttft 7c disk-cachegen "${TTFT_CODEC_LENGTHS:-8192}" full,cacheblend:0.15 \
+    CHUNKCACHE_STORE_TIERS=disk CHUNKCACHE_CODEC=cachegen-2
+  [[ $SKIP != *" codec "* ]] && ttft 7c disk-raw "${TTFT_CODEC_LENGTHS:-8192}" full,cacheblend:0.15 \
+    CHUNKCACHE_STORE_TIERS=disk CHUNKCACHE_CODEC=raw
   [[ $SKIP != *" sdpa "* ]] && ttft 8 sdpa "${TTFT_SDPA_LENGTHS:-8192,32768}" full,cacheblend:0.15 \
     CHUNKCACHE_STORE_TIERS=cpu CHUNKCACHE_ATTENTION_BACKEND=sdpa
+fi
+
+if [[ $SKIP != *" codec "* && -f $MODEL/config.json ]]; then
+  step "7b chunkcache bench codec, decoding on the model's device: GB/s per codec (target: cachegen-2 >= 5 GB/s of bf16)"
+  timeout -k 10 150 "$PY" -m chunkcache.cli bench codec --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-codec" \
+    --codecs "${CODEC_SPECS:-raw,int8,kivi2,cachegen-2}" --repeats 3 --out "$OUT/codec" \
+    || fail "bench codec"
 fi
 
 if [[ $SKIP != *" decode "* && -f $MODEL/config.json ]]; then

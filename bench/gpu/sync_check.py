@@ -22,12 +22,13 @@ import torch
 from chunkcache.blend import parse_strategy_spec
 from sized_prompt import engine_with_prompt, prompt_arguments  # bench/gpu, the script's own folder
 
-STORES = {"cpu": {"store_tiers": "cpu"}, "disk": {"store_tiers": "disk", "codec": "int8"}}
+STORES = {"cpu": {"store_tiers": "cpu"}, "disk": {"store_tiers": "disk", "codec": "int8"},
+          "disk-cachegen": {"store_tiers": "disk", "codec": "cachegen-2"}}
 
 
 def main() -> int:
     parser = prompt_arguments(__doc__, "full,reuse,epic,ape,cacheblend:0.15,cachecraft")
-    parser.add_argument("--stores", default="cpu,disk")
+    parser.add_argument("--stores", default="cpu,disk,disk-cachegen")
     args = parser.parse_args()
     failed = 0
     cuda = torch.cuda.is_available()  # without it (a CPU dry run) the path runs, unchecked

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from chunkcache.errors import InvalidInputError
-from chunkcache.kv import ChunkKV
+from chunkcache.kv import ChunkKV, EncodedLayer
 from chunkcache.device import SideStream, upload
 from chunkcache.model.executor import ApeAttention, LayerExecutor, Rows, rotate
 from chunkcache.model.prompt import PromptPieces
@@ -105,7 +105,7 @@ class LayerSource(Protocol):
     @property
     def num_tokens(self) -> int: ...
 
-    def layer(self, i: int) -> torch.Tensor: ...
+    def layer(self, i: int) -> torch.Tensor | EncodedLayer: ...
 
 
 # Buffers whose stored layers are placed on first use, by id (tensors compare elementwise, so
@@ -132,8 +132,8 @@ class _Placement:
     question) and one re-rotation of every moved key, with per-token tables made once (fp64
     angles of each cache's shift, applied in fp32, as `LayerExecutor.rerotate` computes them).
 
-    Host layers (the CPU tier's pinned caches, decoded disk entries) go to the device on a side
-    stream one layer ahead, into one of two staging slots that hold a layer of every host cache
+    Host layers (the CPU tier's pinned caches, decoded disk entries, and encoded ones that the
+    device decodes itself: `EncodedLayer`) go to the device on a side stream one layer ahead, into one of two staging slots that hold a layer of every host cache
     side by side; a slot is written again only once the concatenation that read it has run, so
     staging never holds more than two layers however far the host runs ahead of the device."""
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from chunkcache.device import cuda_runtime, upload
 from chunkcache.errors import CorruptCacheError
 from chunkcache.kv import ChunkKV
 
@@ -250,14 +251,46 @@ def frombuffer(buf: memoryview | bytes, dtype: np.dtype | type, count: int) -> n
 
 
 LayerDecoder = Callable[[Entry, int], torch.Tensor]
+HostParts = dict[str, np.ndarray]
+
+
+def _on(part: np.ndarray, device: torch.device) -> torch.Tensor:
+    host = torch.from_numpy(np.array(part))  # a copy: parts may be read-only views of the entry
+    return upload(host, device)
+
+
+def _pin(host: torch.Tensor) -> torch.Tensor:
+    try:
+        return host.pin_memory()
+    except RuntimeError:  # no accelerator in this process (the CPU tests of this path)
+        return host
+
+
+class DeviceLayer:
+    """A layer still in its codec's form, in pinned host memory (`chunkcache.kv.EncodedLayer`):
+    `into` uploads it and dequantises it on the destination's device, on the current stream,
+    without a host wait. The fusion's side stream calls it one layer ahead of compute."""
+
+    device = torch.device("cpu")  # where it lies until `into`
+
+    def __init__(self, codec: "LayeredCodec", entry: Entry, index: int, parts: HostParts) -> None:
+        self.codec, self.entry, self.index = codec, entry, index
+        self.shape = entry.layer_shape
+        self.parts = {k: _pin(torch.from_numpy(np.array(v))) for k, v in parts.items()}
+
+    def into(self, dst: torch.Tensor) -> None:
+        on_device = {k: v.to(dst.device, non_blocking=True) for k, v in self.parts.items()}
+        dst.copy_(self.codec.dequantize_layer(self.entry, self.index, on_device))
 
 
 class LayeredCodec:
     """Base of every codec: one section per layer, decoded whole or streamed layer by layer.
 
-    Subclasses implement ``encode_layer(layer [2, heads, tokens, dim], index, params)`` and
-    ``decode_layer(entry, index, device)``: unpacking runs on the CPU, dequantisation on
-    ``device`` (the GPU when the caller serves from one), returning float32 or the entry's dtype."""
+    Subclasses implement ``encode_layer(layer [2, heads, tokens, dim], index, params)`` and either
+    ``decode_layer(entry, index, device)`` or its two halves: ``unpack_layer`` (host work: split,
+    decompress, check sizes; returns arrays) and ``dequantize_layer`` (device work on those arrays,
+    moved there), which also let a GPU take a layer as compressed bytes (`device_layer`).
+    Decoding returns float32 or the entry's dtype."""
 
     name = ""
     spec = ""
@@ -268,8 +301,29 @@ class LayeredCodec:
     def encode_layer(self, layer: torch.Tensor, index: int, params: dict[str, Any]) -> bytes:
         raise NotImplementedError
 
-    def decode_layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
+    def unpack_layer(self, entry: Entry, index: int) -> HostParts | None:
+        """The host half of decoding one layer, or None where this entry decodes on the host only."""
+        return None
+
+    def dequantize_layer(self, entry: Entry, index: int, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
+        parts = self.unpack_layer(entry, index)
+        if parts is None:
+            raise NotImplementedError(f"codec {self.name} decodes no layer of this entry")
+        return self.dequantize_layer(entry, index, {k: _on(v, device) for k, v in parts.items()})
+
+    def device_layer(self, entry: Entry, index: int, device: torch.device | str | None) -> DeviceLayer | None:
+        """Layer ``index`` to be decoded by a GPU (``device``) when the fusion reaches it, or None
+        where it is decoded on the host (no GPU, or an entry without a device half)."""
+        if device is None or not cuda_runtime(torch.device(device)):
+            return None
+        try:
+            parts = self.unpack_layer(entry, index)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CorruptCacheError(f"cache entry layer {index} cannot be decoded: {exc}") from None
+        return None if parts is None else DeviceLayer(self, entry, index, parts)
 
     def encode(self, kv: ChunkKV) -> bytes:
         tensor = kv.kv.detach().to("cpu")

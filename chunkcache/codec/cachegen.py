@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from chunkcache.codec import rans, rans_triton
-from chunkcache.codec.base import Entry, LayeredCodec, bf16_bits, from_bf16_bits, frombuffer, join_parts, split_parts
+from chunkcache.codec.base import Entry, HostParts, LayeredCodec, bf16_bits, frombuffer, join_parts, split_parts
 from chunkcache.codec.entropy import channel_tables, decode_streams, pack_tables, read_tables
-from chunkcache.device import cuda_runtime, upload
+from chunkcache.device import cuda_runtime
 from chunkcache.errors import CorruptCacheError, InvalidInputError
 
 LEVEL_SCALE = {1: 0.5, 2: 0.625, 3: 1.0}
@@ -100,48 +100,105 @@ class CacheGenCodec(LayeredCodec):
         return join_parts([pack_tables(tables), states, counts, words, *parts])
 
     def decode_layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
-        params = entry.header["params"]
-        group = int(params["group"])
-        _, heads, tokens, dim = entry.layer_shape
-        channels = heads * dim
-        anchors = _anchor_rows(tokens, group)
-        n_anchor = int(anchors.sum())
-        coded = tokens - n_anchor
-        bins = [int(params["bins_k"][index]), int(params["bins_v"][index])]
-        if min(bins) < 4:
-            raise CorruptCacheError(f"cache entry has cachegen bins {bins}")
-        per_tensor = 3 if group else 1
-        head = 2 if entry.version == 2 else 4
-        parts = split_parts(entry.sections[index], head + 2 * per_tensor)
-        steps = (bins[0] // 2 - 1, bins[1] // 2 - 1)
-        scales = [from_bf16_bits(parts[head + (kind + 1) * per_tensor - 1], coded) for kind in (0, 1)]
+        shape = _Shape(entry, index)
         if entry.version == 2:
-            streams = [torch.from_numpy(s).to(device)
-                       for s in decode_streams(parts[0], parts[1], [(channels, coded, b - 1) for b in bins])]
-        elif _kernel_decodes(device):
-            streams = _decode_lanes(parts[:4], channels, coded, bins, device)
-        else:  # the CPU: decoded and dequantised by compiled loops, in the cache's layout
-            lanes = rans.dequantize(_decode_lanes(parts[:4], channels, coded, bins), steps,
-                                    torch.stack(scales).numpy(), heads)
-            if not group:
-                return torch.from_numpy(lanes).to(device)
-            streams = None
+            parts = split_parts(entry.sections[index], 2 + 2 * shape.per_kind)
+            streams = [torch.from_numpy(s).to(device) for s in decode_streams(
+                parts[0], parts[1], [(shape.channels, shape.coded, b - 1) for b in shape.bins])]
+            return shape.dequantize(streams, _host_parts(shape, parts, 2), device)
+        if _kernel_decodes(device):
+            return super().decode_layer(entry, index, device)
+        # the CPU: decoded and dequantised by compiled loops, straight into the cache's layout
+        host = self.unpack_layer(entry, index)
+        cum, states, counts, words = (host[k] for k in ("cum", "states", "counts", "words"))
+        symbols = rans.decode(states.view(np.uint32), counts, words.view(np.uint16), cum, shape.coded)
+        scales = host["scales"].view(np.uint16).astype(np.uint32) << 16  # bfloat16 bits -> float32
+        coded = rans.dequantize(symbols, shape.steps, scales.view(np.float32), shape.heads)
+        if not shape.group:
+            return torch.from_numpy(coded).to(device)
+        x = [torch.from_numpy(coded[kind]).permute(1, 0, 2).reshape(shape.coded, shape.channels) for kind in (0, 1)]
+        return shape.with_anchors(x, {k: torch.from_numpy(np.array(host[k])) for k in ("anchor_codes", "anchor_steps")},
+                                  device)
+
+    def unpack_layer(self, entry: Entry, index: int) -> HostParts | None:
+        if entry.version == 2:
+            return None  # constriction's stream decodes on the host only
+        shape = _Shape(entry, index)
+        parts = split_parts(entry.sections[index], 4 + 2 * shape.per_kind)
+        lanes = 2 * shape.channels
+        cum = _lane_tables(read_tables(parts[0], [(shape.channels, b - 1) for b in shape.bins]))
+        states = frombuffer(parts[1], np.uint32, lanes)
+        counts = frombuffer(parts[2], np.uint32, rans.groups_of(lanes))
+        words = frombuffer(parts[3], np.uint16, len(parts[3]) // 2)
+        if len(parts[3]) % 2 or int(counts.sum(dtype=np.int64)) != len(words):
+            raise CorruptCacheError("entropy-coded section's words do not match its group counts")
+        return {"cum": cum, "states": states.view(np.int32), "counts": counts, "words": words.view(np.int16),
+                "meta": rans_triton.group_meta(lanes, shape.coded, counts), **_host_parts(shape, parts, 4)}
+
+    def dequantize_layer(self, entry: Entry, index: int, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The GPU half: the Triton kernel decodes every lane, then CacheGen's dequantisation."""
+        shape = _Shape(entry, index)
+        lanes = 2 * shape.channels
+        symbols = torch.empty(lanes * shape.coded, dtype=torch.uint8, device=parts["cum"].device)
+        rans_triton.decode_groups(parts["states"], parts["cum"], parts["words"], parts["meta"], symbols)
+        symbols = symbols.view(lanes, shape.coded)
+        return shape.dequantize([symbols[: shape.channels], symbols[shape.channels :]], parts, symbols.device)
+
+
+class _Shape:
+    """What decoding one layer needs from the header: sizes, bins and the anchor layout."""
+
+    def __init__(self, entry: Entry, index: int) -> None:
+        params = entry.header["params"]
+        self.group = int(params["group"])
+        _, self.heads, self.tokens, self.dim = entry.layer_shape
+        self.channels = self.heads * self.dim
+        self.anchors = _anchor_rows(self.tokens, self.group)
+        self.n_anchor = int(self.anchors.sum())
+        self.coded = self.tokens - self.n_anchor
+        self.bins = [int(params["bins_k"][index]), int(params["bins_v"][index])]
+        if min(self.bins) < 4:
+            raise CorruptCacheError(f"cache entry has cachegen bins {self.bins}")
+        self.steps = (self.bins[0] // 2 - 1, self.bins[1] // 2 - 1)
+        self.per_kind = 3 if self.group else 1  # (anchor codes, anchor steps,) scales
+
+    def dequantize(self, streams: list[torch.Tensor], parts: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The layer from each kind's symbols ``[channels, tokens]`` (torch operations, on their device)."""
+        parts = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)).to(device)
+                 for k, v in parts.items() if k.startswith(("scales", "anchor"))}
+        scales = parts["scales"].view(torch.bfloat16).float()
+        x = [(streams[kind].T.float() - self.steps[kind]) * (scales[kind][:, None] / self.steps[kind]) for kind in (0, 1)]
+        return self.with_anchors(x, parts, device)
+
+    def with_anchors(self, x: list[torch.Tensor], parts: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """K and V from their coded tokens ``[coded, channels]``: with delta coding, each one
+        added to its group's anchor token (stored in int8)."""
         out = []
         for kind in (0, 1):
-            own = parts[head + kind * per_tensor : head + (kind + 1) * per_tensor]
-            if streams is None:
-                x = torch.from_numpy(lanes[kind]).permute(1, 0, 2).reshape(coded, channels).to(device)
-            else:  # streams: [channels, tokens]
-                x = (streams[kind].T.float() - steps[kind]) * (scales[kind].to(device)[:, None] / steps[kind])
-            if group:
-                a_codes = torch.from_numpy(frombuffer(own[0], np.int8, n_anchor * channels).copy()).to(device).float()
-                a_step = from_bf16_bits(own[1], n_anchor).to(device)[:, None]
-                base = (a_codes.view(n_anchor, channels) * a_step)
-                full = base.repeat_interleave(group, dim=0)[:tokens].clone()
-                full[~anchors.to(device)] += x
-                x = full
-            out.append(x.view(tokens, heads, dim).permute(1, 0, 2))
+            full = x[kind]
+            if self.group:
+                # token g * group is anchor g; the ones after it, its coded rows in order: fixed
+                # shapes from the header, no mask (a mask's indices would be read on the host)
+                a_step = parts["anchor_steps"][kind].view(torch.bfloat16).float().to(device)[:, None]
+                base = parts["anchor_codes"][kind].to(device).float().view(self.n_anchor, self.channels) * a_step
+                rows = torch.zeros(self.n_anchor * (self.group - 1), self.channels, device=device)
+                rows[: self.coded] = x[kind].to(device)
+                delta = torch.cat([torch.zeros(self.n_anchor, 1, self.channels, device=device),
+                                   rows.view(self.n_anchor, self.group - 1, self.channels)], dim=1)
+                full = (base[:, None, :] + delta).view(-1, self.channels)[: self.tokens]
+            out.append(full.to(device).view(self.tokens, self.heads, self.dim).permute(1, 0, 2))
         return torch.stack(out)
+
+
+def _host_parts(shape: _Shape, parts: list[memoryview], head: int) -> HostParts:
+    """The scales (bfloat16 bits, [2, coded]) and anchors of a section whose first ``head``
+    parts are the entropy coder's."""
+    own = [parts[head + kind * shape.per_kind : head + (kind + 1) * shape.per_kind] for kind in (0, 1)]
+    out = {"scales": np.stack([frombuffer(o[-1], np.int16, shape.coded) for o in own])}
+    if shape.group:
+        out["anchor_codes"] = np.stack([frombuffer(o[0], np.int8, shape.n_anchor * shape.channels) for o in own])
+        out["anchor_steps"] = np.stack([frombuffer(o[1], np.int16, shape.n_anchor) for o in own])
+    return out
 
 
 def _lane_tables(tables: list[np.ndarray]) -> np.ndarray:
@@ -154,25 +211,3 @@ def _lane_tables(tables: list[np.ndarray]) -> np.ndarray:
 def _kernel_decodes(device: torch.device) -> bool:
     """Whether sections for ``device`` decode in the Triton kernel (a GPU with triton)."""
     return cuda_runtime(device) and rans_triton.triton_available()
-
-
-def _decode_lanes(parts: list[memoryview], channels: int, tokens: int, bins: list[int],
-                  device: torch.device | None = None) -> Any:
-    """The symbols ``[2 x channels, tokens]`` (K's channels, then V's) of a version-3 section:
-    decoded by the Triton kernel on ``device`` (a GPU) into K's and V's uint8 tensors, or without
-    a device by `rans.decode` on the CPU into one int32 array."""
-    lanes = 2 * channels
-    cum = _lane_tables(read_tables(parts[0], [(channels, b - 1) for b in bins]))
-    states = frombuffer(parts[1], np.uint32, lanes)
-    counts = frombuffer(parts[2], np.uint32, rans.groups_of(lanes))
-    words = frombuffer(parts[3], np.uint16, len(parts[3]) // 2)
-    if len(parts[3]) % 2 or int(counts.sum(dtype=np.int64)) != len(words):
-        raise CorruptCacheError("entropy-coded section's words do not match its group counts")
-    if device is None:
-        return rans.decode(states, counts, words, cum, tokens)
-    meta = rans_triton.group_meta(lanes, tokens, counts)
-    symbols = torch.empty(lanes * tokens, dtype=torch.uint8, device=device)
-    rans_triton.decode_groups(*(upload(torch.from_numpy(np.array(a)), device) for a in (
-        states.view(np.int32), cum, words.view(np.int16), meta)), symbols)
-    symbols = symbols.view(lanes, tokens)
-    return [symbols[:channels], symbols[channels:]]

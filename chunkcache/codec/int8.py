@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import zstandard
 
-from chunkcache.codec.base import Entry, LayeredCodec, frombuffer, join_parts, split_parts
+from chunkcache.codec.base import Entry, HostParts, LayeredCodec, frombuffer, join_parts, split_parts
 from chunkcache.codec.raw import zstd_decompress
 
 _TINY = 1e-12
@@ -39,12 +39,15 @@ class Int8Codec(LayeredCodec):
         packed = zstandard.ZstdCompressor(level=self.level).compress(codes.tobytes())
         return join_parts([packed, ks.numpy(), vs.numpy()])
 
-    def decode_layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
+    def unpack_layer(self, entry: Entry, index: int) -> HostParts:
         _, heads, tokens, dim = entry.layer_shape
         n = heads * tokens * dim
         packed, ks, vs = split_parts(entry.sections[index], 3)
-        codes = torch.from_numpy(frombuffer(zstd_decompress(packed, 2 * n), np.int8, 2 * n).copy()).to(device)
-        k_scale = torch.from_numpy(frombuffer(ks, np.float32, heads * dim).copy()).to(device).view(heads, 1, dim)
-        v_scale = torch.from_numpy(frombuffer(vs, np.float32, heads * tokens).copy()).to(device).view(heads, tokens, 1)
-        codes = codes.view(2, heads, tokens, dim).float()
-        return torch.stack([codes[0] * k_scale, codes[1] * v_scale])
+        return {"codes": frombuffer(zstd_decompress(packed, 2 * n), np.int8, 2 * n),
+                "k_scale": frombuffer(ks, np.float32, heads * dim), "v_scale": frombuffer(vs, np.float32, heads * tokens)}
+
+    def dequantize_layer(self, entry: Entry, index: int, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        _, heads, tokens, dim = entry.layer_shape
+        codes = parts["codes"].view(2, heads, tokens, dim).float()
+        return torch.stack([codes[0] * parts["k_scale"].view(heads, 1, dim),
+                            codes[1] * parts["v_scale"].view(heads, tokens, 1)])

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chunkcache.codec.base import Entry, LayeredCodec, bf16_bits, frombuffer, from_bf16_bits, join_parts, split_parts
+from chunkcache.codec.base import Entry, HostParts, LayeredCodec, bf16_bits, frombuffer, join_parts, split_parts
 from chunkcache.errors import CorruptCacheError, InvalidInputError
 
 _LEVELS = 3  # 2 bits: codes 0..3
@@ -27,8 +27,9 @@ def pack2(codes: torch.Tensor) -> np.ndarray:
     return (q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)).numpy()
 
 
-def unpack2(packed: np.ndarray, count: int, device: torch.device | None = None) -> torch.Tensor:
-    b = torch.from_numpy(packed.copy()).to(device)
+def unpack2(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of `pack2` on ``packed``'s device: ``count`` codes."""
+    b = packed
     q = torch.stack([b & 3, (b >> 2) & 3, (b >> 4) & 3, (b >> 6) & 3], dim=1).reshape(-1)
     return q[:count]
 
@@ -53,16 +54,21 @@ def quantize_groups(x: torch.Tensor, group: int) -> tuple[np.ndarray, np.ndarray
     return pack2(codes), lo_bits, step_bits
 
 
-def dequantize_groups(
-    packed: memoryview, lo: memoryview, step: memoryview, lead: tuple[int, ...], n: int, group: int,
-    device: torch.device,
-) -> torch.Tensor:
+def _group_parts(prefix: str, packed: memoryview, lo: memoryview, step: memoryview, lead: tuple[int, ...], n: int,
+                 group: int) -> dict[str, np.ndarray]:
+    count = int(np.prod(lead)) * -(-n // group) * group
+    return {f"{prefix}codes": frombuffer(packed, np.uint8, -(-count // 4)),
+            f"{prefix}lo": frombuffer(lo, np.int16, count // group), f"{prefix}step": frombuffer(step, np.int16, count // group)}
+
+
+def dequantize_groups(parts: dict[str, torch.Tensor], prefix: str, lead: tuple[int, ...], n: int,
+                      group: int) -> torch.Tensor:
+    """Values of groups unpacked by `_group_parts`, on the device their tensors are on."""
     groups = -(-n // group)
     count = int(np.prod(lead)) * groups * group
-    packed_arr = frombuffer(packed, np.uint8, -(-count // 4))
-    codes = unpack2(packed_arr, count, device).view(*lead, groups, group).float()
-    lo_t = from_bf16_bits(lo, count // group).to(device).view(*lead, groups, 1)
-    st_t = from_bf16_bits(step, count // group).to(device).view(*lead, groups, 1)
+    codes = unpack2(parts[f"{prefix}codes"], count).view(*lead, groups, group).float()
+    lo_t = parts[f"{prefix}lo"].view(torch.bfloat16).float().view(*lead, groups, 1)
+    st_t = parts[f"{prefix}step"].view(torch.bfloat16).float().view(*lead, groups, 1)
     return (codes * st_t + lo_t).reshape(*lead, groups * group)[..., :n]
 
 
@@ -85,12 +91,18 @@ class Kivi2Codec(LayeredCodec):
         vp, vlo, vst = quantize_groups(layer[1], group)  # groups of channels per token
         return join_parts([kp, klo, kst, vp, vlo, vst])
 
-    def decode_layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
+    def unpack_layer(self, entry: Entry, index: int) -> HostParts:
         group = int(entry.header["params"]["group"])
         if group < 1:
             raise CorruptCacheError(f"cache entry has kivi2 group {group}")
         _, heads, tokens, dim = entry.layer_shape
         kp, klo, kst, vp, vlo, vst = split_parts(entry.sections[index], 6)
-        keys = dequantize_groups(kp, klo, kst, (heads, dim), tokens, group, device).transpose(1, 2)
-        values = dequantize_groups(vp, vlo, vst, (heads, tokens), dim, group, device)
+        return {**_group_parts("k", kp, klo, kst, (heads, dim), tokens, group),
+                **_group_parts("v", vp, vlo, vst, (heads, tokens), dim, group)}
+
+    def dequantize_layer(self, entry: Entry, index: int, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        group = int(entry.header["params"]["group"])
+        _, heads, tokens, dim = entry.layer_shape
+        keys = dequantize_groups(parts, "k", (heads, dim), tokens, group).transpose(1, 2)
+        values = dequantize_groups(parts, "v", (heads, tokens), dim, group)
         return torch.stack([keys, values])

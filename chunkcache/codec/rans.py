@@ -13,11 +13,15 @@ in the bitstream is its 32-bit final state.
 - a lane's state after its last symbol is `LOW` again, and a group consumes exactly its words:
   a forged section that passes the digest still cannot decode into garbage unnoticed.
 
-Three implementations give identical output: the numba one (the CPU's fast path, threads in
-parallel without the GIL), the numpy one here (the reference, and the fallback where numba is
-not installed, e.g. the GPU image) and the Triton kernel of `rans_triton` (the GPU's)."""
+Three implementations give identical output: numba-compiled loops (the CPU's fast path, threads
+in parallel without the GIL; compiled on first use), numpy lock-step code (the reference, and the
+fallback where numba is not installed, e.g. the GPU image) and the Triton kernel of
+`rans_triton` (the GPU's)."""
 
 from __future__ import annotations
+
+import functools
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,10 +33,18 @@ LOW = 1 << 16
 GROUP = 32
 _EMIT_SHIFT = 16 + 16 - PREC_BITS  # a lane emits a word when x >= f << _EMIT_SHIFT
 
-try:  # the CPU's fast path; without numba the numpy reference serves (slower, same output)
-    import numba
-except ImportError:  # pragma: no cover - exercised on the GPU image only
-    numba = None
+
+
+@functools.cache
+def compiled() -> tuple[Callable[..., Any], ...] | None:
+    """The numba-compiled (encode, decode, dequantize) loops, compiled on first use (and cached
+    on disk by numba), or None without numba: the numpy reference then serves (same output)."""
+    try:
+        import numba
+    except ImportError:  # the GPU image: no numba there
+        return None
+    jit = numba.njit(nogil=True, cache=True)
+    return jit(_encode_loops), jit(_decode_loops), jit(_dequantize_loops)
 
 
 def freq_table(counts: np.ndarray) -> np.ndarray:
@@ -59,9 +71,8 @@ def encode(symbols: np.ndarray, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray
     words per group uint32 [groups], words uint16)."""
     symbols = np.ascontiguousarray(symbols, dtype=np.int32)
     cum = np.ascontiguousarray(cum, dtype=np.int32)
-    if numba is not None:
-        return _encode_nb(symbols, cum)
-    return _encode_np(symbols, cum)
+    fast = compiled()
+    return fast[0](symbols, cum) if fast else _encode_np(symbols, cum)
 
 
 def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: np.ndarray, tokens: int) -> np.ndarray:
@@ -72,9 +83,10 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: np.nd
         raise CorruptCacheError("entropy-coded section's lanes, groups and words do not agree")
     if lanes and ((states < LOW).any() or cum[:, -1].min() != TOTAL or cum[:, -1].max() != TOTAL):
         raise CorruptCacheError("entropy-coded section has an invalid state or table")
-    if numba is not None:
+    fast = compiled()
+    if fast:
         out = np.empty((lanes, tokens), dtype=np.int32)
-        bad = _decode_nb(states.astype(np.int64), counts.astype(np.int64), words, cum, out)
+        bad = fast[1](states.astype(np.int64), counts.astype(np.int64), words, cum, out)
     else:
         out, bad = _decode_np(states, counts, words, cum, tokens)
     if bad >= 0:
@@ -89,8 +101,9 @@ def dequantize(symbols: np.ndarray, steps: tuple[int, int], scale: np.ndarray, h
     operations the torch path runs (so both give the same bits)."""
     lanes, tokens = symbols.shape
     out = np.empty((2, heads, tokens, lanes // 2 // heads), dtype=np.float32)
-    if numba is not None:
-        _dequantize_nb(symbols, np.array(steps, dtype=np.float32), scale.astype(np.float32), out)
+    fast = compiled()
+    if fast:
+        fast[2](symbols, np.array(steps, dtype=np.float32), scale.astype(np.float32), out)
         return out
     step = scale.astype(np.float32) / np.array(steps, dtype=np.float32)[:, None]
     for kind in (0, 1):
@@ -158,87 +171,83 @@ def _decode_np(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: n
     return out[:lanes], int(np.flatnonzero(wrong)[0]) if wrong.any() else -1
 
 
-if numba is not None:
+# The loops numba compiles (`compiled`): plain Python, far too slow to run uncompiled.
+def _encode_loops(symbols: np.ndarray, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lanes, tokens = symbols.shape
+    groups = (lanes + GROUP - 1) // GROUP
+    words = np.empty(lanes * tokens + 1, dtype=np.uint16)
+    counts = np.zeros(groups, dtype=np.uint32)
+    states = np.empty(lanes, dtype=np.uint32)
+    x = np.empty(GROUP, dtype=np.int64)
+    pos = 0
+    for g in range(groups):
+        first, last = g * GROUP, min(lanes, (g + 1) * GROUP)
+        begin = pos
+        x[:] = LOW
+        for t in range(tokens - 1, -1, -1):
+            for lane in range(last - 1, first - 1, -1):
+                s = symbols[lane, t]
+                start = np.int64(cum[lane, s])
+                f = np.int64(cum[lane, s + 1]) - start
+                v = x[lane - first]
+                if v >= (f << _EMIT_SHIFT):
+                    words[pos] = v & 0xFFFF
+                    pos += 1
+                    v >>= 16
+                x[lane - first] = ((v // f) << PREC_BITS) + (v % f) + start
+        words[begin:pos] = words[begin:pos][::-1].copy()
+        counts[g] = pos - begin
+        for lane in range(first, last):
+            states[lane] = x[lane - first]
+    return states, counts, words[:pos].copy()
 
-    @numba.njit(nogil=True, cache=True)
-    def _encode_nb(symbols: np.ndarray, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lanes, tokens = symbols.shape
-        groups = (lanes + GROUP - 1) // GROUP
-        words = np.empty(lanes * tokens + 1, dtype=np.uint16)
-        counts = np.zeros(groups, dtype=np.uint32)
-        states = np.empty(lanes, dtype=np.uint32)
-        x = np.empty(GROUP, dtype=np.int64)
-        pos = 0
-        for g in range(groups):
-            first, last = g * GROUP, min(lanes, (g + 1) * GROUP)
-            begin = pos
-            x[:] = LOW
-            for t in range(tokens - 1, -1, -1):
-                for lane in range(last - 1, first - 1, -1):
-                    s = symbols[lane, t]
-                    start = np.int64(cum[lane, s])
-                    f = np.int64(cum[lane, s + 1]) - start
-                    v = x[lane - first]
-                    if v >= (f << _EMIT_SHIFT):
-                        words[pos] = v & 0xFFFF
-                        pos += 1
-                        v >>= 16
-                    x[lane - first] = ((v // f) << PREC_BITS) + (v % f) + start
-            words[begin:pos] = words[begin:pos][::-1].copy()
-            counts[g] = pos - begin
+def _decode_loops(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: np.ndarray,
+               out: np.ndarray) -> int:
+    lanes, tokens = out.shape
+    alphabet = cum.shape[1] - 1
+    groups = (lanes + GROUP - 1) // GROUP
+    x = np.empty(GROUP, dtype=np.int64)
+    coarse = np.empty((GROUP, 64), dtype=np.int32)  # first symbol of each 1/64 of the slots
+    pos = 0
+    for g in range(groups):
+        first, last = g * GROUP, min(lanes, (g + 1) * GROUP)
+        end = pos + counts[g]
+        for lane in range(first, last):
+            x[lane - first] = states[lane]
+            s = 0
+            for j in range(64):
+                while s + 1 < alphabet and cum[lane, s + 1] <= j * (TOTAL // 64):
+                    s += 1
+                coarse[lane - first, j] = s
+        for t in range(tokens):
             for lane in range(first, last):
-                states[lane] = x[lane - first]
-        return states, counts, words[:pos].copy()
-
-    @numba.njit(nogil=True, cache=True)
-    def _decode_nb(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: np.ndarray,
-                   out: np.ndarray) -> int:
-        lanes, tokens = out.shape
-        alphabet = cum.shape[1] - 1
-        groups = (lanes + GROUP - 1) // GROUP
-        x = np.empty(GROUP, dtype=np.int64)
-        coarse = np.empty((GROUP, 64), dtype=np.int32)  # first symbol of each 1/64 of the slots
-        pos = 0
-        for g in range(groups):
-            first, last = g * GROUP, min(lanes, (g + 1) * GROUP)
-            end = pos + counts[g]
-            for lane in range(first, last):
-                x[lane - first] = states[lane]
-                s = 0
-                for j in range(64):
-                    while s + 1 < alphabet and cum[lane, s + 1] <= j * (TOTAL // 64):
-                        s += 1
-                    coarse[lane - first, j] = s
-            for t in range(tokens):
-                for lane in range(first, last):
-                    v = x[lane - first]
-                    slot = v & (TOTAL - 1)
-                    s = coarse[lane - first, slot // (TOTAL // 64)]
-                    while cum[lane, s + 1] <= slot:
-                        s += 1
-                    start = np.int64(cum[lane, s])
-                    v = (np.int64(cum[lane, s + 1]) - start) * (v >> PREC_BITS) + slot - start
-                    if v < LOW:
-                        if pos >= end:
-                            return g
-                        v = (v << 16) | words[pos]
-                        pos += 1
-                    x[lane - first] = v
-                    out[lane, t] = s
-            if pos != end:
+                v = x[lane - first]
+                slot = v & (TOTAL - 1)
+                s = coarse[lane - first, slot // (TOTAL // 64)]
+                while cum[lane, s + 1] <= slot:
+                    s += 1
+                start = np.int64(cum[lane, s])
+                v = (np.int64(cum[lane, s + 1]) - start) * (v >> PREC_BITS) + slot - start
+                if v < LOW:
+                    if pos >= end:
+                        return g
+                    v = (v << 16) | words[pos]
+                    pos += 1
+                x[lane - first] = v
+                out[lane, t] = s
+        if pos != end:
+            return g
+        for lane in range(first, last):
+            if x[lane - first] != LOW:
                 return g
-            for lane in range(first, last):
-                if x[lane - first] != LOW:
-                    return g
-        return -1
+    return -1
 
-    @numba.njit(nogil=True, cache=True)
-    def _dequantize_nb(symbols: np.ndarray, steps: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
-        _, heads, tokens, dim = out.shape
-        for kind in range(2):
-            m = steps[kind]
-            for t in range(tokens):
-                step = scale[kind, t] / m
-                for h in range(heads):
-                    for d in range(dim):
-                        out[kind, h, t, d] = (np.float32(symbols[kind * heads * dim + h * dim + d, t]) - m) * step
+def _dequantize_loops(symbols: np.ndarray, steps: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    _, heads, tokens, dim = out.shape
+    for kind in range(2):
+        m = steps[kind]
+        for t in range(tokens):
+            step = scale[kind, t] / m
+            for h in range(heads):
+                for d in range(dim):
+                    out[kind, h, t, d] = (np.float32(symbols[kind * heads * dim + h * dim + d, t]) - m) * step

@@ -16,6 +16,7 @@ the output, never read or write outside the given tensors (loads are masked to t
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,9 @@ from chunkcache.codec.rans import GROUP, LOW, PREC_BITS, TOTAL
 from chunkcache.triton_jit import interpreter_active, jit, triton_available
 
 _kernels: dict[bool, Any] = {}
-# The interpreter patches triton.language while a kernel runs: two threads (layers decoding in
-# the codec's pool) must not interpret at once.
-_INTERPRETING = threading.Lock()
+# Layers decode in the codec's thread pool: launches go one at a time (the first compiles the
+# kernel, and the interpreter patches triton.language while a kernel runs).
+_LAUNCH = threading.Lock()
 tl: Any = None  # triton.language once `_kernel` has imported it (the kernel's body needs the global)
 
 
@@ -109,8 +110,8 @@ def decode_groups(states: torch.Tensor, cum: torch.Tensor, words: torch.Tensor, 
     if groups == 0:
         return out
     width = max(2, 1 << (cum.shape[1] - 2).bit_length())  # symbols, rounded up to a power of two
-    guard = torch.cuda.device(out.device) if out.device.type == "cuda" else _INTERPRETING
-    with guard:
+    guard = torch.cuda.device(out.device) if out.device.type == "cuda" else nullcontext()
+    with _LAUNCH, guard:
         _kernel(interpreting)[(groups,)](states, cum, words, meta, out, cum.shape[1], GROUP=GROUP, WIDTH=width,
                                          LOW=LOW, PREC=PREC_BITS, num_warps=1)
     return out

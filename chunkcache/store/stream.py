@@ -9,7 +9,7 @@ import time
 import torch
 
 from chunkcache.errors import CorruptCacheError
-from chunkcache.kv import ChunkKV
+from chunkcache.kv import ChunkKV, EncodedLayer
 
 
 class LayerStream:
@@ -21,7 +21,7 @@ class LayerStream:
         self._cond = threading.Condition()
         self._known = False
         self._hit = False
-        self._layers: list[torch.Tensor] = []
+        self._layers: list[torch.Tensor | EncodedLayer] = []
         self._num_layers = 0
         self._done = False
         self._error: BaseException | None = None
@@ -50,7 +50,7 @@ class LayerStream:
         for layer in kv.kv.unbind(0):
             self.push(layer)
 
-    def push(self, layer: torch.Tensor) -> None:
+    def push(self, layer: torch.Tensor | EncodedLayer) -> None:
         with self._cond:
             self._layers.append(layer)
             self._done = len(self._layers) == self._num_layers
@@ -91,14 +91,18 @@ class LayerStream:
     def num_layers(self) -> int:
         return self._num_layers
 
-    def layer(self, i: int) -> torch.Tensor:
-        """Layer ``i`` as ``[2, kv_heads, tokens, head_dim]``, once it has arrived."""
+    def layer(self, i: int) -> torch.Tensor | EncodedLayer:
+        """Layer ``i`` as ``[2, kv_heads, tokens, head_dim]``, once it has arrived (for a GPU,
+        possibly still encoded: the fusion decodes it on the device)."""
         start = time.perf_counter()
         self._wait(lambda: len(self._layers) > i)
         self.wait_s += time.perf_counter() - start
         return self._layers[i]
 
     def result(self) -> ChunkKV:
+        """The whole chunk, once every layer has arrived decoded."""
         self._wait(lambda: self._done)
+        if not all(isinstance(layer, torch.Tensor) for layer in self._layers):
+            raise TypeError("the chunk's layers arrived encoded, for the device to decode")
         return ChunkKV(torch.stack(self._layers), self.token_ids, self.position_offset,
                        self.model_fingerprint, self.prefix_fingerprint)

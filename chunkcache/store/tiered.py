@@ -236,16 +236,22 @@ class TieredStore:
                 continue
             stream.start(len(entry.sections), *entry.metadata())
             host = torch.device("cpu")
+            encoded = False
             try:
                 for layer in range(len(entry.sections)):
-                    stream.push(pinned(codec.layer(entry, layer, host), device))
+                    # a GPU decodes what it can itself (compressed bytes cross PCIe, the host
+                    # only unpacks); the rest is decoded here into pinned memory
+                    part = codec.device_layer(entry, layer, device)
+                    encoded = encoded or part is not None
+                    stream.push(part if part is not None else pinned(codec.layer(entry, layer, host), device))
             except CorruptCacheError as exc:
                 tier.drop_corrupt(key, exc)  # never served: the engine recomputes the chunk
                 raise
             finally:
                 stream.decode_s += time.perf_counter() - decode_at
-            try:
-                self._promote(i, key, stream.result(), data, to_gpu=False)
+            try:  # the memory tiers keep decoded tensors: decoded here, after the fusion got its layers
+                kv = codec.decode_entry(entry) if encoded else stream.result()
+                self._promote(i, key, kv, data, to_gpu=False)
             except Exception as exc:  # noqa: BLE001 - the chunk was served; only the copy failed
                 log.warning("could not promote chunk cache %s: %s", key[:16], exc)
             return

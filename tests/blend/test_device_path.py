@@ -18,6 +18,8 @@ from chunkcache.blend import FusionInput, Sampling, make_strategy
 from chunkcache.blend.cachecraft import ChunkPlan
 from chunkcache.blend.decode import DecodeSequence, step
 from chunkcache.blend.prefill import prefill_chunks, prefill_head
+from chunkcache.codec import get_codec, rans_triton
+from chunkcache.codec.base import DeviceLayer
 from chunkcache.kv import ChunkKV
 from chunkcache.model import sparse_attention
 from chunkcache.model.executor import LayerExecutor
@@ -105,17 +107,24 @@ def _plans(pieces: PromptPieces) -> tuple[ChunkPlan, ...]:
 
 
 def _sources(p: Prompt, where: str) -> tuple[ChunkKV, tuple[Any, ...]]:
-    """The head's and chunks' caches as the GPU tier serves them (device tensors) or as the CPU
-    tier and disk decoding do (pinned host memory, the chunks streamed layer by layer)."""
+    """The head's and chunks' caches as the GPU tier serves them (device tensors), as the CPU
+    tier and host decoding do (pinned host memory, the chunks streamed layer by layer), or as a
+    disk tier hands them to a GPU (``disk:<codec>``: encoded layers in pinned memory)."""
     if where == "gpu":
         return (ChunkKV(p.fake.put(p.head.kv.clone()), p.head.token_ids, 0, "fp", ""),
                 tuple(ChunkKV(p.fake.put(c.kv.clone()), c.token_ids, c.position_offset, "fp", "p") for c in p.chunks))
     streams = []
+    codec = get_codec(where.removeprefix("disk:")) if where.startswith("disk:") else None
     for c in p.chunks:
         stream = LayerStream("k")
         stream.start(c.num_layers, c.token_ids, c.position_offset, "fp", "p")
-        for layer in c.kv.unbind(0):
-            stream.push(p.fake.pinned_host(layer))
+        if codec is not None:  # the disk tier's bytes, decoded by the device as fusion reaches them
+            entry = codec.open(codec.encode(c))
+            for i in range(c.num_layers):
+                stream.push(DeviceLayer(codec, entry, i, codec.unpack_layer(entry, i)))
+        else:
+            for layer in c.kv.unbind(0):
+                stream.push(p.fake.pinned_host(layer))
         streams.append(stream)
     return ChunkKV(p.fake.pinned_host(p.head.kv), p.head.token_ids, 0, "fp", ""), tuple(streams)
 
@@ -169,6 +178,19 @@ def test_no_wait_for_the_host_before_the_first_token(prompt: Prompt, case: str, 
     busiest = max(n for layer, n in record.ops_by_layer.items() if layer >= 0)
     assert busiest <= MAX_OPS_PER_LAYER, dict(record.ops_by_layer)
     assert record.ops <= MAX_OPS_PER_LAYER * LAYERS * 2, record.ops  # probe and question pass included
+
+
+@pytest.mark.parametrize("codec", ["int8", "kivi2", "cachegen-2", "cachegen-1:delta=1:group=4"])
+@pytest.mark.parametrize("case", ["reuse", "cacheblend"])
+def test_no_wait_when_the_device_decodes_the_disk_tiers_bytes(prompt: Prompt, monkeypatch: pytest.MonkeyPatch,
+                                                              case: str, codec: str) -> None:
+    """Encoded layers: only their bytes cross, asynchronously; dequantising (and cachegen's rANS
+    kernel, which cannot run in the emulation: a device operation stands in for its one launch)
+    runs on the device, one layer ahead, with no wait."""
+    monkeypatch.setattr(rans_triton, "decode_groups", lambda states, cum, words, meta, out: out.zero_())
+    record, _ = fused_first_token(prompt, case, f"disk:{codec}")
+    assert not record.waits, f"{case} from {codec}: {record.summary()}"
+    assert record.async_copies >= LAYERS * len(prompt.chunks)  # every layer of every chunk went up
 
 
 @pytest.mark.parametrize("case", ["reuse", "cacheblend", "cachecraft-plans", "ape"])

@@ -177,6 +177,37 @@ def test_streams_deliver_layers_in_order_and_report_misses(store_path: Path) -> 
     assert cpu.contains("k")
 
 
+@pytest.mark.parametrize("spec", ["int8", "kivi2"])
+def test_for_a_gpu_layers_stream_encoded_and_the_memory_tier_gets_them_decoded(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str
+) -> None:
+    """Bound for a GPU, a disk hit streams encoded layers (the device decodes them as fusion
+    reaches them); each decodes to what the host decoder gives, and the CPU tier is still
+    promoted with the decoded chunk. (No GPU here: a CUDA runtime is pretended and the encoded
+    layers decode onto the CPU; cachegen's, through its kernel, in tests/codec/test_rans.py.)"""
+    import chunkcache.codec.base as codec_base
+
+    monkeypatch.setattr(codec_base, "cuda_runtime", lambda device: True)
+    codec = get_codec(spec)
+    cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, codec)
+    store = TieredStore([cpu, disk], codec)
+    disk.put("k", _kv(tokens=24))
+    (hit,) = store.stream(["k"], device="cuda")
+    assert hit.found()
+    expected = disk.get("k").kv
+    for i in range(2):
+        layer = hit.layer(i)
+        assert not isinstance(layer, torch.Tensor) and layer.device.type == "cpu" and layer.shape == (2, 1, 24, 4)
+        decoded = torch.empty(2, 1, 24, 4)
+        layer.into(decoded)
+        assert torch.equal(decoded, expected[i])
+    for _ in range(200):
+        if cpu.contains("k"):
+            break
+        time.sleep(0.01)
+    assert torch.equal(cpu.get("k").kv, expected)
+
+
 def test_a_stream_that_fails_after_its_header_raises_only_for_missing_layers() -> None:
     from chunkcache.errors import CorruptCacheError
     from chunkcache.store.stream import LayerStream
