@@ -259,28 +259,45 @@ def _on(part: np.ndarray, device: torch.device) -> torch.Tensor:
     return upload(host, device)
 
 
-def _pin(host: torch.Tensor) -> torch.Tensor:
+def _pinned_bytes(n: int) -> torch.Tensor:
     try:
-        return host.pin_memory()
-    except RuntimeError:  # no accelerator in this process (the CPU tests of this path)
-        return host
+        return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError:  # no CUDA in this process (the CPU tests of this path)
+        host = torch.empty(n, dtype=torch.uint8)
+        try:
+            return host.pin_memory()
+        except RuntimeError:
+            return host
 
 
 class DeviceLayer:
     """A layer still in its codec's form, in pinned host memory (`chunkcache.kv.EncodedLayer`):
     `into` uploads it and dequantises it on the destination's device, on the current stream,
-    without a host wait. The fusion's side stream calls it one layer ahead of compute."""
+    without a host wait. The fusion's side stream calls it one layer ahead of compute.
+
+    The parts lie side by side in one pinned buffer (each at a 16-byte boundary), so a layer is
+    one copy to the device, whose parts are then views of it (no launch each)."""
 
     device = torch.device("cpu")  # where it lies until `into`
 
     def __init__(self, codec: "LayeredCodec", entry: Entry, index: int, parts: HostParts) -> None:
         self.codec, self.entry, self.index = codec, entry, index
         self.shape = entry.layer_shape
-        self.parts = {k: _pin(torch.from_numpy(np.array(v))) for k, v in parts.items()}
+        self.layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
+        end = 0
+        for name, part in parts.items():
+            dtype = torch.from_numpy(np.empty(0, dtype=part.dtype)).dtype
+            self.layout.append((name, dtype, part.shape, end, part.nbytes))
+            end += -(-part.nbytes // 16) * 16
+        self.bytes = _pinned_bytes(end)
+        host = self.bytes.numpy()
+        for (_, _, _, start, n), part in zip(self.layout, parts.values()):
+            host[start : start + n] = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
 
     def into(self, dst: torch.Tensor) -> None:
-        on_device = {k: v.to(dst.device, non_blocking=True) for k, v in self.parts.items()}
-        dst.copy_(self.codec.dequantize_layer(self.entry, self.index, on_device))
+        buf = self.bytes.to(dst.device, non_blocking=True)
+        parts = {name: buf[start : start + n].view(dtype).view(shape) for name, dtype, shape, start, n in self.layout}
+        dst.copy_(self.codec.dequantize_layer(self.entry, self.index, parts))
 
 
 class LayeredCodec:

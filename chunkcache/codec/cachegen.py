@@ -109,7 +109,7 @@ class CacheGenCodec(LayeredCodec):
         if _kernel_decodes(device):
             return super().decode_layer(entry, index, device)
         # the CPU: decoded and dequantised by compiled loops, straight into the cache's layout
-        host = self.unpack_layer(entry, index)
+        host = _unpack(entry, index, shape)
         cum, states, counts, words = (host[k] for k in ("cum", "states", "counts", "words"))
         symbols = rans.decode(states.view(np.uint32), counts, words.view(np.uint16), cum, shape.coded)
         scales = host["scales"].view(np.uint16).astype(np.uint32) << 16  # bfloat16 bits -> float32
@@ -124,16 +124,9 @@ class CacheGenCodec(LayeredCodec):
         if entry.version == 2:
             return None  # constriction's stream decodes on the host only
         shape = _Shape(entry, index)
-        parts = split_parts(entry.sections[index], 4 + 2 * shape.per_kind)
-        lanes = 2 * shape.channels
-        cum = _lane_tables(read_tables(parts[0], [(shape.channels, b - 1) for b in shape.bins]))
-        states = frombuffer(parts[1], np.uint32, lanes)
-        counts = frombuffer(parts[2], np.uint32, rans.groups_of(lanes))
-        words = frombuffer(parts[3], np.uint16, len(parts[3]) // 2)
-        if len(parts[3]) % 2 or int(counts.sum(dtype=np.int64)) != len(words):
-            raise CorruptCacheError("entropy-coded section's words do not match its group counts")
-        return {"cum": cum, "states": states.view(np.int32), "counts": counts, "words": words.view(np.int16),
-                "meta": rans_triton.group_meta(lanes, shape.coded, counts), **_host_parts(shape, parts, 4)}
+        parts = _unpack(entry, index, shape)
+        parts["meta"] = rans_triton.group_meta(2 * shape.channels, shape.coded, parts["counts"])
+        return parts
 
     def dequantize_layer(self, entry: Entry, index: int, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The GPU half: the Triton kernel decodes every lane, then CacheGen's dequantisation."""
@@ -153,8 +146,7 @@ class _Shape:
         self.group = int(params["group"])
         _, self.heads, self.tokens, self.dim = entry.layer_shape
         self.channels = self.heads * self.dim
-        self.anchors = _anchor_rows(self.tokens, self.group)
-        self.n_anchor = int(self.anchors.sum())
+        self.n_anchor = -(-self.tokens // self.group) if self.group else 0  # tokens 0, group, 2 x group, ...
         self.coded = self.tokens - self.n_anchor
         self.bins = [int(params["bins_k"][index]), int(params["bins_v"][index])]
         if min(self.bins) < 4:
@@ -190,6 +182,21 @@ class _Shape:
         return torch.stack(out)
 
 
+def _unpack(entry: Entry, index: int, shape: _Shape) -> HostParts:
+    """A version-3 section's arrays: lane tables and states, words per group, the words, scales
+    and anchors, their sizes checked."""
+    parts = split_parts(entry.sections[index], 4 + 2 * shape.per_kind)
+    lanes = 2 * shape.channels
+    cum = _lane_tables(read_tables(parts[0], [(shape.channels, b - 1) for b in shape.bins]))
+    states = frombuffer(parts[1], np.uint32, lanes)
+    counts = frombuffer(parts[2], np.uint32, rans.groups_of(lanes))
+    words = frombuffer(parts[3], np.uint16, len(parts[3]) // 2)
+    if len(parts[3]) % 2 or int(counts.sum(dtype=np.int64)) != len(words):
+        raise CorruptCacheError("entropy-coded section's words do not match its group counts")
+    return {"cum": cum, "states": states.view(np.int32), "counts": counts, "words": words.view(np.int16),
+            **_host_parts(shape, parts, 4)}
+
+
 def _host_parts(shape: _Shape, parts: list[memoryview], head: int) -> HostParts:
     """The scales (bfloat16 bits, [2, coded]) and anchors of a section whose first ``head``
     parts are the entropy coder's."""
@@ -204,8 +211,12 @@ def _host_parts(shape: _Shape, parts: list[memoryview], head: int) -> HostParts:
 def _lane_tables(tables: list[np.ndarray]) -> np.ndarray:
     """One cumulative table per lane (K's channels, then V's), K's and V's alphabets padded to
     the larger with never-seen symbols."""
-    width = max(t.shape[1] for t in tables)
-    return rans.freq_table(np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tables]))
+    counts = np.zeros((sum(t.shape[0] for t in tables), max(t.shape[1] for t in tables)), dtype=np.uint8)
+    start = 0
+    for t in tables:
+        counts[start : start + t.shape[0], : t.shape[1]] = t
+        start += t.shape[0]
+    return rans.freq_table(counts)
 
 
 def _kernel_decodes(device: torch.device) -> bool:
