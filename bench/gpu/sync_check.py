@@ -48,7 +48,8 @@ def main() -> int:
                     torch.cuda.synchronize()
                     torch.cuda.set_sync_debug_mode("error")
                 try:
-                    prepared = engine._prepare(question, chunks, name, 1, dict(params))
+                    # the fused prefill alone: plan (host work), then load and fuse up to the first logits
+                    prepared = engine._fuse(engine.plan(question, chunks, name, 1, **params), None)
                     verdict = "SYNC OK" if cuda else "SYNC n/a (no CUDA: ran unchecked)"
                 except RuntimeError as exc:
                     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "chunkcache" in f.filename]
