@@ -31,6 +31,17 @@ def _engine(args: argparse.Namespace) -> Any:
     return ChunkCacheEngine(settings)
 
 
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from chunkcache.blend import describe_strategies
+    from chunkcache.config import Settings
+    from chunkcache.engine import STRATEGY_SETTINGS
+
+    settings = Settings.load(args.config)
+    print(describe_strategies({k: getattr(settings, k) for k in STRATEGY_SETTINGS}))
+    print(f"\ndefault strategy (Settings.strategy): {settings.strategy}")
+    return 0
+
+
 def _read_input(path: str) -> tuple[str, list[str]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -45,16 +56,24 @@ def _read_input(path: str) -> tuple[str, list[str]]:
     return data["question"], data["chunks"]
 
 
+def _strategy_params(args: argparse.Namespace) -> dict[str, Any]:
+    """``--recompute-ratio`` as a parameter, after checking ``--strategy`` (a spec) and that the
+    strategy takes it: a bad spec fails here, before the model loads."""
+    from chunkcache.blend import make_strategy, parse_strategy_spec
+
+    params = {} if args.recompute_ratio is None else {"recompute_ratio": args.recompute_ratio}
+    if args.strategy is not None:
+        name, spec_params = parse_strategy_spec(args.strategy)
+        make_strategy(name, **{**spec_params, **params})
+    return params
+
+
 def cmd_answer(args: argparse.Namespace) -> int:
     from chunkcache.engine import check_request
 
+    params = _strategy_params(args)
     question, chunks = _read_input(args.input)
     check_request(question, chunks)  # before the model loads: bad input fails at once
-    params: dict[str, Any] = {}
-    if args.recompute_ratio is not None:
-        if args.strategy != "cacheblend":
-            raise CliError("--recompute-ratio applies to --strategy cacheblend only")
-        params["recompute_ratio"] = args.recompute_ratio
     engine = _engine(args)
     answer = engine.answer(question, chunks, strategy=args.strategy, max_new_tokens=args.max_new_tokens, **params)
     if args.json:
@@ -237,7 +256,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     index = ChunkIndex.load(args.index)
     try:
         engine = _engine(args)
-        params = {} if args.recompute_ratio is None else {"recompute_ratio": args.recompute_ratio}
+        params = _strategy_params(args)
         result = RAGPipeline(index, engine).answer(
             args.question, top_k=args.top_k, strategy=args.strategy, max_new_tokens=args.max_new_tokens, **params
         )
@@ -390,8 +409,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+STRATEGY_HELP = ("fusion strategy spec NAME[:VALUE][:KEY=VALUE...], e.g. cacheblend:0.15:spread_v=0.5 "
+                 "(default: settings; `chunkcache strategies` lists names and parameters)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from chunkcache.blend import STRATEGIES
     from chunkcache.model.registry import PACKAGED_MODELS
 
     parser = argparse.ArgumentParser(
@@ -408,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", help="folder of the chunk-cache store (default ~/.cache/chunkcache/store)")
         p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
 
+    p = sub.add_parser("strategies", help="every fusion strategy, its parameters and their defaults, and the spec syntax")
+    p.add_argument("--config", help="YAML settings file (also $CHUNKCACHE_CONFIG): its defaults are shown")
+    p.set_defaults(func=cmd_strategies)
+
     from chunkcache.api.cli import add_serve_parser
 
     add_serve_parser(sub, common)
@@ -415,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("answer", help="answer a question over chunks given in a JSON file")
     common(p)
     p.add_argument("--input", required=True, help='JSON file {"question": str, "chunks": [str, ...]}')
-    p.add_argument("--strategy", default="cacheblend", choices=sorted(STRATEGIES), help="fusion strategy")
-    p.add_argument("--recompute-ratio", type=float, default=None, help="cacheblend: share of tokens to recompute")
+    p.add_argument("--strategy", default=None, help=STRATEGY_HELP)
+    p.add_argument("--recompute-ratio", type=float, default=None,
+                   help="share of tokens to recompute (cacheblend, cachecraft); overrides the spec's")
     p.add_argument("--json", action="store_true", help="print the answer and its stats as one JSON object")
     p.set_defaults(func=cmd_answer)
 
@@ -543,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--index", required=True, help="index folder built by chunkcache ingest")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--strategy", default=None, choices=sorted(STRATEGIES), help="fusion strategy (default: settings)")
-    p.add_argument("--recompute-ratio", type=float, default=None, help="cacheblend: share of tokens to recompute")
+    p.add_argument("--strategy", default=None, help=STRATEGY_HELP)
+    p.add_argument("--recompute-ratio", type=float, default=None,
+                   help="share of tokens to recompute (cacheblend, cachecraft); overrides the spec's")
     p.add_argument("--json", action="store_true", help="print answer, sources and timings as one JSON object")
     p.set_defaults(func=cmd_query)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from chunkcache.blend import FusionInput, Sampling, make_strategy
+from chunkcache.blend import FusionInput, Sampling, make_strategy, parse_strategy_spec
 from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.prefill import prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
@@ -24,7 +24,8 @@ from chunkcache.store.stream import LayerStream
 from chunkcache.store.variants import VariantIndex
 from chunkcache.timing import collect, stage
 
-_STRATEGY_DEFAULTS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
+# Settings fields that are defaults of strategy parameters (a spec or a request overrides them)
+STRATEGY_SETTINGS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
 
 
 class ChunkCacheEngine:
@@ -38,6 +39,8 @@ class ChunkCacheEngine:
         store: KVStore | None = None,
     ) -> None:
         self.settings = settings or Settings.load()
+        name, params = parse_strategy_spec(self.settings.strategy)  # a bad spec fails before the model loads
+        make_strategy(name, **params)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local; never reach for a hub
         if self.settings.threads > 0:
             import torch
@@ -276,9 +279,11 @@ class ChunkCacheEngine:
         """Check and tokenize a request without fusing it: what `begin` needs, and how many bytes
         its fused cache will hold (a scheduler admits it when they fit)."""
         check_request(question, chunks)
-        name = strategy or self.settings.strategy
-        defaults = {k: getattr(self.settings, k) for k in _STRATEGY_DEFAULTS}
-        fusion = make_strategy(name, defaults, **params)
+        # a spec (``cacheblend:0.15:spread_v=0.5``) wherever a strategy is named: request, CLI,
+        # YAML; parameters given apart (``recompute_ratio=...``) override the spec's
+        name, spec_params = parse_strategy_spec(strategy or self.settings.strategy)
+        defaults = {k: getattr(self.settings, k) for k in STRATEGY_SETTINGS}
+        fusion = make_strategy(name, defaults, **{**spec_params, **params})
         limit = self._max_new(max_new_tokens)
         pieces = self.model.template.pieces(question, list(chunks))
         if pieces.total + limit > self.model.max_positions > 0:

@@ -63,7 +63,9 @@ def test_cacheblend_at_ratio_one_prints_the_full_prefill_answer(model: str, inpu
         ({"question": QUESTION, "chunks": ["word " * 9000]}, [], "past the model's context"),
         ({"question": QUESTION}, [], "must be a JSON object"),
         ({"question": QUESTION, "chunks": CHUNKS}, ["--model", "gpt-17"], "unknown model 'gpt-17'"),
-        ({"question": QUESTION, "chunks": CHUNKS}, ["--strategy", "full", "--recompute-ratio", "0.2"], "cacheblend only"),
+        ({"question": QUESTION, "chunks": CHUNKS}, ["--strategy", "full", "--recompute-ratio", "0.2"],
+         "strategy 'full' has no parameter recompute_ratio"),
+        ({"question": QUESTION, "chunks": CHUNKS}, ["--strategy", "cacheblend:0.2:spred=1"], "has no parameter spred"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(payload: dict, args: list[str], message: str, tmp_path: Path) -> None:
@@ -80,7 +82,17 @@ def test_missing_input_file_and_unknown_strategy(tmp_path: Path) -> None:
     out = chunkcache("answer", "--input", str(tmp_path / "nope.json"), store=tmp_path / "s")
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     out = chunkcache("answer", "--input", "x", "--strategy", "magic", store=tmp_path / "s")
-    assert out.returncode == 2 and "invalid choice: 'magic'" in out.stderr
+    assert out.returncode == 2 and "unknown strategy 'magic'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_strategies_lists_every_strategy_with_its_parameters(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("strategy: cacheblend:0.3\nrecompute_ratio: 0.2\n")
+    out = chunkcache("strategies", "--config", str(config), store=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for line in ("cacheblend  (cacheblend:VALUE sets recompute_ratio)", "    spread_v = 0.25", "    recompute_ratio = 0.2",
+                 "epic  (epic:VALUE sets epic_k)", "cachecraft", "default strategy (Settings.strategy): cacheblend:0.3"):
+        assert line in out.stdout, out.stdout
 
 
 def test_help_lists_the_commands(tmp_path: Path) -> None:

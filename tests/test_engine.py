@@ -137,6 +137,35 @@ def test_bad_input_raises_value_errors(engine: ChunkCacheEngine, question, chunk
     assert isinstance(info.value, ValueError)
 
 
+def test_a_strategy_spec_means_the_same_in_a_request_and_in_the_settings(
+    engine: ChunkCacheEngine, smollm2: LoadedModel, store_path: Path
+) -> None:
+    spec = "cacheblend:0.3:spread_v=0.5:sinks=2"
+    by_spec = engine.answer(QUESTION, CHUNKS, strategy=spec, max_new_tokens=8, keep_logits=True)
+    by_params = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", recompute_ratio=0.3, spread_v=0.5, sinks=2,
+                              max_new_tokens=8, keep_logits=True)
+    configured = ChunkCacheEngine(Settings.load(env={}, store_path=store_path, strategy=spec), model=smollm2)
+    by_settings = configured.answer(QUESTION, CHUNKS, max_new_tokens=8, keep_logits=True)
+    assert by_spec.params["spread_v"] == 0.5 and by_spec.params["recompute_ratio"] == 0.3 and by_spec.params["sinks"] == 2
+    for other in (by_params, by_settings):
+        assert other.token_ids == by_spec.token_ids and torch.equal(other.first_token_logits, by_spec.first_token_logits)
+    overridden = engine.answer(QUESTION, CHUNKS, strategy=spec, recompute_ratio=0.6, max_new_tokens=1)
+    assert overridden.params["recompute_ratio"] == 0.6  # a parameter given apart wins over the spec's
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("cacheblend:0.2:spred_v=1", "has no parameter spred_v .it takes: .*spread_v"),
+    ("epic:many", "is not a number"),
+    ("warp", "unknown strategy"),
+])
+def test_a_bad_spec_is_one_clear_error_before_any_work(engine: ChunkCacheEngine, smollm2: LoadedModel, store_path: Path,
+                                                         spec: str, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        engine.answer(QUESTION, CHUNKS, strategy=spec)
+    with pytest.raises(InvalidInputError, match=message):
+        ChunkCacheEngine(Settings.load(env={}, store_path=store_path, strategy=spec), model=smollm2)
+
+
 def test_chunks_are_computed_behind_the_primer(smollm2: LoadedModel, store_path: Path, tmp_path: Path) -> None:
     bare = ChunkCacheEngine(Settings.load(env={}, store_path=store_path, chunk_primer="none"), model=smollm2)
     primed = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)

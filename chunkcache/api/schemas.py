@@ -45,12 +45,17 @@ class DocumentIn(_Strict):
     text: str = Field(..., min_length=1, description="one chunk: its KV cache is stored and reused as a unit")
 
 
+STRATEGY_DOC = ("fusion strategy spec NAME[:VALUE][:KEY=VALUE...]: full, reuse, cacheblend[:RATIO], ape[:TEMPERATURE], epic[:K], "
+                "cachecraft[:ALPHA], with parameters as in `cacheblend:0.15:spread_v=0.5`; "
+                "`chunkcache strategies` lists them (default: the server's)")
+
+
 class Retrieval(_Strict):
     top_k: int = Field(5, ge=1, le=100)
 
 
 class CacheOptions(_Strict):
-    strategy: str | None = Field(None, description="full, reuse, cacheblend, ape, epic (default: the server's)")
+    strategy: str | None = Field(None, description=STRATEGY_DOC)
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -217,7 +222,7 @@ class RagAnswerRequest(_Strict):
     query: str = Field(..., min_length=1)
     documents: list[DocumentIn] | None = None
     top_k: int | None = Field(None, ge=1, le=100)
-    strategy: str | None = None
+    strategy: str | None = Field(None, description=STRATEGY_DOC)
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False

@@ -92,6 +92,21 @@ def _parse_name_value(spec: str, name: str, value: str) -> tuple[str, dict[str, 
     return target, params
 
 
+def describe_strategies(defaults: Mapping[str, Any] | None = None) -> str:
+    """Every strategy with its parameters and their defaults (``defaults``, e.g. from Settings,
+    over the strategy's own), and the spec that sets them: the one place they are listed."""
+    lines = ["spec: NAME[:VALUE][:KEY=VALUE...], e.g. cacheblend:0.15:spread_v=0.5 (answer, query, "
+             "the HTTP API's strategy field and Settings.strategy all take one)", ""]
+    for name, cls in STRATEGIES.items():
+        value_param = _SPEC_PARAMS[name][1] if name in _SPEC_PARAMS else None
+        lines.append(name + (f"  ({name}:VALUE sets {value_param})" if value_param else ""))
+        for f in dataclasses.fields(cls):
+            value = (defaults or {}).get(f.name, f.default)
+            lines.append(f"    {f.name} = {value!r}")
+    lines.append("cacheblend-random:VALUE  (cacheblend with selection=random at that recompute_ratio)")
+    return "\n".join(lines)
+
+
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
     kind = type(field.default)
     if kind is bool and isinstance(value, str):
@@ -101,5 +116,6 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
 
 __all__ = [
     "STRATEGIES", "Ape", "CacheBlend", "Epic", "FullPrefill", "FusedCache", "FusionInput",
-    "FusionResult", "FusionStrategy", "Reuse", "Sampling", "make_strategy", "parse_strategy_spec",
+    "FusionResult", "FusionStrategy", "Reuse", "Sampling", "describe_strategies", "make_strategy",
+    "parse_strategy_spec",
 ]

@@ -35,9 +35,10 @@ def test_chat_completions_match_the_engine_streamed_or_not(make_service: Service
         assert [r["doc_id"] for r in info["references"]] == ["mill", "bridge"]
         assert info["cache"]["hit_chunks"] == 2  # stored while computing `expected`
 
-        stream = client.chat.completions.create(
+        stream = client.chat.completions.create(  # the same strategy as one spec: the same answer
             model="smollm2-135m", messages=[{"role": "user", "content": QUESTION}], max_tokens=12,
-            extra_body=EXTRA, stream=True, stream_options={"include_usage": True},
+            extra_body={"documents": DOCS, "cache": {"strategy": "cacheblend:0.3"}}, stream=True,
+            stream_options={"include_usage": True},
         )
         chunks = list(stream)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -159,11 +159,12 @@ def kernel_device() -> str:
 def test_kernel_decodes_several_blocks_in_one_launch_bit_for_bit(kernel_device: str) -> None:
     from chunkcache.codec.rans_triton import decode_groups, group_meta
 
-    blocks = [_coded(*shape, seed=i) for i, shape in enumerate(SHAPES)]
+    shapes = [shape for shape in SHAPES if shape[1] <= 40]  # the interpreter runs a token a step
+    blocks = [_coded(*shape, seed=i) for i, shape in enumerate(shapes)]
     width = max(b[1].shape[1] for b in blocks)
     states, cums, words, metas = [], [], [], []
     lane = word = out = 0
-    for (symbols, cum, (st, counts, w)), (lanes, tokens, _) in zip(blocks, SHAPES):
+    for (symbols, cum, (st, counts, w)), (lanes, tokens, _) in zip(blocks, shapes):
         metas.append(group_meta(lanes, tokens, counts, lane, word, out))
         states.append(st)
         cums.append(np.pad(cum, ((0, 0), (0, width - cum.shape[1])), constant_values=rans.TOTAL))
@@ -180,9 +181,8 @@ def test_kernel_decodes_several_blocks_in_one_launch_bit_for_bit(kernel_device: 
 
 
 @pytest.mark.parametrize(("spec", "dtype"), [
-    ("cachegen-1", torch.float32), ("cachegen-2", torch.float32), ("cachegen-3", torch.float32),
-    ("cachegen-2:delta=1:group=4", torch.float32), ("cachegen-3:delta=1:group=10", torch.float32),
-    ("cachegen-2", torch.bfloat16), ("cachegen-1:delta=1:group=4", torch.bfloat16),
+    ("cachegen-1", torch.float32), ("cachegen-3", torch.float32), ("cachegen-2:delta=1:group=4", torch.float32),
+    ("cachegen-2", torch.bfloat16), ("cachegen-3:delta=1:group=10", torch.bfloat16),
 ])
 def test_kernel_path_of_the_codec_is_bit_identical_to_the_cpu_decoder(
     kernel_device: str, monkeypatch: pytest.MonkeyPatch, spec: str, dtype: torch.dtype
