@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from chunkcache.config import Settings
 from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInputError
 from chunkcache.generation import Answer, Fused, Generation, OnText, Plan, decode_step
 from chunkcache.kv import ChunkKV
-from chunkcache.model import LoadedModel, PromptPieces, load_model
+from chunkcache.model import LoadedModel, load_model
 from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
 from chunkcache.store.stream import LayerStream
 from chunkcache.store.variants import VariantIndex

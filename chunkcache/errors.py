@@ -7,6 +7,10 @@ class ChunkCacheError(Exception):
     """Base of every chunkcache error."""
 
 
+class CliError(ChunkCacheError):
+    """A problem with the command line or its input files."""
+
+
 class InvalidInputError(ChunkCacheError, ValueError):
     """The caller's question, chunks or parameters cannot be served as given."""
 

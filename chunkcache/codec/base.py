@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -259,6 +260,18 @@ def _on(part: np.ndarray, device: torch.device) -> torch.Tensor:
     return upload(host, device)
 
 
+@contextmanager
+def _decoding(index: int) -> Iterator[None]:
+    """What decoding a layer raises on bad bytes becomes a `CorruptCacheError` (the store then
+    drops the entry); running out of memory is not the entry's fault and passes unchanged."""
+    try:
+        yield
+    except (CorruptCacheError, torch.OutOfMemoryError):
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise CorruptCacheError(f"cache entry layer {index} cannot be decoded: {exc}") from None
+
+
 def _pinned_bytes(n: int) -> torch.Tensor:
     try:
         return torch.empty(n, dtype=torch.uint8, pin_memory=True)
@@ -336,10 +349,8 @@ class LayeredCodec:
         where it is decoded on the host (no GPU, or an entry without a device half)."""
         if device is None or not cuda_runtime(torch.device(device)):
             return None
-        try:
+        with _decoding(index):
             parts = self.unpack_layer(entry, index)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise CorruptCacheError(f"cache entry layer {index} cannot be decoded: {exc}") from None
         return None if parts is None else DeviceLayer(self, entry, index, parts)
 
     def encode(self, kv: ChunkKV) -> bytes:
@@ -357,12 +368,8 @@ class LayeredCodec:
         return self._layer(entry, index, device)
 
     def _layer(self, entry: Entry, index: int, device: torch.device) -> torch.Tensor:
-        try:
+        with _decoding(index):
             out = self.decode_layer(entry, index, device)
-        except (CorruptCacheError, torch.OutOfMemoryError):
-            raise  # out of memory is not the entry's fault: it must not be deleted
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-            raise CorruptCacheError(f"cache entry layer {index} cannot be decoded: {exc}") from None
         if tuple(out.shape) != entry.layer_shape:
             raise CorruptCacheError(f"cache entry layer {index} decoded to shape {tuple(out.shape)}")
         return out.to(entry.dtype)

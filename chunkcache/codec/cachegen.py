@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from chunkcache.codec import rans, rans_triton
-from chunkcache.codec.base import Entry, HostParts, LayeredCodec, bf16_bits, frombuffer, join_parts, split_parts
+from chunkcache.codec.base import (
+    Entry, HostParts, LayeredCodec, bf16_bits, from_bf16_bits, frombuffer, join_parts, split_parts,
+)
 from chunkcache.codec.entropy import channel_tables, decode_streams, pack_tables, read_tables
 from chunkcache.device import cuda_runtime
 from chunkcache.errors import CorruptCacheError, InvalidInputError
@@ -112,8 +114,8 @@ class CacheGenCodec(LayeredCodec):
         host = _unpack(entry, index, shape)
         cum, states, counts, words = (host[k] for k in ("cum", "states", "counts", "words"))
         symbols = rans.decode(states.view(np.uint32), counts, words.view(np.uint16), cum, shape.coded)
-        scales = host["scales"].view(np.uint16).astype(np.uint32) << 16  # bfloat16 bits -> float32
-        coded = rans.dequantize(symbols, shape.steps, scales.view(np.float32), shape.heads)
+        scales = from_bf16_bits(host["scales"], 2 * shape.coded).view(2, shape.coded).numpy()
+        coded = rans.dequantize(symbols, shape.steps, scales, shape.heads)
         if not shape.group:
             return torch.from_numpy(coded).to(device)
         x = [torch.from_numpy(coded[kind]).permute(1, 0, 2).reshape(shape.coded, shape.channels) for kind in (0, 1)]

@@ -155,9 +155,11 @@ class TieredStore:
         threads) leaves the GPU tier out: its copy would run on the stream the fusion computes
         on, queued before the fusion's own kernels, and carry the chunk over PCIe a second time
         next to the fusion's layer-by-layer copies."""
-        for tier in self.tiers[:found_at]:
-            if to_gpu or not (isinstance(tier, MemoryTier) and tier.device.type == "cuda"):
-                self._put_tier(tier, key, kv, data, None)
+        for tier in self._above(found_at, to_gpu):
+            self._put_tier(tier, key, kv, data, None)
+
+    def _above(self, found_at: int, to_gpu: bool) -> list[Tier]:
+        return [t for t in self.tiers[:found_at] if to_gpu or not (isinstance(t, MemoryTier) and t.device.type == "cuda")]
 
     def prefetch(self, keys: Sequence[str], model_fingerprint: str | None = None,
                  device: torch.device | str | None = None) -> PrefetchHandle:
@@ -249,6 +251,8 @@ class TieredStore:
                 raise
             finally:
                 stream.decode_s += time.perf_counter() - decode_at
+            if not self._above(i, to_gpu=False):
+                return
             try:  # the memory tiers keep decoded tensors: decoded here, after the fusion got its layers
                 kv = codec.decode_entry(entry) if encoded else stream.result()
                 self._promote(i, key, kv, data, to_gpu=False)
