@@ -1,6 +1,6 @@
 """Shared fixtures: the real SmolLM2 model (converted once into the user cache), tiny
 random-weight models of each supported family that reuse its tokenizer, the packaged MiniLM
-embedder, and a real redis-server for the remote tier."""
+embedder, and a real redis-server and Mooncake Store for the remote tier."""
 
 from __future__ import annotations
 
@@ -157,3 +157,23 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
         redis_server.start()
     redis.Redis.from_url(url).flushdb()
     yield url
+
+
+# --- a real Mooncake Store (master + segment holder) for the remote tier's second backend
+@pytest.fixture(scope="session")
+def mooncake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from tests.mooncake_server import MooncakeServer, mooncake_binary
+
+    try:
+        import mooncake.store  # noqa: F401  (the wheel, and libibverbs1 it links against)
+        missing = None if mooncake_binary("mooncake_master") else "mooncake_master is not on PATH"
+    except ImportError as exc:  # the wheel, or the system's libibverbs1 it links against
+        missing = f"Mooncake's client does not import ({exc})"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}; .ci/run installs libibverbs1 and scripts/test.sh the mooncake extra")
+        pytest.skip(f"{missing}: pip install -e '.[mooncake]' and apt-get install libibverbs1; CI runs these tests")
+    server = MooncakeServer(tmp_path_factory.mktemp("mooncake"))
+    server.start()
+    yield server
+    server.close()

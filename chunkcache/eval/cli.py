@@ -224,7 +224,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction, common: Callable[[argpars
     common(p)
     p.add_argument("--dataset", help="QA file; its first example is timed; default: bundled MuSiQue")
     p.add_argument("--passages", type=int, default=6, help="chunks of that example, in order")
-    p.add_argument("--remote-url", help="redis:// URL of the remote tier to measure (default: the remote_url setting)")
+    p.add_argument("--remote-url", help="redis:// or mooncake:// URL of the remote tier to measure (default: the remote_url setting)")
     p.add_argument("--entry-tokens", type=int, default=512, help="tokens per entry in the put/get test")
     p.add_argument("--entries", type=int, default=20, help="entries put and read per tier")
     p.add_argument("--repeats", type=int, default=3)

@@ -75,7 +75,7 @@ def bench_store(
     engine: ChunkCacheEngine, examples: Sequence[Example], remote_url: str | None, entry_tokens: int = 512,
     count: int = 20, repeats: int = 3, ratio: float = 0.15,
 ) -> dict[str, Any]:
-    from chunkcache.store.redis_store import RedisStore
+    from chunkcache.store.remote import open_remote
 
     codec = engine.codec
     kv = _chunk_of(engine, examples, entry_tokens)
@@ -87,7 +87,7 @@ def bench_store(
     if torch.cuda.is_available():
         tiers = {"gpu": lambda: MemoryTier("gpu", None, device="cuda"), **tiers}
     if remote_url:
-        tiers["remote"] = lambda: RedisStore(remote_url, codec, namespace="chunkcache-bench")
+        tiers["remote"] = lambda: open_remote(remote_url, codec, namespace="chunkcache-bench")
     report: dict[str, Any] = {"tiers": {}, "ttft_s": {}}
     original = engine.store
     example = examples[0]

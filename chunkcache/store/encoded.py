@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class EncodedTier:
-    """Base of `LmdbStore` and `RedisStore`; subclasses provide the byte operations."""
+    """Base of `LmdbStore`, `RedisStore` and `MooncakeStore`; subclasses provide the byte operations."""
 
     name = ""
     codec: KVCodec

@@ -9,8 +9,6 @@ skips the service for ``retry_s`` before trying again. Capacity is the server's 
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
@@ -19,17 +17,14 @@ from typing import Any, Callable, TypeVar
 from chunkcache.codec import KVCodec
 from chunkcache.codec.base import peek_tokens
 from chunkcache.errors import InvalidInputError
-from chunkcache.store.encoded import EncodedTier
 from chunkcache.store.policy import LRU, EntryInfo, TierStats
+from chunkcache.store.remote import REDIS_SCHEMES, RemoteTier, ServiceDown, ServiceGuard, ServiceRefused
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class RedisStore(EncodedTier):
+class RedisStore(RemoteTier):
     """The `remote` tier."""
-
-    name = "remote"
 
     def __init__(self, url: str, codec: KVCodec, namespace: str = "chunkcache", timeout_s: float = 2.0,
                  retry_s: float = 5.0) -> None:
@@ -37,8 +32,8 @@ class RedisStore(EncodedTier):
             import redis
         except ImportError:
             raise InvalidInputError("the remote tier needs redis-py: pip install 'redis>=5'") from None
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidInputError(f"remote_url must start with redis://, rediss:// or unix://, got {url!r}")
+        if not url.startswith(REDIS_SCHEMES):
+            raise InvalidInputError(f"a redis remote_url starts with {', '.join(REDIS_SCHEMES)}, got {url!r}")
         self._redis = redis
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.url = url
@@ -47,40 +42,19 @@ class RedisStore(EncodedTier):
         self.policy = LRU()  # for `chunkcache cache evict --to-bytes` (by write time: redis keeps no access time here)
         self.stats = TierStats()
         self._ns = namespace
-        self._retry_s = retry_s
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-
-    def _entry(self, key: str) -> str:
-        return f"{self._ns}:e:{key}"
-
-    def _meta(self, key: str) -> str:
-        return f"{self._ns}:m:{key}"
+        self.guard = ServiceGuard(url, self.stats, retry_s)
 
     def _call(self, what: str, fn: Callable[[], T], default: T) -> T:
         """Run one redis call; an unreachable or failing service gives ``default`` and a warning."""
-        if time.monotonic() < self._down_until:
-            return default
-        try:
-            result = fn()
-        except (self._redis.ConnectionError, self._redis.TimeoutError) as exc:
-            with self._lock:
-                first = self._down_until == 0.0
-                self._down_until = time.monotonic() + self._retry_s
-            self.stats.count("errors")
-            if first:
-                log.warning("remote cache %s unavailable (%s: %s); serving without it, retrying every %.0f s",
-                            self.url, what, exc, self._retry_s)
-            return default
-        except self._redis.RedisError as exc:  # the service answered with an error: not an outage
-            self.stats.count("errors")
-            log.warning("remote cache %s refused %s: %s", self.url, what, exc)
-            return default
-        if self._down_until:
-            with self._lock:
-                self._down_until = 0.0
-            log.warning("remote cache %s is reachable again", self.url)
-        return result
+        def run() -> T:
+            try:
+                return fn()
+            except (self._redis.ConnectionError, self._redis.TimeoutError) as exc:
+                raise ServiceDown(str(exc)) from exc
+            except self._redis.RedisError as exc:  # the service answered with an error: not an outage
+                raise ServiceRefused(str(exc)) from exc
+
+        return self.guard.call(what, run, default)
 
     # --- reads ---------------------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes | None:
@@ -110,10 +84,6 @@ class RedisStore(EncodedTier):
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self.client.delete(self._entry(key), self._meta(key)), 0)
 
-    def clear(self) -> None:
-        for key in list(self.keys()):
-            self.delete(key)
-
     # --- listing -------------------------------------------------------------------------
     def keys(self) -> Iterator[str]:
         prefix = f"{self._ns}:e:"
@@ -131,15 +101,8 @@ class RedisStore(EncodedTier):
 
         out = []
         for key, meta in zip(keys, self._call("infos", fetch, [{}] * len(keys))):
-            meta = {k.decode(): float(v) for k, v in (meta or {}).items()}
-            out.append(EntryInfo(key, int(meta.get("bytes", 0)), int(meta.get("tokens", 0)), 0, meta.get("time", 0.0)))
+            out.append(self._info(key, {k.decode(): float(v) for k, v in (meta or {}).items()}))
         return out
-
-    def size(self) -> int:
-        return sum(i.nbytes for i in self.infos())
-
-    def __len__(self) -> int:
-        return len(list(self.keys()))
 
     def close(self) -> None:
         self._call("close", lambda: self.client.close(), None)

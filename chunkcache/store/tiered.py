@@ -434,7 +434,9 @@ def tier_names(spec: str, remote_url: str, on_gpu: bool = False) -> list[str]:
     if sorted(names, key=TIER_NAMES.index) != names or len(set(names)) != len(names):
         raise InvalidInputError(f"store_tiers must list each tier once, fastest first ({', '.join(TIER_NAMES)})")
     if "remote" in names and not remote_url:
-        raise InvalidInputError("the remote tier needs remote_url (redis://host:6379/0)")
+        from chunkcache.store.remote import URL_HELP
+
+        raise InvalidInputError(f"the remote tier needs remote_url: {URL_HELP}")
     return names
 
 
@@ -442,7 +444,7 @@ def build_store(settings: Any, codec: KVCodec) -> TieredStore:
     """The `TieredStore` a `Settings` describes."""
     from chunkcache.store.lmdb_store import LmdbStore
     from chunkcache.store.policy import get_policy, parse_bytes
-    from chunkcache.store.redis_store import RedisStore
+    from chunkcache.store.remote import open_remote
 
     tiers: list[Tier] = []
     device = str(settings.device)
@@ -456,5 +458,5 @@ def build_store(settings: Any, codec: KVCodec) -> TieredStore:
         elif name == "disk":
             tiers.append(LmdbStore(settings.store_path, codec, budget_bytes=parse_bytes(settings.disk_budget), policy=policy))
         else:
-            tiers.append(RedisStore(settings.remote_url, codec, timeout_s=settings.remote_timeout_s))
+            tiers.append(open_remote(settings.remote_url, codec, timeout_s=settings.remote_timeout_s))
     return TieredStore(tiers, codec, write_through=settings.write_through)

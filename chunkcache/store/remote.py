@@ -1,0 +1,121 @@
+"""The remote tier's two backends (redis, Mooncake Store) chosen by the URL's scheme, and what
+they share: an outage is a miss with one warning, the service skipped for ``retry_s``, then
+tried again."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, TypeVar
+
+from chunkcache.codec import KVCodec
+from chunkcache.errors import InvalidInputError
+from chunkcache.store.encoded import EncodedTier
+from collections.abc import Iterator
+from typing import Any
+
+from chunkcache.store.policy import EntryInfo, TierStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+MOONCAKE_SCHEME = "mooncake://"
+URL_HELP = "redis://HOST:6379/0 (redis or valkey) or mooncake://MASTER:50051 (Mooncake Store)"
+
+
+class ServiceDown(Exception):
+    """The remote service cannot be reached: every call is a miss until ``retry_s`` has passed."""
+
+
+class ServiceRefused(Exception):
+    """The service answered with an error for this call only (not an outage)."""
+
+
+class ServiceGuard:
+    """Runs one call to a remote service at a time through the outage rule (module docstring)."""
+
+    def __init__(self, url: str, stats: TierStats, retry_s: float) -> None:
+        self.url = url
+        self.stats = stats
+        self.retry_s = retry_s
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self._refusals: set[str] = set()
+
+    def call(self, what: str, fn: Callable[[], T], default: T) -> T:
+        """``fn()``, or ``default`` while the service is down or when it refuses this call."""
+        if time.monotonic() < self._down_until:
+            return default
+        try:
+            result = fn()
+        except ServiceDown as exc:
+            with self._lock:
+                first = self._down_until == 0.0
+                self._down_until = time.monotonic() + self.retry_s
+            self.stats.count("errors")
+            if first:
+                log.warning("remote cache %s unavailable (%s: %s); serving without it, retrying every %.0f s",
+                            self.url, what, exc, self.retry_s)
+            return default
+        except ServiceRefused as exc:
+            self.stats.count("errors")
+            reason = f"{what}: {exc}"
+            if reason not in self._refusals:  # a full store refuses every put: say it once
+                self._refusals.add(reason)
+                log.warning("remote cache %s refused %s", self.url, reason)
+            return default
+        if self._down_until:
+            with self._lock:
+                self._down_until = 0.0
+            log.warning("remote cache %s is reachable again", self.url)
+        return result
+
+
+class RemoteTier(EncodedTier):
+    """What both backends share: each entry as two objects under a namespace (the codec bytes,
+    and a small record of bytes, tokens and write time for `cache stats`), listing-based totals."""
+
+    name = "remote"
+    _ns = "chunkcache"
+
+    def _entry(self, key: str) -> str:
+        return f"{self._ns}:e:{key}"
+
+    def _meta(self, key: str) -> str:
+        return f"{self._ns}:m:{key}"
+
+    @staticmethod
+    def _info(key: str, meta: dict[str, Any]) -> EntryInfo:
+        return EntryInfo(key, int(meta.get("bytes", 0)), int(meta.get("tokens", 0)), 0, float(meta.get("time", 0.0)))
+
+    def keys(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def infos(self) -> list[EntryInfo]:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        for key in list(self.keys()):
+            self.delete(key)
+
+    def size(self) -> int:
+        return sum(i.nbytes for i in self.infos())
+
+    def __len__(self) -> int:
+        return len(list(self.keys()))
+
+
+def open_remote(url: str, codec: KVCodec, timeout_s: float = 2.0, retry_s: float = 5.0,
+                namespace: str = "chunkcache") -> RemoteTier:
+    """The remote tier ``url`` names: redis/valkey or Mooncake Store."""
+    if url.startswith(REDIS_SCHEMES):
+        from chunkcache.store.redis_store import RedisStore
+
+        return RedisStore(url, codec, namespace=namespace, timeout_s=timeout_s, retry_s=retry_s)
+    if url.startswith(MOONCAKE_SCHEME):
+        from chunkcache.store.mooncake_store import MooncakeStore
+
+        return MooncakeStore(url, codec, namespace=namespace, timeout_s=timeout_s, retry_s=retry_s)
+    raise InvalidInputError(f"remote_url must be {URL_HELP}, got {url!r}")
