@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from chunkcache.config import Settings  # noqa: E402
+from chunkcache.eval.services import RedisServer, free_port  # noqa: E402,F401  (tests import them from here)
 from chunkcache.model import LoadedModel, load_model  # noqa: E402
 from chunkcache.model.registry import converted_dir  # noqa: E402
 
@@ -96,45 +94,6 @@ def minilm_tokenizer():  # type: ignore[no-untyped-def]
 
 # --- a real redis-server for the remote tier: the one CI started ($CHUNKCACHE_TEST_REDIS_URL), or one
 # started here on a free loopback port when the binary is installed.
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server process this test session owns (it can be stopped and started again)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
@@ -162,10 +121,10 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 # --- a real Mooncake Store (master + segment holder) for the remote tier's second backend
 @pytest.fixture(scope="session")
 def mooncake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from tests.mooncake_server import MooncakeServer, mooncake_binary
+    from chunkcache.eval.services import MooncakeServer, mooncake_binary
 
     try:
-        import mooncake.store  # noqa: F401  (the wheel, and libibverbs1 it links against)
+        import mooncake.store  # noqa: F401 - the wheel, and libibverbs1 it links against
         missing = None if mooncake_binary("mooncake_master") else "mooncake_master is not on PATH"
     except ImportError as exc:  # the wheel, or the system's libibverbs1 it links against
         missing = f"Mooncake's client does not import ({exc})"

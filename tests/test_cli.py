@@ -50,6 +50,8 @@ def test_cacheblend_at_ratio_one_prints_the_full_prefill_answer(model: str, inpu
     for answer in (full, blend):
         assert {"text", "ttft_s", "timings", "prompt_tokens", "reused_tokens", "recomputed_tokens", "strategy"} <= set(answer)
     assert blend["strategy"] == "cacheblend" and blend["params"]["recompute_ratio"] == 1.0
+    if model != "smollm2-135m":  # reuse itself is model-agnostic: one model's CLI run shows it
+        return
     partial = _answer(model, input_file, store_path, "--strategy", "cacheblend", "--recompute-ratio", "0.15")
     assert partial["reused_tokens"] > 0 and partial["cache_hits"] == len(CHUNKS)
 

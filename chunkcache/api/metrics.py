@@ -75,6 +75,8 @@ class _LiveCollector(Collector):
         evictions = CounterMetricFamily("chunkcache_store_evictions", "entries evicted per tier", labels=["tier"])
         corrupt = CounterMetricFamily("chunkcache_store_corrupt_entries", "corrupt entries dropped per tier",
                                       labels=["tier"])
+        moved = {d: CounterMetricFamily(f"chunkcache_store_{d}_bytes", f"entry bytes {d} per byte tier (disk, remote)",
+                                        labels=["tier"]) for d in ("read", "written")}
         size = GaugeMetricFamily("chunkcache_store_bytes", "bytes held per tier", labels=["tier"])
         entries = GaugeMetricFamily("chunkcache_store_entries", "entries held per tier", labels=["tier"])
         stats = getattr(self.service.engine.store, "stats", None)  # sizes: one pass over each tier
@@ -83,6 +85,8 @@ class _LiveCollector(Collector):
             lookups.add_metric([tier, "miss"], v.get("misses", 0))
             evictions.add_metric([tier], v.get("evictions", 0))
             corrupt.add_metric([tier], v.get("corrupt", 0))
+            for direction, family in moved.items():
+                family.add_metric([tier], v.get(f"{direction}_bytes", 0))
             size.add_metric([tier], v.get("bytes", 0))
             entries.add_metric([tier], v.get("entries", 0))
         queued = GaugeMetricFamily("chunkcache_queue_requests", "requests waiting for or running on the engine")
@@ -92,4 +96,4 @@ class _LiveCollector(Collector):
         running.add_metric([], scheduler.running)
         kv = GaugeMetricFamily("chunkcache_kv_budget_used_bytes", "bytes of fused caches held by running requests")
         kv.add_metric([], scheduler.pool.used if scheduler.pool is not None else 0)
-        yield from (lookups, evictions, corrupt, size, entries, queued, running, kv)
+        yield from (lookups, evictions, corrupt, *moved.values(), size, entries, queued, running, kv)

@@ -229,14 +229,17 @@ class RagService:
     def ingest(self, job: s.Job, documents: list[s.DocumentIn], precompute: bool) -> None:
         """Chunk, embed and index ``documents``, then precompute their chunks (engine thread)."""
         from chunkcache.jobs.ingest import CHUNK_TOKENS, OVERLAP_TOKENS
-        from chunkcache.retriever import Chunker, Document
+        from chunkcache.retriever import Chunker, Document, IndexChangedError
 
         job.status = "running"
         try:
             index = self.require_index("add documents to")
             chunker = Chunker(self.engine.model.tokenizer, CHUNK_TOKENS, OVERLAP_TOKENS, name=self.settings.model)
             docs = [Document(d.id or f"doc-{_chunk_id(d.text)[:16]}", d.text) for d in documents]
-            report = index.ingest_documents(docs, chunker)
+            try:
+                report = index.ingest_documents(docs, chunker)
+            except IndexChangedError:  # another server over the same index committed meanwhile
+                report = index.ingest_documents(docs, chunker)
             computed = 0
             if precompute:
                 texts = [h.text for d in docs for h in (index.get(c) for c in index.doc_chunks(d.doc_id)) if h]

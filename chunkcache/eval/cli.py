@@ -52,6 +52,17 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_cluster(args: argparse.Namespace) -> int:
+    from chunkcache.eval.cluster import format_table, run_cluster
+
+    report = run_cluster(args.backend, _bundled_or(args.dataset), args.model, args.examples, args.passages,
+                         args.max_tokens, args.top_k)
+    print(format_table(report))
+    if args.out:
+        print(f"wrote {_write_json(Path(args.out), f'cluster-{args.backend}.json', report)}")
+    return 0
+
+
 def _bundled_or(dataset: str | None) -> Path:
     return Path(dataset) if dataset else Path(str(resources.files("chunkcache").joinpath("data/demo.json")))
 
@@ -88,7 +99,7 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
     if not examples:
         raise CliError(f"{dataset} has no example with passages")
     engine = args.make_engine(args)
-    remote = args.remote_url or engine.settings.remote_url or None
+    remote = args.remote_url or ([engine.settings.remote_url] if engine.settings.remote_url else [])
     report = bench_store(engine, examples, remote, args.entry_tokens, args.entries, args.repeats)
     report["dataset"] = str(dataset)
     if not remote:
@@ -224,7 +235,9 @@ def add_bench_parsers(sub: argparse._SubParsersAction, common: Callable[[argpars
     common(p)
     p.add_argument("--dataset", help="QA file; its first example is timed; default: bundled MuSiQue")
     p.add_argument("--passages", type=int, default=6, help="chunks of that example, in order")
-    p.add_argument("--remote-url", help="redis:// or mooncake:// URL of the remote tier to measure (default: the remote_url setting)")
+    p.add_argument("--remote-url", action="append",
+                   help="redis:// or mooncake:// URL of a remote tier to measure; repeat to measure several "
+                        "(default: the remote_url setting)")
     p.add_argument("--entry-tokens", type=int, default=512, help="tokens per entry in the put/get test")
     p.add_argument("--entries", type=int, default=20, help="entries put and read per tier")
     p.add_argument("--repeats", type=int, default=3)
@@ -243,6 +256,18 @@ def add_bench_parsers(sub: argparse._SubParsersAction, common: Callable[[argpars
     p.add_argument("--max-kv", default="8GiB", help="skip a row whose caches would need more than this")
     p.add_argument("--out", help="folder for decode.json")
     p.set_defaults(func=cmd_bench_decode)
+
+    p = bench.add_parser("cluster", help="two servers over one corpus and one shared tier (redis or Mooncake, "
+                                         "started here): ingest on A, questions to B, the shared tier stopped midway")
+    p.add_argument("--backend", choices=("mooncake", "redis"), default="mooncake", help="the shared tier's service")
+    p.add_argument("--model", help="packaged model or local folder both servers load (default: the model setting)")
+    p.add_argument("--dataset", help="QA file whose examples' passages are the corpus; default: bundled MuSiQue")
+    p.add_argument("--examples", type=int, default=6, help="examples (questions) used")
+    p.add_argument("--passages", type=int, default=4, help="passages per example ingested")
+    p.add_argument("--top-k", type=int, default=3, help="chunks retrieved per question")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per answer")
+    p.add_argument("--out", help="folder for cluster.json")
+    p.set_defaults(func=cmd_bench_cluster)
 
     p = bench.add_parser("precompute", help="precompute throughput beside a bare batched prefill loop on the same chunks")
     common(p)

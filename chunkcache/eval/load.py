@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,9 @@ from typing import Any
 
 import httpx
 
+from chunkcache.eval.services import free_port, stop_process
+
 from chunkcache.store.policy import quantile
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_bytes(pid: int) -> int:
@@ -78,7 +73,7 @@ def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60
              max_tokens: int = 16, passage_words: int = 80, per_request: int = 3,
              extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Serve in a subprocess (scratch store), load it, stop it; the report as a dict."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     bodies = _requests(passage_words, per_request)
     with tempfile.TemporaryDirectory(prefix="chunkcache-load-") as scratch:
@@ -119,11 +114,7 @@ def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60
             rss.append((time.monotonic() - started, _rss_bytes(server.pid)))
             warmup_s = warm[0]
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_process(server)
             log_file.close()
     return _report(rows, rss, started, warmup_s, clients, duration_s, max_tokens, per_request, passage_words)
 

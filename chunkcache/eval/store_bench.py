@@ -72,7 +72,7 @@ def _ttft(engine: ChunkCacheEngine, example: Example, strategy: str, params: dic
 
 
 def bench_store(
-    engine: ChunkCacheEngine, examples: Sequence[Example], remote_url: str | None, entry_tokens: int = 512,
+    engine: ChunkCacheEngine, examples: Sequence[Example], remote_urls: Sequence[str], entry_tokens: int = 512,
     count: int = 20, repeats: int = 3, ratio: float = 0.15,
 ) -> dict[str, Any]:
     from chunkcache.store.remote import open_remote
@@ -86,8 +86,9 @@ def bench_store(
     }
     if torch.cuda.is_available():
         tiers = {"gpu": lambda: MemoryTier("gpu", None, device="cuda"), **tiers}
-    if remote_url:
-        tiers["remote"] = lambda: open_remote(remote_url, codec, namespace="chunkcache-bench")
+    for url in remote_urls:  # each remote backend measured as a tier of its own: remote:redis, remote:mooncake
+        backend = "redis" if url.startswith(("redis", "unix")) else url.split(":", 1)[0]
+        tiers[f"remote:{backend}"] = lambda url=url: open_remote(url, codec, namespace="chunkcache-bench")
     report: dict[str, Any] = {"tiers": {}, "ttft_s": {}}
     original = engine.store
     example = examples[0]

@@ -27,6 +27,7 @@ class PrecomputeSummary:
     chunks_per_s: float = 0.0
     tokens_per_s: float = 0.0
     stored_bytes: int | None = None  # of the store's byte tiers after the run
+    written_bytes: int | None = None  # encoded bytes of the computed chunks (ray: as its workers report)
     batch_size: int = 0
     bare_batches: int = 0  # batches also run through the bare loop, right after precompute
     bare_tokens_per_s: float | None = None  # the bare batched prefill loop on those batches

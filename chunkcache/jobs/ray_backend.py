@@ -40,10 +40,14 @@ class _Worker:
         if todo:
             self.engine.precompute(todo, len(todo))
         count = self.engine.model.template.chunk_ids
+        keys = [self.engine.chunk_key(t) for t in texts]
+        sizes = getattr(self.engine.store, "encoded_bytes", lambda key: None)
+        # keys and sizes travel back to the driver, never tensors: the caches are in the shared tier
         return {
-            "key": [self.engine.chunk_key(t) for t in texts],
+            "key": keys,
             "computed": [t in todo for t in texts],
             "tokens": [len(count(t)) for t in texts],
+            "bytes": [(sizes(k) or 0) if t in todo else 0 for k, t in zip(keys, texts)],
         }
 
 
@@ -61,7 +65,7 @@ def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batc
     if address and not settings.remote_url:  # workers on other machines share no local disk
         raise InvalidInputError(
             "on a Ray cluster the workers share their results through the remote tier: set remote_url "
-            "(redis://...) and store_tiers=remote"
+            "(redis://... or mooncake://...) and store_tiers=remote"
         )
     texts = list(index_chunks(index))
     started = ray.is_initialized()
@@ -77,7 +81,7 @@ def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batc
         dataset = ray.data.from_items([{"group": g} for g in groups])
         out = dataset.map_batches(
             _Worker, fn_constructor_kwargs={"settings": _plain(settings)}, batch_size=1,
-            concurrency=workers, num_gpus=gpus, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus, num_cpus=1,
         )
         rows = list(out.iter_rows())
         seconds = time.perf_counter() - start
@@ -88,6 +92,7 @@ def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batc
     summary = PrecomputeSummary(
         chunks=len(texts), skipped=len(rows) - len(computed), computed=len(computed),
         tokens=sum(int(r["tokens"]) for r in computed), seconds=seconds,
+        written_bytes=sum(int(r["bytes"]) for r in computed),
     )
     if summary.computed:
         summary.chunks_per_s = summary.computed / seconds

@@ -6,7 +6,9 @@ On disk: ``DIR/index.faiss`` (faiss ``write_index``), ``DIR/docstore/`` (lmdb) a
 docstore generation the faiss file belongs to). Every update is worked out first, then embedded,
 then committed to lmdb in one transaction, then index.faiss and manifest.json are each replaced
 atomically (temp file + ``os.replace``). If a crash leaves the faiss file behind the docstore,
-`load` notices the generation mismatch and re-embeds the docstore's chunks. One writer at a time.
+`load` notices the generation mismatch and re-embeds the docstore's chunks. One writer at a time
+(a file lock); several processes may share the directory: each takes in the others' commits
+before it searches or writes (`refresh`).
 GPU faiss is used for search when the installed faiss reports a GPU."""
 
 from __future__ import annotations
@@ -100,6 +102,36 @@ class ChunkIndex:
         return self
 
     # ---- reading -------------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Take in what other processes committed to this directory since it was read (several
+        servers over one index): the docstore is shared lmdb, the vectors are re-read from
+        index.faiss when the docstore's generation moved. Called before every search and write;
+        costs one lmdb read when nothing changed. True when something was re-read."""
+        with self._lock:
+            if self._store.generation() == self._manifest["generation"]:
+                return False
+            # under the writers' lock: the faiss file and manifest of one commit, never half of one
+            with writer_lock(self.directory / DOCSTORE_DIR / LOCK_FILE):
+                manifest = read_manifest(self.directory)
+                generation = self._store.generation()
+                behind = manifest.get("generation") != generation
+                if not behind:
+                    try:
+                        index = faiss.read_index(str(self.directory / FAISS_FILE))
+                    except RuntimeError as exc:
+                        raise IndexCorruptError(f"cannot read {self.directory / FAISS_FILE} ({exc}); "
+                                                "delete it to re-embed the docstore") from None
+                    self._index, self._manifest = index, manifest
+                    self._searcher.invalidate()
+            if behind:
+                log.warning("%s: index.faiss is behind the docstore (a writer was interrupted): "
+                            "re-embedding the docstore's chunks", self.directory)
+                self._manifest = manifest
+                self.rebuild_vectors()
+                return True
+            log.info("%s: took in generation %d written by another process", self.directory, generation)
+            return True
+
     @property
     def manifest(self) -> dict[str, Any]:
         return dict(self._manifest)
@@ -114,7 +146,7 @@ class ChunkIndex:
         doc = self._store.doc(doc_id)
         if doc is None:
             raise UnknownDocumentError(f"no document {doc_id!r} in {self.directory}; see .documents()")
-        return list(doc["chunk_ids"])
+        return list(doc["chunk_ids"])  # the docstore is shared lmdb: always current
 
     def get(self, chunk_id: str) -> Hit | None:
         """The stored chunk (score nan), or None."""
@@ -128,6 +160,7 @@ class ChunkIndex:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
         with self._lock:
+            self.refresh()
             if self._index.ntotal == 0 or not queries:
                 return [[] for _ in queries]
             vectors = self._vectors(list(queries))
@@ -163,6 +196,7 @@ class ChunkIndex:
     # ---- writing -------------------------------------------------------------------------------
     def add(self, chunks: Iterable[Chunk]) -> int:
         """Add chunks to their documents (new documents are created); returns new vectors."""
+        self.refresh()
         plan = Plan(self._store)
         by_doc: dict[str, list[Chunk]] = {}
         for c in chunks:
@@ -173,6 +207,7 @@ class ChunkIndex:
 
     def delete(self, doc_id: str) -> int:
         """Remove a document; returns how many chunk vectors went (shared chunks stay)."""
+        self.refresh()
         plan = Plan(self._store)
         if plan.doc(doc_id) is None:
             raise UnknownDocumentError(f"no document {doc_id!r} in {self.directory}; see .documents()")
@@ -183,6 +218,7 @@ class ChunkIndex:
                          commit_every: int = 5000) -> IngestReport:
         """Chunk and index documents: unchanged ones (same text and chunker) are skipped, changed
         ones replace their chunks. Committed every ``commit_every`` documents."""
+        self.refresh()
         report, seen, plan, pending = IngestReport(), set(), Plan(self._store), 0
         for doc in documents:
             if doc.doc_id in seen:
@@ -229,8 +265,8 @@ class ChunkIndex:
             with writer_lock(self.directory / DOCSTORE_DIR / LOCK_FILE):
                 if self._store.generation() != self._manifest["generation"]:
                     raise IndexChangedError(
-                        f"{self.directory} was changed by another process since it was opened; "
-                        "open it again with ChunkIndex.load and retry (one writer at a time)"
+                        f"{self.directory} was changed by another process while this ingest was planned; "
+                        "retry it (it takes in the other commit first)"
                     )
                 ids = np.array(plan.assign_ids(new, removed), dtype=np.int64)
                 try:

@@ -177,6 +177,7 @@ class LmdbStore(EncodedTier):
             self.stats.count("misses")
             return None
         self.stats.count("hits")
+        self.stats.count("read_bytes", len(data))
         with self._access_lock:
             self._accesses[key] = time.time()
             self._hits[key] = self._hits.get(key, 0) + 1
@@ -229,6 +230,7 @@ class LmdbStore(EncodedTier):
             return
         self.stats.count("evictions", len(evicted))
         self.stats.timed("put", time.perf_counter() - start)
+        self.stats.count("written_bytes", len(data))
 
     def delete(self, key: str) -> None:
         def drop(txn: lmdb.Transaction) -> None:

@@ -54,6 +54,10 @@ OUTAGE_CODES = {-900: "RPC to the master failed", -800: "transfer from a segment
 _OPTIONS = ("metadata", "admin", "segment", "buffer", "protocol", "device", "host", "replicas")
 
 
+class _NoAnswer(ServiceDown):
+    """A call given up after ``timeout_s`` (not retried: it would wait as long again)."""
+
+
 @dataclass(frozen=True)
 class MooncakeURL:
     """What a ``mooncake://`` URL says (module docstring)."""
@@ -178,10 +182,25 @@ class MooncakeStore(RemoteTier):
         and is given up as an outage after ``timeout_s``."""
         def bounded() -> T:
             client = self._connected()
-            try:
-                return self._io.submit(fn, client).result(timeout=self._timeout_s)
-            except FutureTimeout:
-                raise ServiceDown(f"no answer within {self._timeout_s:.1f} s") from None
+
+            def once() -> T:
+                try:
+                    return self._io.submit(fn, client).result(timeout=self._timeout_s)
+                except FutureTimeout:
+                    raise _NoAnswer(f"no answer within {self._timeout_s:.1f} s") from None
+
+            # a restarted master refuses a client's first calls while it reconnects: a few quick
+            # tries (0.1, 0.2, 0.4 s apart) before the call counts as an outage
+            for pause in (0.1, 0.2, 0.4, None):
+                try:
+                    return once()
+                except _NoAnswer:
+                    raise
+                except ServiceDown:
+                    if pause is None:
+                        raise
+                    time.sleep(pause)
+            raise ServiceDown("unreachable")  # the loop always returns or raises
 
         return self.guard.call(what, bounded, default)
 
@@ -209,6 +228,8 @@ class MooncakeStore(RemoteTier):
 
         data = self._call("get", read, None)
         self.stats.count("misses" if data is None else "hits")
+        if data is not None:
+            self.stats.count("read_bytes", len(data))
         return data
 
     def contains(self, key: str) -> bool:
@@ -227,6 +248,7 @@ class MooncakeStore(RemoteTier):
 
         if self._call("put", write, False):
             self.stats.timed("put", time.perf_counter() - start)
+            self.stats.count("written_bytes", len(data))
 
     def delete(self, key: str) -> None:
         def remove(client: Any) -> None:

@@ -70,13 +70,14 @@ def victims(entries: Iterable[EntryInfo], policy: EvictionPolicy, used: int, bud
 
 
 class TierStats:
-    """Hits, misses, evictions, corrupt entries, errors and get/put latency of one tier."""
+    """Hits, misses, evictions, corrupt entries, errors, bytes moved and get/put latency of one tier."""
 
     _KEEP = 4096  # latency samples kept per operation (the most recent)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = self.corrupt = self.errors = 0
+        self.read_bytes = self.written_bytes = 0  # entry bytes moved (byte tiers)
         self._latency: dict[str, list[float]] = {"get": [], "put": []}
 
     def count(self, name: str, n: int = 1) -> None:
@@ -95,6 +96,7 @@ class TierStats:
             out: dict[str, Any] = {
                 "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "corrupt": self.corrupt, "errors": self.errors,
+                "read_bytes": self.read_bytes, "written_bytes": self.written_bytes,
             }
             for op, samples in self._latency.items():
                 out[f"{op}_p50_ms"] = 1000 * statistics.median(samples) if samples else None

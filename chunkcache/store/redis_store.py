@@ -60,6 +60,8 @@ class RedisStore(RemoteTier):
     def get_bytes(self, key: str) -> bytes | None:
         data = self._call("get", lambda: self.client.get(self._entry(key)), None)
         self.stats.count("misses" if data is None else "hits")
+        if data is not None:
+            self.stats.count("read_bytes", len(data))
         return data
 
     def contains(self, key: str) -> bool:
@@ -80,6 +82,7 @@ class RedisStore(RemoteTier):
 
         if self._call("put", write, False):
             self.stats.timed("put", time.perf_counter() - start)
+            self.stats.count("written_bytes", len(data))
 
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self.client.delete(self._entry(key), self._meta(key)), 0)

@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MOONCAKE_SCHEME = "mooncake://"
+RETRY_S = 5.0  # how long an unreachable service is skipped before it is tried again
 URL_HELP = "redis://HOST:6379/0 (redis or valkey) or mooncake://MASTER:50051 (Mooncake Store)"
 
 
@@ -107,7 +108,7 @@ class RemoteTier(EncodedTier):
         return len(list(self.keys()))
 
 
-def open_remote(url: str, codec: KVCodec, timeout_s: float = 2.0, retry_s: float = 5.0,
+def open_remote(url: str, codec: KVCodec, timeout_s: float = 2.0, retry_s: float = RETRY_S,
                 namespace: str = "chunkcache") -> RemoteTier:
     """The remote tier ``url`` names: redis/valkey or Mooncake Store."""
     if url.startswith(REDIS_SCHEMES):

@@ -35,6 +35,7 @@ from chunkcache.timing import stage
 
 log = logging.getLogger(__name__)
 _MAX_PENDING = 256
+_SIZES_KEPT = 4096
 
 
 class ByteTier(Protocol):
@@ -108,9 +109,16 @@ class TieredStore:
         # write-back: entries written to the first tier only, with their codec and bytes, until
         # that tier evicts them (or the store closes); then every lower tier gets them
         self._dirty: dict[str, tuple[KVCodec, bytes | None]] = {}
+        self._sizes: dict[str, int] = {}  # encoded bytes of the latest puts (`encoded_bytes`)
         first = self.tiers[0]
         if not write_through and isinstance(first, MemoryTier):
             first.on_evict.append(self._write_down)
+
+    def encoded_bytes(self, key: str) -> int | None:
+        """The size of the entry this store last encoded for ``key`` (one of its latest
+        `_SIZES_KEPT` puts), or None: what a precompute worker reports instead of the tensors."""
+        with self._lock:
+            return self._sizes.get(key)
 
     def tier(self, name: str) -> Tier | None:
         return next((t for t in self.tiers if t.name == name), None)
@@ -302,6 +310,11 @@ class TieredStore:
         codec = codec or self.codec
         self._forget_pending([key])
         data = codec.encode(kv) if any(not isinstance(t, MemoryTier) for t in self.tiers) else None
+        if data is not None:
+            with self._lock:
+                self._sizes[key] = len(data)
+                while len(self._sizes) > _SIZES_KEPT:
+                    del self._sizes[next(iter(self._sizes))]
         if data is not None and not isinstance(codec, RawCodec):
             kv = _moved(decode_entry(data), kv.kv.device)  # memory tiers hold what the lower tiers return
         first = self.tiers[0]

@@ -15,13 +15,13 @@ from chunkcache.api import RagService, create_app
 from chunkcache.config import Settings
 from chunkcache.engine import ChunkCacheEngine
 from chunkcache.model import LoadedModel
-from tests.conftest import _free_port
+from tests.conftest import free_port
 
 
 @contextmanager
 def running(service: RagService) -> Iterator[str]:
     """Serve ``service`` with uvicorn in a thread; yields the base URL; stops it after."""
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -173,16 +173,33 @@ def test_ivf_index_is_trained_on_the_first_chunks(tmp_path: Path, embedder: Mini
         assert len(ix) == 0 and ix.documents() == []
 
 
-def test_a_second_writer_on_a_stale_view_is_refused(index: ChunkIndex, tmp_path: Path,
-                                                     embedder: MiniLMEmbedder, chunker: Chunker) -> None:
+def test_views_of_one_directory_take_in_each_others_commits(index: ChunkIndex, tmp_path: Path,
+                                                             embedder: MiniLMEmbedder, chunker: Chunker) -> None:
+    """Several servers over one index directory: what one commits, the others search and extend."""
     other = ChunkIndex.load(tmp_path / "ix", embedder)
-    index.ingest_documents([Document("one.txt", "The first writer wins.")], chunker)
-    with pytest.raises(IndexChangedError, match="changed by another process.*ChunkIndex.load"):
-        other.ingest_documents([Document("two.txt", "The second writer must reopen.")], chunker)
+    index.ingest_documents([Document("one.txt", "Saturn's rings are made of ice and rock.")], chunker)
+    assert other.search("rings of Saturn", k=1)[0].doc_id == "one.txt"
+    other.ingest_documents([Document("two.txt", "The Danube flows through Vienna and Budapest.")], chunker)
+    assert index.search("river through Vienna", k=1)[0].doc_id == "two.txt"
+    other.delete("one.txt")
+    assert all(h.doc_id != "one.txt" for h in index.search("rings of Saturn", k=5))
+    assert len(index) == len(other) == index.manifest["counts"]["chunks"]
     other.close()
-    with ChunkIndex.load(tmp_path / "ix", embedder) as again:
-        again.ingest_documents([Document("two.txt", "The second writer must reopen.")], chunker)
-        assert {"one.txt", "two.txt"} <= set(again.documents())
+
+
+def test_a_writer_overtaken_while_it_plans_is_refused(index: ChunkIndex, tmp_path: Path,
+                                                      embedder: MiniLMEmbedder, chunker: Chunker) -> None:
+    other = ChunkIndex.load(tmp_path / "ix", embedder)
+
+    def documents():  # type: ignore[no-untyped-def]
+        yield Document("two.txt", "The second writer must retry.")
+        index.ingest_documents([Document("one.txt", "The first writer commits meanwhile.")], chunker)
+
+    with pytest.raises(IndexChangedError, match="changed by another process"):
+        other.ingest_documents(documents(), chunker)
+    other.ingest_documents([Document("two.txt", "The second writer must retry.")], chunker)  # a retry works
+    assert {"one.txt", "two.txt"} <= set(index.documents())
+    other.close()
 
 
 def test_a_faiss_file_left_behind_by_a_crash_is_rebuilt(index: ChunkIndex, tmp_path: Path,

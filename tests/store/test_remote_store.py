@@ -111,8 +111,10 @@ def test_the_service_going_down_means_misses_one_warning_then_recovery(
     backend: Backend, store_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     remote = backend.open(timeout_s=0.5, retry_s=0.2)
+    bystander = backend.open(timeout_s=0.5)  # connected, but makes no call during the outage
     store = TieredStore([LmdbStore(store_path, RAW), remote], RAW)
     store.put("k", _kv())
+    assert bystander.contains("k")
     backend.stop()
     with caplog.at_level(logging.WARNING):
         assert remote.get("k") is None
@@ -121,10 +123,14 @@ def test_the_service_going_down_means_misses_one_warning_then_recovery(
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1 and remote.stats.snapshot()["errors"] >= 1
     backend.start()
+    # its first call after the restart reconnects and lands (no lost write, no retry_s of misses)
+    bystander.put("k4", _kv(seed=4))
+    assert bystander.stats.snapshot()["errors"] == 0
     time.sleep(0.3)  # past retry_s: the tier tries the service again
     remote.put("k3", _kv(seed=3))
-    assert remote.get("k3") is not None and remote.contains("k3")
+    assert remote.get("k3") is not None and remote.contains("k3") and remote.contains("k4")
     store.close()
+    bystander.close()
 
 
 def test_remote_urls_are_checked_before_anything_connects() -> None:

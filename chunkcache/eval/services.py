@@ -1,6 +1,6 @@
-"""A real Mooncake Store for the tests of the remote tier: a ``mooncake_master`` (with its
-built-in HTTP metadata server) and one ``mooncake_client`` that holds the memory segment, on
-loopback ports of their own. The master can be stopped and started again; the holder
+"""Shared-tier services on loopback for benches and tests: a redis-server, and a Mooncake Store
+(a ``mooncake_master`` with its built-in HTTP metadata server, and one ``mooncake_client`` that
+holds the memory segment). Each can be stopped and started again (an outage); Mooncake's holder
 re-registers its segment with the new master by itself."""
 
 from __future__ import annotations
@@ -14,10 +14,21 @@ import urllib.request
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """Terminate ``proc``, killing it if it has not exited after ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def mooncake_binary(name: str) -> str | None:
@@ -26,10 +37,47 @@ def mooncake_binary(name: str) -> str | None:
     return str(beside) if beside.exists() else shutil.which(name)
 
 
+class RedisServer:
+    """A redis-server on a free loopback port, without persistence (a restart empties it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    close = stop
+
+
 class MooncakeServer:
+    """Mooncake Store's master and one segment holder; `stop` stops the master only."""
+
     def __init__(self, folder: Path, segment: str = "256MB") -> None:
         self.folder = folder
-        self.rpc, self.meta, self.admin, self.holder_port = (_free_port() for _ in range(4))
+        self.rpc, self.meta, self.admin, self.holder_port = (free_port() for _ in range(4))
         self.segment = segment
         self.url = (f"mooncake://127.0.0.1:{self.rpc}?metadata=http://127.0.0.1:{self.meta}/metadata"
                     f"&admin=http://127.0.0.1:{self.admin}&host=127.0.0.1&buffer=64MiB")
@@ -82,9 +130,12 @@ class MooncakeServer:
     def close(self) -> None:
         self.stop()
         if self.holder is not None:
-            self.holder.terminate()
-            try:
-                self.holder.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.holder.kill()
+            stop_process(self.holder, 10)
             self.holder = None
+
+
+def start_service(backend: str, folder: Path) -> RedisServer | MooncakeServer:
+    """A started redis-server (``redis``) or Mooncake Store (``mooncake``) in ``folder``."""
+    server: RedisServer | MooncakeServer = RedisServer(folder) if backend == "redis" else MooncakeServer(folder)
+    server.start()
+    return server
