@@ -51,6 +51,9 @@ OBJECT_HAS_LEASE = -706
 # the master or the segment holding an object cannot be reached: an outage, not a refusal
 OUTAGE_CODES = {-900: "RPC to the master failed", -800: "transfer from a segment failed",
                 -101: "segment not found", -103: "client not found"}
+# refusals worth a hint
+REFUSAL_HINTS = {-200: "no free space in any segment: give the store more memory (mooncake_client "
+                       "--global_segment_size, or segment= on the servers); the master evicts past its watermark"}
 _OPTIONS = ("metadata", "admin", "segment", "buffer", "protocol", "device", "host", "replicas")
 
 
@@ -211,7 +214,8 @@ class MooncakeStore(RemoteTier):
             return code
         if code in OUTAGE_CODES:
             raise ServiceDown(f"{OUTAGE_CODES[code]} (code {code})")
-        raise ServiceRefused(f"{what} failed with Mooncake error {code}")
+        hint = REFUSAL_HINTS.get(code)
+        raise ServiceRefused(f"{what} failed with Mooncake error {code}" + (f" ({hint})" if hint else ""))
 
     # --- reads ---------------------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes | None:

@@ -18,7 +18,7 @@ DEMO = Path(__file__).parents[2] / "chunkcache" / "data" / "demo.json"
 def test_server_b_answers_from_what_server_a_ingested(backend: str, request: pytest.FixtureRequest) -> None:
     # the fixtures only check that the service can run here (they skip or fail with the reason)
     request.getfixturevalue("mooncake_server" if backend == "mooncake" else "redis_server")
-    report = run_cluster(backend, DEMO, "smollm2-135m", examples=3, passages=2, max_tokens=4, top_k=2)
+    report = run_cluster(backend, DEMO, "smollm2-135m", examples=3, passages=1, max_tokens=4, top_k=2)
     up, down, back = report["b_shared"], report["b_service_down"], report["b_service_back"]
     assert up["chunk_misses"] == 0 and up["chunk_hits"] > 0 and up["tier_hits"]["remote"] == up["chunk_hits"]
     assert up["remote_read_bytes"] > 0 and report["answers_identical_a_b"]

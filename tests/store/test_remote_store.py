@@ -173,3 +173,24 @@ def test_a_mooncake_master_that_stops_answering_is_an_outage_not_a_hang(mooncake
     finally:
         os.kill(mooncake_server.master.pid, signal.SIGCONT)
     remote.close()
+
+
+def test_a_full_mooncake_store_evicts_or_refuses_with_one_warning(
+    mooncake_server, tmp_path: Path, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+) -> None:
+    from chunkcache.eval.services import MooncakeServer
+
+    small = MooncakeServer(tmp_path, segment="16MB")  # its capacity: 16 MB
+    small.start()
+    try:
+        remote = MooncakeStore(small.url, RAW)
+        with caplog.at_level(logging.WARNING):
+            for i in range(12):  # 24 MB into 16 MB: no exception
+                remote.put_bytes(f"k{i}", bytes([i]) * (2 << 20), tokens=1)
+        kept = [i for i in range(12) if remote.contains(f"k{i}")]
+        assert 0 < len(kept) < 12 and remote.get_bytes(f"k{kept[-1]}") == bytes([kept[-1]]) * (2 << 20)
+        refusals = [r for r in caplog.records if "refused put" in r.getMessage()]
+        assert len(refusals) <= 1 and all("segment" in r.getMessage() for r in refusals)
+        remote.close()
+    finally:
+        small.close()
