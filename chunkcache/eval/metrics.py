@@ -37,7 +37,9 @@ def qa_f1_score(prediction: str, golds: Sequence[str]) -> float:
 def rouge_l_score(prediction: str, references: Sequence[str]) -> float:
     """LongBench rouge_score: ROUGE-L F of the ``rouge`` package, max over references; any error
     (an empty prediction, say) scores 0."""
-    from rouge import Rouge
+    from chunkcache.eval.extra import require
+
+    Rouge = require("rouge", "ROUGE-L scoring (summary tasks)").Rouge
 
     best = 0.0
     for reference in references:

@@ -98,10 +98,9 @@ def _ratio(label: str) -> tuple[str, float] | None:
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
+    from chunkcache.eval.extra import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     written = []
     strategies = report["strategies"]

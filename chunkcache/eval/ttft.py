@@ -168,10 +168,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot_ttft(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from chunkcache.eval.extra import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     configs = report["configs"]

@@ -35,3 +35,12 @@ def test_fidelity_measures() -> None:
     assert first_token_kl(logits, logits) == pytest.approx(0.0, abs=1e-12)
     assert first_token_kl(logits, torch.tensor([0.1, 1.0, 2.0])) > 0.5
     assert answers_agree("The Answer.", "answer") and not answers_agree("yes", "no")
+
+
+def test_a_missing_eval_package_names_the_extra_to_install() -> None:
+    from chunkcache.errors import InvalidInputError
+    from chunkcache.eval.extra import require
+
+    with pytest.raises(InvalidInputError, match=r"plotting needs the no_such_plotter package: pip install 'chunkcache\[eval\]'"):
+        require("no_such_plotter.pyplot", "plotting")
+    assert require("json", "x").dumps([]) == "[]"
