@@ -28,7 +28,7 @@ def _engine(args: argparse.Namespace) -> Any:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from chunkcache.blend import describe_strategies
+    from chunkcache.engine import describe_strategies
     from chunkcache.config import Settings
     from chunkcache.engine import STRATEGY_SETTINGS
 
@@ -55,7 +55,7 @@ def _read_input(path: str) -> tuple[str, list[str]]:
 def _strategy_params(args: argparse.Namespace) -> dict[str, Any]:
     """``--recompute-ratio`` as a parameter, after checking ``--strategy`` (a spec) and that the
     strategy takes it: a bad spec fails here, before the model loads."""
-    from chunkcache.blend import make_strategy, parse_strategy_spec
+    from chunkcache.engine import make_strategy, parse_strategy_spec
 
     params = {} if args.recompute_ratio is None else {"recompute_ratio": args.recompute_ratio}
     if args.strategy is not None:
@@ -257,7 +257,7 @@ STRATEGY_HELP = ("fusion strategy spec NAME[:VALUE][:KEY=VALUE...], e.g. cachebl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chunkcache.model.registry import PACKAGED_MODELS
+    from chunkcache.engine import PACKAGED_MODELS
 
     parser = argparse.ArgumentParser(
         prog="chunkcache",

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from chunkcache.blend import FusionInput, Sampling, make_strategy, parse_strategy_spec
+from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec
 from chunkcache.craft_variants import CraftVariants
+from chunkcache.blend.decode import StopText
+from chunkcache.blend.pool import KVPool
 from chunkcache.blend.prefill import prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings
@@ -19,12 +21,19 @@ from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInp
 from chunkcache.generation import Answer, Fused, Generation, OnText, Plan, decode_step
 from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, load_model
+from chunkcache.model.prompt import question_from_chat
+from chunkcache.model.registry import PACKAGED_MODELS
 from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
 from chunkcache.store.stream import LayerStream
 from chunkcache.store.variants import VariantIndex
 from chunkcache.timing import collect, stage
 
 # Settings fields that are defaults of strategy parameters (a spec or a request overrides them)
+# what the faces (CLI, service, adapters) use of a request, all from here: they import the engine,
+# not blend or model internals (tests/test_layers.py holds that)
+__all__ = ["PACKAGED_MODELS", "Answer", "ChunkCacheEngine", "KVPool", "Sampling", "StopText", "describe_strategies",
+           "make_strategy", "parse_strategy_spec", "question_from_chat"]
+
 STRATEGY_SETTINGS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
 
 
@@ -93,6 +102,10 @@ class ChunkCacheEngine:
 
     def _chunk_key(self, ids: tuple[int, ...], codec: str | None = None) -> str:
         return chunk_key(self.model.fingerprint, self._prefix, codec or self.codec.spec, ids)
+
+    def kv_pool(self, budget_bytes: int) -> KVPool:
+        """A pool for the fused caches of generations running together, within ``budget_bytes``."""
+        return KVPool(self.model.executor, budget_bytes)
 
     def stored(self, chunk: str) -> bool:
         """Whether the chunk's cache (in the current codec) is in the store (no decoding)."""

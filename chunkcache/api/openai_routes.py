@@ -16,9 +16,8 @@ from fastapi.responses import StreamingResponse
 from chunkcache.api import schemas as s
 from chunkcache.api.run import answer_once, answer_stream, sse, stream_error
 from chunkcache.api.service import AnswerRequest, AnswerResult, ModelNotFoundError, RagService
-from chunkcache.blend import Sampling
+from chunkcache.engine import Sampling, question_from_chat
 from chunkcache.errors import InvalidInputError
-from chunkcache.model.prompt import question_from_chat
 
 router = APIRouter(tags=["openai"])
 _SSE = {200: {"content": {"text/event-stream": {}}, "description": "with stream: true, server-sent events"}}

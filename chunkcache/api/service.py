@@ -18,11 +18,8 @@ from typing import Any
 
 from chunkcache.api import schemas as s
 from chunkcache.api.metrics import ServiceMetrics
-from chunkcache.blend import Sampling
-from chunkcache.blend.decode import StopText
-from chunkcache.blend.pool import KVPool
 from chunkcache.config import Settings
-from chunkcache.engine import Answer, ChunkCacheEngine
+from chunkcache.engine import Answer, ChunkCacheEngine, Sampling, StopText
 from chunkcache.errors import ChunkCacheError, InvalidInputError
 from chunkcache.scheduler import Scheduler
 from chunkcache.store.policy import parse_bytes
@@ -94,7 +91,7 @@ class RagService:
         self.settings = settings
         self.engine = engine or ChunkCacheEngine(settings)
         self.index = index if index is not None else _open_index(settings.index_path)
-        pool = KVPool(self.engine.model.executor, parse_bytes(settings.kv_budget) or 2**62)
+        pool = self.engine.kv_pool(parse_bytes(settings.kv_budget) or 2**62)
         self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue)
         self.metrics = ServiceMetrics(self)
         self.jobs: dict[str, s.Job] = {}

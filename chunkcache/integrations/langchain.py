@@ -19,9 +19,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from pydantic import ConfigDict  # noqa: E402
 
-from chunkcache.blend.decode import StopText  # noqa: E402
+from chunkcache.engine import StopText, question_from_chat  # noqa: E402
 from chunkcache.errors import InvalidInputError  # noqa: E402
-from chunkcache.model.prompt import question_from_chat  # noqa: E402
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
