@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from chunkcache.errors import ChunkCacheError, CliError
+from chunkcache.errors import ChunkCacheError, CliError, InvalidInputError
 
 EXIT_USAGE = 2
 
@@ -175,14 +175,10 @@ def _persistent_store(args: argparse.Namespace) -> Any:
     from chunkcache.store import build_store
 
     settings = Settings.load(getattr(args, "config", None), store_path=getattr(args, "store", None))
-    tiers = [t for t in settings.store_tiers.split(",") if t.strip() in ("disk", "remote")]
-    if settings.store_tiers.strip() == "auto":
-        tiers = ["disk"] + (["remote"] if settings.remote_url else [])
-    if not tiers:
-        raise CliError("the configured store has no persistent tier (disk or remote) to inspect")
-    import dataclasses
-
-    return build_store(dataclasses.replace(settings, store_tiers=",".join(tiers)), get_codec(settings.codec))
+    try:
+        return build_store(settings, get_codec(settings.codec), persistent_only=True)
+    except InvalidInputError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _variant_stats(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -258,6 +254,7 @@ STRATEGY_HELP = ("fusion strategy spec NAME[:VALUE][:KEY=VALUE...], e.g. cachebl
 
 def build_parser() -> argparse.ArgumentParser:
     from chunkcache.engine import PACKAGED_MODELS
+    from chunkcache.store import PERSISTENT_TIERS
 
     parser = argparse.ArgumentParser(
         prog="chunkcache",
@@ -350,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print the stats as JSON")
         if name in ("evict", "clear"):
-            p.add_argument("--tier", choices=("disk", "remote"), help="only this tier")
+            p.add_argument("--tier", choices=PERSISTENT_TIERS, help="only this tier")
         if name == "evict":
             p.add_argument("keys", nargs="*", help="chunk keys to remove")
             p.add_argument("--to-bytes", help="evict by the tier's policy until it holds at most this much (e.g. 1GiB)")

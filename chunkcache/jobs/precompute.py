@@ -99,7 +99,9 @@ def precompute_texts(
     if matched_tokens:
         summary.bare_tokens_per_s = matched_tokens / bare_s
         summary.vs_bare = bare_s / matched_s
-    sizes = [t.size() for t in getattr(engine.store, "tiers", []) if t.name in ("disk", "remote")]
+    from chunkcache.store import PERSISTENT_TIERS
+
+    sizes = [t.size() for t in getattr(engine.store, "tiers", []) if t.name in PERSISTENT_TIERS]
     summary.stored_bytes = sum(sizes) if sizes else None
     return summary
 

@@ -5,9 +5,10 @@ from chunkcache.store.base import KVStore
 from chunkcache.store.keys import chunk_key, prefix_fingerprint
 from chunkcache.store.lmdb_store import LmdbStore
 from chunkcache.store.memory import MemoryTier
-from chunkcache.store.tiered import PrefetchHandle, TieredStore, build_store
+from chunkcache.store.registry import PERSISTENT_TIERS, TIER_NAMES, build_store
+from chunkcache.store.tiered import PrefetchHandle, TieredStore
 
 __all__ = [
-    "KVStore", "LmdbStore", "MemoryTier", "PrefetchHandle", "TieredStore", "build_store", "chunk_key",
+    "KVStore", "LmdbStore", "PERSISTENT_TIERS", "TIER_NAMES", "MemoryTier", "PrefetchHandle", "TieredStore", "build_store", "chunk_key",
     "prefix_fingerprint",
 ]

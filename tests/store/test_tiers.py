@@ -14,7 +14,8 @@ from chunkcache.errors import InvalidInputError
 from chunkcache.kv import ChunkKV
 from chunkcache.store import LmdbStore, MemoryTier, TieredStore
 from chunkcache.store.policy import CostAware, EntryInfo, LRU, parse_bytes
-from chunkcache.store.tiered import tier_names
+from chunkcache.config import Settings
+from chunkcache.store.registry import tier_names
 
 RAW = get_codec("raw")
 
@@ -147,14 +148,19 @@ def test_prefetch_then_get_and_layer_streaming(store_path: Path) -> None:
     assert store.iter_layers("missing") is None
 
 
+def _tiers(spec: str, remote_url: str = "", gpu: bool = False) -> list[str]:
+    return tier_names(Settings.load(env={}, store_tiers=spec, remote_url=remote_url), gpu)
+
+
 def test_settings_name_the_tiers_and_budgets() -> None:
-    assert tier_names("cpu,disk", "") == ["cpu", "disk"]
-    assert tier_names("auto", "redis://x")[-2:] == ["disk", "remote"]
+    assert _tiers("cpu,disk") == ["cpu", "disk"]
+    assert _tiers("auto", "redis://x") == ["cpu", "disk", "remote"] and _tiers("auto") == ["cpu", "disk"]
+    assert _tiers("auto", gpu=True)[0] == "gpu"
     for bad in ("disk,cpu", "cpu,cpu", "tape", ""):
         with pytest.raises(InvalidInputError):
-            tier_names(bad, "")
+            _tiers(bad)
     with pytest.raises(InvalidInputError, match="remote_url"):
-        tier_names("cpu,remote", "")
+        _tiers("cpu,remote")
     assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("") is None
     with pytest.raises(InvalidInputError):
         parse_bytes("lots")
