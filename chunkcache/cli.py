@@ -316,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--index", required=True, help="index folder built by chunkcache ingest")
     p.add_argument("--batch", type=int, help="chunks per batched prefill (default: the precompute_batch setting, 8)")
-    p.add_argument("--bare-every", type=int, default=10,
-                   help="also time the bare prefill loop on every Nth batch, for the summary (0: never)")
+    p.add_argument("--bare-every", type=int, default=0,
+                   help="also time a bare prefill loop on every Nth batch and report precompute's share of its "
+                        "speed (default 0: never; it costs that batch's compute again)")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="ray: Ray Data map_batches, one actor per GPU or --workers CPU actors (chunkcache[ray])")
     p.add_argument("--workers", type=int, default=2, help="ray: actors when there is no GPU")
