@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 import statistics
 import subprocess
 import sys
@@ -81,12 +82,11 @@ def _phase(client: httpx.Client, url: str, questions: list[str], max_tokens: int
             row["full_ttft_s"] = _ask(client, url, q, "full", max_tokens, top_k)["timings"]["ttft_s"]
         rows.append(row)
     hits, misses = sum(r["hits"] for r in rows), sum(r["misses"] for r in rows)
-    tiers: dict[str, int] = {}
+    tiers: Counter[str] = Counter()
     for r in rows:
-        for tier, n in r["tier_hits"].items():
-            tiers[tier] = tiers.get(tier, 0) + n
+        tiers.update(r["tier_hits"])
     out: dict[str, Any] = {"questions": len(rows), "chunk_hits": hits, "chunk_misses": misses,
-                           "hit_rate": hits / max(hits + misses, 1), "tier_hits": tiers,
+                           "hit_rate": hits / max(hits + misses, 1), "tier_hits": dict(tiers),
                            "ttft_p50_s": statistics.median(r["ttft_s"] for r in rows), "rows": rows}
     if full:
         out["full_ttft_p50_s"] = statistics.median(r["full_ttft_s"] for r in rows)
@@ -101,13 +101,17 @@ def run_cluster(backend: str, dataset: Path, model: str | None = None, examples:
     if len(chosen) < 3:
         raise ValueError(f"bench cluster needs at least 3 examples, {dataset} has {len(chosen)}")
     documents = [[{"id": f"ex{i}-p{j}", "text": text} for j, text in enumerate(ex.chunks)] for i, ex in enumerate(chosen)]
-    questions = [ex.question for ex in chosen]
     # three groups of examples: asked with the shared tier up / down / back (the last ingested
     # on A only after the service is back, so B can only have them from it)
-    cut = [len(chosen) // 3, 2 * len(chosen) // 3]
-    groups = [range(0, cut[0]), range(cut[0], cut[1]), range(cut[1], len(chosen))]
-    docs_of = lambda g: [d for i in g for d in documents[i]]  # noqa: E731
-    asks_of = lambda g: [questions[i] for i in g]  # noqa: E731
+    n = len(chosen)
+    groups = [range(0, n // 3), range(n // 3, 2 * n // 3), range(2 * n // 3, n)]
+
+    def docs_of(group: range) -> list[dict[str, str]]:
+        return [d for i in group for d in documents[i]]
+
+    def asks_of(group: range) -> list[str]:
+        return [chosen[i].question for i in group]
+
     report: dict[str, Any] = {"backend": backend, "dataset": str(dataset), "examples": len(chosen),
                               "documents": sum(len(d) for d in documents), "model": model or "default",
                               "top_k": top_k, "max_tokens": max_tokens}

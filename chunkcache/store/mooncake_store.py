@@ -47,7 +47,6 @@ T = TypeVar("T")
 
 # Mooncake's error codes (mooncake-store/include/types.h) that this tier tells apart
 OBJECT_NOT_FOUND = -704
-OBJECT_HAS_LEASE = -706
 # the master or the segment holding an object cannot be reached: an outage, not a refusal
 OUTAGE_CODES = {-900: "RPC to the master failed", -800: "transfer from a segment failed",
                 -101: "segment not found", -103: "client not found"}
@@ -105,18 +104,13 @@ class MooncakeURL:
             master=f"{host}:{port}",
             metadata=query.get("metadata", f"http://{host}:8080/metadata"),
             admin=query.get("admin", f"http://{host}:9003").rstrip("/"),
-            segment=_size(query.get("segment", "0"), "segment"),
-            buffer=_size(query.get("buffer", "512MiB"), "buffer"),
+            segment=parse_bytes(query.get("segment", "0")) or 0,
+            buffer=parse_bytes(query.get("buffer", "512MiB")) or 0,
             protocol=protocol,
             device=query.get("device", ""),
             host=query.get("host", "") or _local_address(host, port),
             replicas=replicas,
         )
-
-
-def _size(text: str, what: str) -> int:
-    size = parse_bytes(text) if text.strip() not in ("", "0") else 0
-    return int(size or 0)
 
 
 def _local_address(master_host: str, port: int) -> str:
@@ -192,18 +186,16 @@ class MooncakeStore(RemoteTier):
                 except FutureTimeout:
                     raise _NoAnswer(f"no answer within {self._timeout_s:.1f} s") from None
 
-            # a restarted master refuses a client's first calls while it reconnects: a few quick
-            # tries (0.1, 0.2, 0.4 s apart) before the call counts as an outage
-            for pause in (0.1, 0.2, 0.4, None):
+            # a restarted master refuses a client's first calls while it reconnects: three quick
+            # retries (0.1, 0.2, 0.4 s apart) before the call counts as an outage
+            for pause in (0.1, 0.2, 0.4):
                 try:
                     return once()
                 except _NoAnswer:
                     raise
                 except ServiceDown:
-                    if pause is None:
-                        raise
                     time.sleep(pause)
-            raise ServiceDown("unreachable")  # the loop always returns or raises
+            return once()
 
         return self.guard.call(what, bounded, default)
 
@@ -230,11 +222,7 @@ class MooncakeStore(RemoteTier):
             self._check(code, "get")
             raise ServiceRefused(f"get of an object of {code} bytes returned nothing")
 
-        data = self._call("get", read, None)
-        self.stats.count("misses" if data is None else "hits")
-        if data is not None:
-            self.stats.count("read_bytes", len(data))
-        return data
+        return self._read(self._call("get", read, None))
 
     def contains(self, key: str) -> bool:
         return bool(self._call("exists", lambda c: self._check(c.is_exist(self._entry(key)), "exists"), 0))
@@ -251,8 +239,7 @@ class MooncakeStore(RemoteTier):
             return True
 
         if self._call("put", write, False):
-            self.stats.timed("put", time.perf_counter() - start)
-            self.stats.count("written_bytes", len(data))
+            self._written(start, len(data))
 
     def delete(self, key: str) -> None:
         def remove(client: Any) -> None:

@@ -58,11 +58,7 @@ class RedisStore(RemoteTier):
 
     # --- reads ---------------------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes | None:
-        data = self._call("get", lambda: self.client.get(self._entry(key)), None)
-        self.stats.count("misses" if data is None else "hits")
-        if data is not None:
-            self.stats.count("read_bytes", len(data))
-        return data
+        return self._read(self._call("get", lambda: self.client.get(self._entry(key)), None))
 
     def contains(self, key: str) -> bool:
         return bool(self._call("exists", lambda: self.client.exists(self._entry(key)), 0))
@@ -81,8 +77,7 @@ class RedisStore(RemoteTier):
             return True
 
         if self._call("put", write, False):
-            self.stats.timed("put", time.perf_counter() - start)
-            self.stats.count("written_bytes", len(data))
+            self._written(start, len(data))
 
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self.client.delete(self._entry(key), self._meta(key)), 0)

@@ -7,14 +7,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Iterator
+from typing import Any, Callable, TypeVar
 
 from chunkcache.codec import KVCodec
 from chunkcache.errors import InvalidInputError
 from chunkcache.store.encoded import EncodedTier
-from collections.abc import Iterator
-from typing import Any
-
 from chunkcache.store.policy import EntryInfo, TierStats
 
 log = logging.getLogger(__name__)
@@ -35,7 +33,7 @@ class ServiceRefused(Exception):
 
 
 class ServiceGuard:
-    """Runs one call to a remote service at a time through the outage rule (module docstring)."""
+    """Runs calls to a remote service through the outage rule (module docstring)."""
 
     def __init__(self, url: str, stats: TierStats, retry_s: float) -> None:
         self.url = url
@@ -86,6 +84,18 @@ class RemoteTier(EncodedTier):
 
     def _meta(self, key: str) -> str:
         return f"{self._ns}:m:{key}"
+
+    def _read(self, data: bytes | None) -> bytes | None:
+        """Count a read's result (hit, miss, bytes) and hand it on."""
+        self.stats.count("misses" if data is None else "hits")
+        if data is not None:
+            self.stats.count("read_bytes", len(data))
+        return data
+
+    def _written(self, started: float, nbytes: int) -> None:
+        """Count a write that landed (latency since ``started``, bytes)."""
+        self.stats.timed("put", time.perf_counter() - started)
+        self.stats.count("written_bytes", nbytes)
 
     @staticmethod
     def _info(key: str, meta: dict[str, Any]) -> EntryInfo:
