@@ -132,6 +132,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     s = summary
     print(f"{s.chunks} chunks: {s.computed} computed, {s.skipped} already stored; {s.tokens} tokens in "
           f"{s.seconds:.1f} s ({s.chunks_per_s:.2f} chunks/s, {s.tokens_per_s:.0f} tokens/s)")
+    if s.context_tokens:
+        print(f"each computed behind its neighbours: {s.context_tokens} more tokens computed and dropped "
+              f"({s.context_tokens / max(s.tokens, 1):.0%} of the chunks' own)")
     if s.bare_tokens_per_s and s.vs_bare:
         print(f"bare batched prefill loop on {s.bare_batches} of the same batches: {s.bare_tokens_per_s:.0f} "
               f"tokens/s; precompute reached {s.vs_bare:.0%} of it on those batches")

@@ -56,8 +56,12 @@ class Settings:
         "Question: {question}"
     )
     # Passages placed between the head and each chunk while its cache is computed, then dropped:
-    # "builtin", "none", or a text file of blank-line-separated passages (see blend/prefill.py).
+    # "builtin", "none", a text file of blank-line-separated passages, or "neighbours": builtin,
+    # then (for chunks of an index) the chunk's `neighbours` nearest chunks of the corpus, at most
+    # `neighbour_tokens` tokens of them (see blend/prefill.py).
     chunk_primer: str = "builtin"
+    neighbours: int = 2
+    neighbour_tokens: int = 512
     strategy: str = "cacheblend"
     recompute_ratio: float = 0.15
     check_layer: int = 1

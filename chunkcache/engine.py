@@ -14,7 +14,7 @@ from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_st
 from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.decode import StopText
 from chunkcache.blend.pool import KVPool
-from chunkcache.blend.prefill import prefill_chunks, prefill_head, primer_ids
+from chunkcache.blend.prefill import NEIGHBOURS, ChunkNeighbours, context_ids, prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
 from chunkcache.config import Settings
 from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInputError
@@ -31,7 +31,7 @@ from chunkcache.timing import collect, stage
 # Settings fields that are defaults of strategy parameters (a spec or a request overrides them)
 # what the faces (CLI, service, adapters) use of a request, all from here: they import the engine,
 # not blend or model internals (tests/test_layers.py holds that)
-__all__ = ["PACKAGED_MODELS", "Answer", "ChunkCacheEngine", "KVPool", "Sampling", "StopText", "describe_strategies",
+__all__ = ["PACKAGED_MODELS", "Answer", "ChunkCacheEngine", "ChunkNeighbours", "KVPool", "Sampling", "StopText", "describe_strategies",
            "make_strategy", "parse_strategy_spec", "question_from_chat"]
 
 STRATEGY_SETTINGS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
@@ -69,6 +69,7 @@ class ChunkCacheEngine:
         self._prefix_ids = self._head_ids + self._primer_ids
         self._prefix = prefix_fingerprint(self.model.fingerprint, self._prefix_ids)
         self._craft_variants: CraftVariants | None = None
+        self._neighbours: ChunkNeighbours | None = None
 
     def close(self) -> None:
         """Flush and close the store (write-back entries reach the lower tiers)."""
@@ -88,6 +89,28 @@ class ChunkCacheEngine:
         """Store and read chunk caches with another codec from now on (fixed prefixes stay raw)."""
         self.codec = get_codec(spec, self.settings.zstd_level)
 
+    def use_index(self, index: ChunkNeighbours | None) -> None:
+        """The index the chunks come from: with ``chunk_primer: neighbours`` each of its chunks is
+        computed behind its nearest chunks (others, and every chunk otherwise, behind the primer)."""
+        self.use_neighbours(index if self.settings.chunk_primer.strip().lower() == NEIGHBOURS else None)
+
+    def use_neighbours(self, source: ChunkNeighbours | None) -> None:
+        """Compute chunks of ``source`` behind their neighbours from now on (None: the primer only)."""
+        self._neighbours = source
+
+    def _contexts(self, chunks: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """What each chunk is computed behind after the head and primer: its neighbours' tokens
+        when it is a chunk of the neighbour source, else nothing."""
+        if self._neighbours is None or self.settings.neighbours < 1:
+            return ((),) * len(chunks)
+        found = self._neighbours.neighbours(list(chunks), self.settings.neighbours)
+        return tuple(context_ids(self.model.template, texts, self.settings.neighbour_tokens) if texts else ()
+                     for texts in found)
+
+    def context_lengths(self, chunks: Sequence[str]) -> list[int]:
+        """How many neighbour tokens each chunk is computed behind (0: the primer only)."""
+        return [len(c) for c in self._contexts(chunks)]
+
     # --- keys and precompute -------------------------------------------------------------
     def head_key(self) -> str:
         return self._fixed_key(self._head_ids)
@@ -98,10 +121,14 @@ class ChunkCacheEngine:
 
     def chunk_key(self, chunk: str) -> str:
         ids = self.model.template.chunk_ids(chunk)
-        return self._chunk_key(ids)
+        return self._chunk_key(ids, context=self._contexts([chunk])[0])
 
-    def _chunk_key(self, ids: tuple[int, ...], codec: str | None = None) -> str:
-        return chunk_key(self.model.fingerprint, self._prefix, codec or self.codec.spec, ids)
+    def _chunk_key(self, ids: tuple[int, ...], codec: str | None = None, context: tuple[int, ...] = ()) -> str:
+        return chunk_key(self.model.fingerprint, self._prefix_print(context), codec or self.codec.spec, ids)
+
+    def _prefix_print(self, context: tuple[int, ...]) -> str:
+        """Fingerprint of what a chunk is computed behind: head + primer (+ its context)."""
+        return prefix_fingerprint(self.model.fingerprint, self._prefix_ids + context) if context else self._prefix
 
     def kv_pool(self, budget_bytes: int) -> KVPool:
         """A pool for the fused caches of generations running together, within ``budget_bytes``."""
@@ -115,7 +142,9 @@ class ChunkCacheEngine:
         """The chunks' KV as precompute computes them (one batch), without touching the store:
         the bare loop that precompute's throughput is compared with."""
         ids = [self.model.template.chunk_ids(c) for c in chunks]
-        return prefill_chunks(self.model.executor, self._chunk_prefix(), ids, self._prefix)
+        contexts = self._contexts(chunks)
+        return prefill_chunks(self.model.executor, self._chunk_prefix(), ids,
+                              [self._prefix_print(c) for c in contexts], contexts)
 
     def precompute(self, chunks: Sequence[str], batch_size: int | None = None) -> list[str]:
         """Compute and store the KV of every chunk not yet stored (``batch_size`` chunks per
@@ -126,35 +155,42 @@ class ChunkCacheEngine:
             raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
         self._head()  # answering needs the head's KV too
         ids = [self.model.template.chunk_ids(c) for c in chunks]
-        keys = [self._chunk_key(i) for i in ids]
-        todo = list({k: i for k, i in zip(keys, ids) if not self.store.contains(k)}.values())
+        contexts = self._contexts(chunks)
+        keys = [self._chunk_key(i, context=c) for i, c in zip(ids, contexts)]
+        todo = list({k: (i, c) for k, i, c in zip(keys, ids, contexts) if not self.store.contains(k)}.values())
         for start in range(0, len(todo), batch_size):
-            self._compute(todo[start : start + batch_size])
+            batch = todo[start : start + batch_size]
+            self._compute([i for i, _ in batch], [c for _, c in batch])
         return keys
 
-    def _compute(self, chunks: Sequence[tuple[int, ...]]) -> list[ChunkKV]:
+    def _compute(self, chunks: Sequence[tuple[int, ...]], contexts: Sequence[tuple[int, ...]] | None = None
+                 ) -> list[ChunkKV]:
         """Store the caches of ``chunks`` (distinct, not stored in the current codec) and return
         them as the store will serve them. With a lossy codec, a chunk already stored losslessly
         is re-encoded, not recomputed; the rest are prefilled ``precompute_batch`` at a time,
-        similar lengths together (padding grows with the longest chunk of a batch)."""
+        similar lengths together (padding grows with the longest chunk of a batch). ``contexts``:
+        what each chunk is computed behind after the primer (`_contexts`)."""
+        contexts = list(contexts) if contexts is not None else [()] * len(chunks)
         found: dict[int, ChunkKV] = {}
         if self.codec.spec != self._lossless.spec:
-            for i, ids in enumerate(chunks):
-                kv = self.store.get(self._chunk_key(ids, self._lossless.spec), self.model.fingerprint,
+            for i, (ids, ctx) in enumerate(zip(chunks, contexts)):
+                kv = self.store.get(self._chunk_key(ids, self._lossless.spec, ctx), self.model.fingerprint,
                                     self.model.executor.device)
                 if kv is not None:
                     found[i] = kv
-        todo = sorted((i for i in range(len(chunks)) if i not in found), key=lambda i: len(chunks[i]))
+        todo = sorted((i for i in range(len(chunks)) if i not in found),
+                      key=lambda i: len(contexts[i]) + len(chunks[i]))
         size = max(1, self.settings.precompute_batch)
         for start in range(0, len(todo), size):
             batch = todo[start : start + size]
             with stage("miss_prefill_s"):
                 computed = prefill_chunks(self.model.executor, self._chunk_prefix(), [chunks[i] for i in batch],
-                                          self._prefix)
+                                          [self._prefix_print(contexts[i]) for i in batch],
+                                          [contexts[i] for i in batch])
             found.update(zip(batch, computed))
         served = []
-        for i, ids in enumerate(chunks):
-            kv = self.store.put(self._chunk_key(ids), found[i], self.codec)  # lossy: what later hits get
+        for i, (ids, ctx) in enumerate(zip(chunks, contexts)):
+            kv = self.store.put(self._chunk_key(ids, context=ctx), found[i], self.codec)  # lossy: what later hits get
             served.append(kv if kv is not None else found[i])
         return served
 
@@ -183,13 +219,13 @@ class ChunkCacheEngine:
             self.store.put(key, kv, self._lossless)
         return kv, False
 
-    def _load(self, chunks: Sequence[tuple[int, ...]], given: Sequence[Any] | None = None
-              ) -> tuple[ChunkKV, tuple[Any, ...], int]:
+    def _load(self, chunks: Sequence[tuple[int, ...]], contexts: Sequence[tuple[int, ...]],
+              given: Sequence[Any] | None = None) -> tuple[ChunkKV, tuple[Any, ...], int]:
         """The head's KV and each chunk's (a `LayerStream` when the store streams layers, so
         fusion starts before the last layer is decoded), and how many chunks were stored.
         Chunks whose cache is ``given`` (cachecraft's variants) are neither loaded nor computed."""
         stream = getattr(self.store, "stream", None) if self.settings.stream_layers else None
-        keys = [self._chunk_key(ids) for ids in chunks]
+        keys = [self._chunk_key(ids, context=ctx) for ids, ctx in zip(chunks, contexts)]
         got: list[Any] = list(given) if given is not None else [None] * len(chunks)
         wanted = [i for i, kv in enumerate(got) if kv is None]
         sources: dict[int, Any] = {}
@@ -199,18 +235,19 @@ class ChunkCacheEngine:
         head_kv, _ = self._head()
         for i, source in sources.items():
             got[i] = source if source.found() else None
-        out, hits = self._complete(keys, chunks, got, lookup=stream is None)
+        out, hits = self._complete(keys, chunks, contexts, got, lookup=stream is None)
         return head_kv, out, hits
 
-    def _complete(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]], got: Sequence[Any],
-                  lookup: bool = True) -> tuple[tuple[Any, ...], int]:
+    def _complete(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]], contexts: Sequence[tuple[int, ...]],
+                  got: Sequence[Any], lookup: bool = True) -> tuple[tuple[Any, ...], int]:
         """Fill the gaps (None) of ``got``: from the store when ``lookup``, the rest prefilled
         together in one batch. Returns the caches and how many came from the store."""
         dev = self.model.executor.device
         filled = [kv if kv is not None or not lookup else self.store.get(key, self.model.fingerprint, dev)
                   for kv, key in zip(got, keys)]
-        missing = {key: ids for kv, key, ids in zip(filled, keys, chunks) if kv is None}
-        computed = dict(zip(missing, self._compute(list(missing.values())))) if missing else {}
+        missing = {key: (ids, ctx) for kv, key, ids, ctx in zip(filled, keys, chunks, contexts) if kv is None}
+        computed = (dict(zip(missing, self._compute([i for i, _ in missing.values()], [c for _, c in missing.values()])))
+                    if missing else {})
         hits = len(keys) - sum(kv is None for kv in filled)
         return tuple(kv if kv is not None else computed[key] for kv, key in zip(filled, keys)), hits
 
@@ -307,7 +344,7 @@ class ChunkCacheEngine:
             )
         record = fusion.name == "full" and (self.settings.craft_variants if record_variants is None else record_variants)
         return Plan(question, pieces, fusion, name, limit, sampling or Sampling(), on_text, record, keep_logits,
-                    pieces.total + limit)
+                    pieces.total + limit, self._contexts(chunks) if fusion.uses_cache else ())
 
     def begin(self, plan: Plan, buffer: torch.Tensor | None = None) -> Generation:
         """Load the plan's chunk caches and fuse them (into ``buffer``, a zeroed fused-cache buffer
@@ -329,6 +366,8 @@ class ChunkCacheEngine:
 
     def _fuse(self, plan: Plan, buffer: torch.Tensor | None) -> Fused:
         fusion, pieces, limit = plan.fusion, plan.pieces, plan.max_new_tokens
+        contexts = plan.contexts or ((),) * len(pieces.chunks)
+        keys = [self._chunk_key(ids, context=ctx) for ids, ctx in zip(pieces.chunks, contexts)]
         started = time.perf_counter()
         hits = 0
         head_kv, chunk_kvs = None, ()
@@ -337,18 +376,17 @@ class ChunkCacheEngine:
         with collect() as stages:
             variants = None
             if fusion.name == "cachecraft":  # chunks served by a variant need no independent cache
-                variants, found = self._craft().plans([self._chunk_key(i) for i in pieces.chunks], pieces.chunks,
+                variants, found = self._craft().plans(keys, pieces.chunks,
                                                       fusion.alpha)  # type: ignore[attr-defined]
                 plans = tuple(found)
             if fusion.uses_cache:
-                head_kv, chunk_kvs, hits = self._load(pieces.chunks, variants)
+                head_kv, chunk_kvs, hits = self._load(pieces.chunks, contexts, variants)
             loaded_at = time.perf_counter()
             inp = FusionInput(pieces, head_kv, chunk_kvs, limit, plans, plan.record_variants, buffer)
             try:
                 result = fusion.fuse(self.model.executor, inp)
             except CorruptCacheError:  # a streamed layer failed to decode: its entry was dropped
-                keys = [self._chunk_key(ids) for ids in pieces.chunks]
-                chunk_kvs, _ = self._complete(keys, pieces.chunks, [None] * len(keys))
+                chunk_kvs, _ = self._complete(keys, pieces.chunks, contexts, [None] * len(keys))
                 if buffer is not None:
                     buffer.zero_()
                 result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, (),
@@ -363,7 +401,7 @@ class ChunkCacheEngine:
         fused_at = time.perf_counter()
         if result.profiles is not None:
             starts = [len(pieces.head) + sum(len(c) for c in pieces.chunks[:i]) for i in range(len(pieces.chunks))]
-            self._craft().record([self._chunk_key(i) for i in pieces.chunks], pieces.chunks, starts, result.cache.kv,
+            self._craft().record(keys, pieces.chunks, starts, result.cache.kv,
                                  result.profiles, self._prefix)
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]

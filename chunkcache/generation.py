@@ -62,6 +62,8 @@ class Plan:
     record_variants: bool
     keep_logits: bool
     kv_tokens: int  # what its fused cache holds: prompt + max_new_tokens
+    # per chunk: the neighbours' tokens it was computed behind (empty: the primer only)
+    contexts: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass

@@ -40,6 +40,7 @@ class RAGPipeline:
     def __init__(self, index: ChunkIndex, engine: ChunkCacheEngine) -> None:
         self.index = index
         self.engine = engine
+        engine.use_index(index)  # chunk_primer: neighbours computes its chunks behind their neighbours
 
     def retrieve(self, question: str, top_k: int = 5) -> list[Hit]:
         if top_k < 1:

@@ -91,6 +91,7 @@ class RagService:
         self.settings = settings
         self.engine = engine or ChunkCacheEngine(settings)
         self.index = index if index is not None else _open_index(settings.index_path)
+        self.engine.use_index(self.index)
         pool = self.engine.kv_pool(parse_bytes(settings.kv_budget) or 2**62)
         self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue)
         self.metrics = ServiceMetrics(self)

@@ -20,6 +20,9 @@ are then computed at every layer, their K/V replacing the reused ones. Options:
 - ``qattn_from``: that attention is averaged over the layers from this fraction of the model's
   depth on (0: every layer). The deep layers' attention says which tokens the answer reads; the
   early layers' is spread over local and sink tokens and dilutes it.
+- ``qattn_to``: the question-only pass stops at this fraction of the depth (1: it runs every
+  layer): a cheaper probe that reads the question's attention earlier (QCFuse / ProphetKV read it
+  at a few layers).
 - ``spread_k`` / ``spread_v``: at every layer, each chunk's reused tokens take this share of the
   mean K / V correction its recomputed tokens receive (``blend/spread.py``): a chunk's tokens
   share part of what the passages before it change, and the recomputed tokens measure it."""
@@ -74,6 +77,7 @@ class CacheBlend:
     # by 13-16 % on both 40-example sets and kept every target; from half the depth cut it by
     # 19-22 % but lost one near-tie first token (docs/quality.md)
     qattn_from: float = 0.25
+    qattn_to: float = 1.0
     seed: int = 0
     # each chunk's reused tokens take this share of the mean K / V correction its recomputed
     # tokens receive at each layer (blend/spread.py): at no extra token work it lowered the KL on
@@ -90,7 +94,7 @@ class CacheBlend:
             raise InvalidInputError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.weight not in WEIGHTS:
             raise InvalidInputError(f"weight must be one of {', '.join(WEIGHTS)}, got {self.weight!r}")
-        check_qattn_from(self.qattn_from)
+        check_qattn_from(self.qattn_from, self.qattn_to)
         check_shares(self.spread_k, self.spread_v)
         if self.check_layer < 0 or self.sinks < 0:
             raise InvalidInputError("check_layer and sinks must be >= 0")
@@ -134,14 +138,14 @@ class CacheBlend:
         stay on the model's device, where the ranking runs too."""
         context = layout.question.start
         with stage("select_s"):
-            importance = (reuse_attention(executor, layout, buf, self.qattn_from)
+            importance = (reuse_attention(executor, layout, buf, self.qattn_from, self.qattn_to)
                           if self.weight.startswith("qattn") else None)
             score = self._deviation(executor, layout, buf)[:context]
             if importance is not None:
                 score = _weighted(score, importance[:context], self.weight)
         work = self.check_layer * layout.length
         if importance is not None:
-            work += executor.num_layers * len(layout.question)
+            work += _depth(executor, self.qattn_to) * len(layout.question)
         return score, importance, work
 
     def _sink_mask(self, layout: Layout, device: torch.device) -> torch.Tensor | None:
@@ -191,32 +195,42 @@ def _weighted(deviation: torch.Tensor, importance: torch.Tensor, weight: str) ->
     return deviation * importance
 
 
-def check_qattn_from(value: float) -> None:
-    """``qattn_from`` (the depth the question's attention is averaged from) must name a layer."""
-    if not 0.0 <= value < 1.0:
-        raise InvalidInputError(f"qattn_from is a fraction of the model's depth in [0, 1), got {value}")
+def check_qattn_from(start: float, stop: float = 1.0) -> None:
+    """``qattn_from`` .. ``qattn_to`` (the depths the question's attention is averaged over) must
+    name at least one layer."""
+    if not 0.0 <= start < 1.0:
+        raise InvalidInputError(f"qattn_from is a fraction of the model's depth in [0, 1), got {start}")
+    if not start < stop <= 1.0:
+        raise InvalidInputError(f"qattn_to is a fraction of the model's depth in (qattn_from, 1], got {stop}")
 
 
-def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, start: float = 0.0) -> torch.Tensor:
+def _depth(executor: LayerExecutor, fraction: float) -> int:
+    """The layers before ``fraction`` of the depth (at least one)."""
+    return max(1, min(executor.num_layers, round(fraction * executor.num_layers)))
+
+
+def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, start: float = 0.0,
+                    stop: float = 1.0) -> torch.Tensor:
     """Attention [N] the question pays to each token in a question-only pass over the reused
-    cache, averaged over the layers from ``start`` (a fraction of the depth) on, accumulated on
-    the model's device. The pass's K/V land at the question's indices, which are recomputed later
-    anyway and which no context token attends to."""
+    cache, averaged over the layers from ``start`` to ``stop`` (fractions of the depth; the pass
+    ends there), accumulated on the model's device. The pass's K/V land at the question's
+    indices, which are recomputed later anyway and which no context token attends to."""
     n = layout.length
     rows = question_rows(executor, layout)
     hidden = executor.embed(layout.device_ids[layout.question.start : layout.question.stop])
     total = torch.zeros(n, device=executor.device)
-    first = min(executor.num_layers - 1, int(start * executor.num_layers))
+    end = _depth(executor, stop)
+    first = min(end - 1, int(start * executor.num_layers))
 
     def accumulate(q: torch.Tensor, keys: torch.Tensor) -> None:
         total.add_(question_attention(executor, q, keys))  # the keys hold the question's own by now
 
-    for layer in range(executor.num_layers):
+    for layer in range(end):
         wait_layer(buf, layer)
         # the layers before ``first`` only carry the hidden state on
         hidden = executor.run_layer(layer, hidden, rows, buf[layer, 0, :, :n], buf[layer, 1, :, :n],
                                     on_query=accumulate if layer >= first else None)
-    return total / (executor.num_layers - first)
+    return total / (end - first)
 
 
 def question_attention(executor: LayerExecutor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

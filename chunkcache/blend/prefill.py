@@ -5,13 +5,19 @@ The primer is a few neutral passages placed between the head and the chunk while
 computed, then dropped. A chunk computed right behind the system prompt sees no passage before it,
 so its tokens (the first ones most) settle into states they never have inside a real prompt,
 where other passages precede them; behind the primer they start from a realistic state and
-deviate less from a full prefill, which is what every fusion strategy has to repair."""
+deviate less from a full prefill, which is what every fusion strategy has to repair.
+
+A chunk that lives in an index can go one step further (``chunk_primer: neighbours``): it is
+computed behind its nearest chunks of the corpus (the passages most likely to precede it in a real
+prompt), placed after the primer and cut to a token budget (`context_ids`). What a chunk was
+computed behind is part of its cache key, so a changed neighbour set is a different entry."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -23,12 +29,40 @@ from chunkcache.model.executor import LayerExecutor
 from chunkcache.model.prompt import PromptPieces, PromptTemplate
 
 
+NEIGHBOURS = "neighbours"
+
+
+class ChunkNeighbours(Protocol):
+    """Where a chunk's nearest passages come from (a `chunkcache.retriever.ChunkIndex`)."""
+
+    def neighbours(self, texts: Sequence[str], n: int) -> list[tuple[str, ...] | None]:
+        """Each text's ``n`` nearest other chunks, least similar first; None for a text that is
+        not a chunk of the corpus (an ad-hoc passage keeps the plain primer)."""
+        ...
+
+
+def context_ids(template: PromptTemplate, neighbours: Sequence[str], budget: int) -> tuple[int, ...]:
+    """Token ids of the ``neighbours`` (least similar first, each formatted as a chunk), at most
+    ``budget`` of them: the least similar passages go first, and one cut short keeps its end
+    (the part next to the chunk)."""
+    pieces = [template.chunk_ids(text) for text in neighbours]
+    kept: list[tuple[int, ...]] = []
+    room = budget
+    for ids in reversed(pieces):  # the most similar is last: kept first
+        if room <= 0:
+            break
+        kept.append(ids[-room:])
+        room -= len(kept[-1])
+    return tuple(i for ids in reversed(kept) for i in ids)
+
+
 def primer_texts(setting: str) -> list[str]:
     """The primer's passages: ``builtin`` (shipped with chunkcache), ``none``, or a text file
-    whose paragraphs (separated by blank lines) are the passages."""
+    whose paragraphs (separated by blank lines) are the passages. ``neighbours`` primes with the
+    builtin passages; chunks of an index then add their neighbours behind them."""
     if setting.strip().lower() in {"", "none"}:
         return []
-    if setting.strip().lower() == "builtin":
+    if setting.strip().lower() in {"builtin", NEIGHBOURS}:
         text = resources.files("chunkcache").joinpath("data/primer.txt").read_text(encoding="utf-8")
     else:
         try:
@@ -66,19 +100,28 @@ def prefill_chunk(
 
 
 def prefill_chunks(
-    executor: LayerExecutor, head: ChunkKV, chunks: Sequence[tuple[int, ...]], prefix_fingerprint: str
+    executor: LayerExecutor, head: ChunkKV, chunks: Sequence[tuple[int, ...]], prefix_fingerprint: str | Sequence[str],
+    contexts: Sequence[tuple[int, ...]] | None = None,
 ) -> list[ChunkKV]:
     """`prefill_chunk` for several chunks at once (each still behind ``head`` alone): the chunks
-    are right-padded into one batch so the projections and MLP run as large matrix products."""
+    are right-padded into one batch so the projections and MLP run as large matrix products.
+
+    ``contexts``: tokens computed between ``head`` and each chunk and then dropped (its
+    neighbours); ``prefix_fingerprint`` is then one per chunk, naming head + context."""
     if not chunks:
         return []
     if any(len(ids) == 0 for ids in chunks):
         raise InvalidInputError("a chunk has no tokens; drop empty chunks before precomputing")
+    contexts = list(contexts) if contexts is not None else [()] * len(chunks)
+    prints = [prefix_fingerprint] * len(chunks) if isinstance(prefix_fingerprint, str) else list(prefix_fingerprint)
+    if len(contexts) != len(chunks) or len(prints) != len(chunks):
+        raise InvalidInputError("prefill_chunks needs one context and one prefix fingerprint per chunk")
     start = len(head.token_ids)
-    lengths = [len(ids) for ids in chunks]
+    rows_ids = [ctx + ids for ctx, ids in zip(contexts, chunks)]
+    lengths = [len(ids) for ids in rows_ids]
     longest = max(lengths)
     tokens = torch.zeros(len(chunks), longest, dtype=torch.long)
-    for row, ids in enumerate(chunks):
+    for row, ids in enumerate(rows_ids):
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     positions = torch.arange(start, start + longest, device=executor.device)
     rows = executor.rows(torch.arange(len(chunks) * longest, device=executor.device), positions.repeat(len(chunks)))
@@ -91,6 +134,7 @@ def prefill_chunks(
         hidden, k, v = executor.run_layer_batch(layer, hidden, rows, lengths, prefix[0], prefix[1])
         out[:, layer, 0], out[:, layer, 1] = k, v
     return [
-        ChunkKV(out[row, :, :, :, : len(ids)].clone(), tuple(ids), start, head.model_fingerprint, prefix_fingerprint)
-        for row, ids in enumerate(chunks)
+        ChunkKV(out[row, :, :, :, len(ctx) : len(ctx) + len(ids)].clone(), tuple(ids), start + len(ctx),
+                head.model_fingerprint, fp)
+        for row, (ctx, ids, fp) in enumerate(zip(contexts, chunks, prints))
     ]

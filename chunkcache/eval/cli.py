@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -155,21 +156,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def truncate(text: str) -> str:
         return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[: args.chunk_tokens])
 
+    if args.skip < 0:
+        raise CliError("--skip takes a whole number of examples, 0 or more")
     examples = load_examples(
-        Path(args.dataset), args.limit, args.passages, args.seed if args.shuffle else None,
-        truncate if args.chunk_tokens else None,
-    )
+        Path(args.dataset), args.skip + args.limit if args.limit else None, args.passages,
+        args.seed if args.shuffle else None, truncate if args.chunk_tokens else None,
+    )[args.skip :]
     max_new = args.max_new_tokens or 32
-    rows = run_eval(
-        engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet, codecs=codecs,
-        recurring=args.workload == "recurring",
-    )
+    with tempfile.TemporaryDirectory(prefix="chunkcache-corpus-") as tmp:
+        corpus = None
+        if args.corpus_index:
+            from chunkcache.eval.corpus import corpus_index
+
+            corpus = corpus_index(Path(args.dataset), Path(tmp), truncate if args.chunk_tokens else None)
+        try:
+            rows = run_eval(
+                engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet,
+                codecs=codecs, recurring=args.workload == "recurring", corpus=corpus,
+            )
+        finally:
+            if corpus is not None:
+                corpus.close()
     metric = "rouge_l" if any(e.task == "summary" for e in examples) else "qa_f1_score"
     meta = {
         "model": engine.settings.model, "dataset": args.dataset, "dtype": engine.settings.dtype,
         "max_new_tokens": max_new, "metric": metric, "seed": args.seed, "passages": args.passages,
         "shuffled": args.shuffle, "chunk_tokens": args.chunk_tokens, "codecs": codecs or [engine.codec.spec],
-        "workload": args.workload,
+        "workload": args.workload, "skip": args.skip, "corpus_index": args.corpus_index,
+        "chunk_primer": engine.settings.chunk_primer, "neighbours": engine.settings.neighbours,
+        "neighbour_tokens": engine.settings.neighbour_tokens,
         "command": "chunkcache " + shlex.join(sys.argv[1:]) if args.record_command else None,
     }
     from chunkcache.eval.report import to_markdown
@@ -184,9 +199,15 @@ def add_eval_parser(sub: argparse._SubParsersAction, common: Callable[[argparse.
     p = sub.add_parser("eval", help="quality and TTFT of each strategy beside full prefill on a QA dataset")
     common(p)
     p.add_argument("--dataset", required=True, help="JSON Lines file in any format of the shared data folder")
-    p.add_argument("--limit", type=int, default=None, help="first N examples")
+    p.add_argument("--limit", type=int, default=None, help="first N examples (after --skip)")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N examples (a held-out slice)")
     p.add_argument("--strategies", default="full,reuse,cacheblend:0.15,cacheblend:0.3,ape,epic",
-                   help="comma-separated name[:value]; controls: cacheblend:1.0, cacheblend-random:R")
+                   help="comma-separated name[:value]; controls: cacheblend:1.0, cacheblend-random:R; a spec "
+                        "ending in #neighbours computes its chunks behind their neighbours (needs --corpus-index), "
+                        "#primer behind the primer alone")
+    p.add_argument("--corpus-index", action="store_true",
+                   help="pool every passage of the dataset file into one index first: the corpus that "
+                        "chunk_primer: neighbours (and #neighbours specs) take each chunk's neighbours from")
     p.add_argument("--out", required=True, help="folder for report.json, report.md, examples.jsonl, PNGs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap, shuffling and random-selection seed")
     p.add_argument("--workload", choices=("standard", "recurring"), default="standard",

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from chunkcache.blend import parse_strategy_spec
 from chunkcache.codec import get_codec
-from chunkcache.engine import Answer, ChunkCacheEngine
+from chunkcache.engine import Answer, ChunkCacheEngine, ChunkNeighbours
+from chunkcache.errors import InvalidInputError
 from chunkcache.eval.datasets import Example
 from chunkcache.eval.metrics import answers_agree, first_token_kl, qa_f1_score, rouge_l_score
 
@@ -26,15 +27,23 @@ def score(example: Example, text: str) -> float | None:
     return None
 
 
+CONTEXTS = ("primer", "neighbours")
+
+
 def strategy_labels(strategies: Sequence[str], codecs: Sequence[str] = ()) -> list[str]:
     """``full`` first (the reference), then the requested specs in order, without repeats.
 
-    With several codecs every cached strategy is run through each, labelled ``spec@codec``."""
+    With several codecs every cached strategy is run through each, labelled ``spec@codec``. A
+    spec may end in ``#neighbours`` (its chunks computed behind their neighbours in the corpus
+    index) or ``#primer`` (behind the primer alone), whatever the chunk_primer setting says."""
     labels = ["full"]
     for spec in strategies:
         spec = spec.strip()
         if spec and spec not in labels:
-            parse_strategy_spec(spec)  # fail before any work on a bad name
+            name, _, context = spec.partition("#")
+            if context and context not in CONTEXTS:
+                raise InvalidInputError(f"{spec!r}: after '#' comes one of {', '.join(CONTEXTS)}")
+            parse_strategy_spec(name)  # fail before any work on a bad name
             labels.append(spec)
     for codec in codecs:
         get_codec(codec)
@@ -43,10 +52,11 @@ def strategy_labels(strategies: Sequence[str], codecs: Sequence[str] = ()) -> li
     return ["full"] + [f"{label}@{codec.strip()}" for label in labels[1:] for codec in codecs]
 
 
-def split_label(label: str) -> tuple[str, str | None]:
-    """``spec@codec`` -> (spec, codec); a plain label has no codec."""
+def split_label(label: str) -> tuple[str, str | None, str | None]:
+    """``spec#context@codec`` -> (spec, codec, context); a plain label has neither."""
     spec, _, codec = label.partition("@")
-    return spec, codec or None
+    spec, _, context = spec.partition("#")
+    return spec, codec or None, context or None
 
 
 def run_eval(
@@ -58,6 +68,7 @@ def run_eval(
     progress: bool = True,
     codecs: Sequence[str] = (),
     recurring: bool = False,
+    corpus: ChunkNeighbours | None = None,
 ) -> list[dict[str, Any]]:
     """One row per example with each strategy's answer, score and fidelity to ``full``.
     Every example's chunks are precomputed (in every codec) before its strategies are timed;
@@ -65,29 +76,39 @@ def run_eval(
 
     ``recurring``: the chunks have been seen before. A full prefill of the example's passages in
     their given order keeps cachecraft variants (not timed), then every strategy answers the
-    question over the same passages in a seeded shuffled order."""
+    question over the same passages in a seeded shuffled order.
+
+    ``corpus``: an index holding every passage of the dataset; strategies labelled ``#neighbours``
+    (and, with ``chunk_primer: neighbours``, unlabelled ones) compute chunks behind their
+    neighbours there."""
     labels = strategy_labels(strategies, codecs)
     default_codec = engine.codec.spec
+    primed = engine.settings.chunk_primer.strip().lower() == "neighbours"
     runs = []
     for label in labels:
-        spec, codec = split_label(label)
+        spec, codec, context = split_label(label)
         name, params = parse_strategy_spec(spec)
         params = {**params, "seed": seed} if params.get("selection") == "random" else params
-        runs.append((label, name, params, codec or (codecs[0] if codecs else default_codec)))
+        nearby = context == "neighbours" or (context is None and primed)
+        if nearby and corpus is None:
+            raise InvalidInputError(f"{label}: chunks behind their neighbours need a corpus index (--corpus-index)")
+        runs.append((label, name, params, codec or (codecs[0] if codecs else default_codec), nearby))
     usable = [e for e in examples if e.chunks]
 
     def answer_all(example: Example, max_new: int, keep_logits: bool) -> dict[str, Answer]:
         chunks = list(example.chunks)
-        for codec in dict.fromkeys(run[3] for run in runs):
+        for codec, nearby in dict.fromkeys((run[3], run[4]) for run in runs):
             engine.use_codec(codec)
+            engine.use_neighbours(corpus if nearby else None)
             engine.precompute(chunks)
             if recurring:
                 engine.answer(example.question, chunks, strategy="full", max_new_tokens=1, record_variants=True)
         if recurring:
             random.Random(f"{seed}:{example.id}").shuffle(chunks)
         answers = {}
-        for label, name, params, codec in runs:
+        for label, name, params, codec, nearby in runs:
             engine.use_codec(codec)
+            engine.use_neighbours(corpus if nearby else None)
             answers[label] = engine.answer(
                 example.question, chunks, strategy=name, max_new_tokens=max_new, keep_logits=keep_logits,
                 record_variants=False, **params
@@ -105,6 +126,7 @@ def run_eval(
             bar.set_postfix(tokens=answers["full"].prompt_tokens)
     finally:
         engine.use_codec(default_codec)
+        engine.use_neighbours(None)
     return rows
 
 

@@ -84,8 +84,8 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def _ratio(label: str) -> tuple[str, float] | None:
     """(curve, recompute ratio) for the quality-vs-ratio plot."""
-    if label == "full" or "@" in label:
-        return None  # codec comparisons (spec@codec) are read from the table
+    if label == "full" or "@" in label or "#" in label:
+        return None  # codec (spec@codec) and context (spec#neighbours) comparisons are read from the table
     name, params = parse_strategy_spec(label)
     if label == "reuse":
         return "cacheblend", 0.0

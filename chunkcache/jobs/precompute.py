@@ -23,6 +23,7 @@ class PrecomputeSummary:
     skipped: int = 0  # already stored
     computed: int = 0
     tokens: int = 0  # of the computed chunks
+    context_tokens: int = 0  # computed in front of them and dropped (chunk_primer: neighbours)
     seconds: float = 0.0  # precompute only (the bare loop's time is not in it)
     chunks_per_s: float = 0.0
     tokens_per_s: float = 0.0
@@ -54,7 +55,9 @@ def precompute_index(
     engine: ChunkCacheEngine, index: ChunkIndex, batch_size: int | None = None, progress: bool = True,
     bare_every: int = 10,
 ) -> PrecomputeSummary:
-    """Precompute every chunk of ``index`` not yet stored (see `precompute_texts`)."""
+    """Precompute every chunk of ``index`` not yet stored (see `precompute_texts`); with
+    ``chunk_primer: neighbours`` each behind its nearest chunks of the index."""
+    engine.use_index(index)
     return precompute_texts(engine, list(index_chunks(index)), batch_size, progress, bare_every)
 
 
@@ -92,6 +95,7 @@ def precompute_texts(
             summary.seconds += took
             summary.computed += len(batch)
             summary.tokens += tokens
+            summary.context_tokens += sum(engine.context_lengths(batch))
             advance(len(batch), tokens)
     if summary.computed:
         summary.chunks_per_s = summary.computed / summary.seconds

@@ -27,10 +27,12 @@ def _plain(settings: Settings) -> dict[str, Any]:
 class _Worker:
     """One Ray actor: an engine built once, then batches of chunk texts precomputed."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], index: str) -> None:
         from chunkcache.engine import ChunkCacheEngine
 
         self.engine = ChunkCacheEngine(Settings.load(env={}, **settings))
+        if self.engine.settings.chunk_primer.strip().lower() == "neighbours":  # chunks behind their neighbours
+            self.engine.use_index(ChunkIndex.load(index))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         # one row = one prefill batch, formed on the driver as the local backend forms it, so
@@ -80,7 +82,7 @@ def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batc
         groups = [json.dumps(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
         dataset = ray.data.from_items([{"group": g} for g in groups])
         out = dataset.map_batches(
-            _Worker, fn_constructor_kwargs={"settings": _plain(settings)}, batch_size=1,
+            _Worker, fn_constructor_kwargs={"settings": _plain(settings), "index": str(index.directory)}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus, num_cpus=1,
         )
         rows = list(out.iter_rows())

@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 
 from chunkcache.errors import InvalidInputError
-from chunkcache.retriever.chunking import Chunk, Chunker, Document
+from chunkcache.retriever.chunking import Chunk, Chunker, Document, content_hash
 from chunkcache.retriever.docstore import DocStore
 from chunkcache.retriever.embedder import Embedder
 from chunkcache.retriever.errors import IndexChangedError, IndexCorruptError, IndexExistsError, UnknownDocumentError
@@ -175,6 +175,45 @@ class ChunkIndex:
                     hits.append(hit)
             out.append(hits)
         return out
+
+    def neighbours(self, texts: Sequence[str], n: int) -> list[tuple[str, ...] | None]:
+        """Each text's ``n`` nearest other chunks of the index by embedding similarity, least
+        similar first (what `chunk_primer: neighbours` computes a chunk behind); None for a text
+        that is not a chunk here. A chunk's neighbours leave out itself and the chunks next to it
+        in its document (they overlap it), and depend only on the index's current contents."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidInputError(f"n must be a positive integer, got {n!r}")
+        with self._lock:
+            self.refresh()
+            records = [self._store.chunk(content_hash(t)) for t in texts]
+            known = [i for i, rec in enumerate(records) if rec is not None]
+            out: list[tuple[str, ...] | None] = [None] * len(texts)
+            if not known:
+                return out
+            vectors = self._stored_vectors([records[i] for i in known])  # type: ignore[misc]
+            k = min(n + 3, int(self._index.ntotal))  # room for itself and the two chunks beside it
+            _, ids = self._searcher.search(self._index, vectors, k)
+            for i, row in zip(known, ids):
+                skip = self._beside(content_hash(texts[i]), records[i])  # type: ignore[arg-type]
+                found = [cid for cid in (self._store.chunk_id_for(int(f)) for f in row if f >= 0)
+                         if cid is not None and cid not in skip]
+                hits = [self._store.chunk(cid) for cid in found[:n]]
+                out[i] = tuple(rec["text"] for rec in reversed(hits) if rec is not None)
+            return out
+
+    def _stored_vectors(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """The stored vectors of these chunks (embedded again where the index cannot give them back)."""
+        try:
+            return np.stack([self._index.reconstruct(int(rec["faiss_id"])) for rec in records]).astype(np.float32)
+        except RuntimeError:  # e.g. an IVF index without a direct map
+            return self._vectors([rec["text"] for rec in records])
+
+    def _beside(self, chunk_id: str, record: dict[str, Any]) -> set[str]:
+        """The chunk itself and its neighbours in its document's order."""
+        doc = self._store.doc(record["doc_id"]) or {}
+        order = list(doc.get("chunk_ids", ()))
+        at = order.index(chunk_id) if chunk_id in order else -1
+        return {chunk_id, *(order[j] for j in (at - 1, at + 1) if at >= 0 and 0 <= j < len(order))}
 
     def _hit(self, chunk_id: str, score: float) -> Hit | None:
         rec = self._store.chunk(chunk_id)

@@ -45,6 +45,20 @@ def test_batched_chunks_match_a_plain_prefill_whatever_their_batch(smollm2: Load
     torch.testing.assert_close(pair.kv, batched[2].kv, atol=1e-5, rtol=1e-5)
 
 
+def test_a_chunk_behind_a_context_is_what_a_plain_prefill_behind_it_computes(smollm2: LoadedModel) -> None:
+    head_ids = smollm2.template.pieces("q", ["x"]).head
+    head = prefill_head(smollm2.executor, head_ids, smollm2.fingerprint)
+    chunks = [smollm2.template.chunk_ids(t) for t in TEXTS[:3]]
+    contexts = [smollm2.template.chunk_ids(TEXTS[3]), (), smollm2.template.chunk_ids(TEXTS[0] + " " + TEXTS[3])]
+    batched = prefill_chunks(smollm2.executor, head, chunks, ["a", "b", "c"], contexts)
+    assert [kv.prefix_fingerprint for kv in batched] == ["a", "b", "c"]
+    for kv, ids, ctx in zip(batched, chunks, contexts):
+        assert kv.token_ids == ids and kv.position_offset == len(head_ids) + len(ctx)
+        torch.testing.assert_close(kv.kv, _plain(smollm2, head_ids + ctx, ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(InvalidInputError, match="one context"):
+        prefill_chunks(smollm2.executor, head, chunks, "p", contexts[:2])
+
+
 def test_an_empty_chunk_is_refused(smollm2: LoadedModel) -> None:
     head_ids = smollm2.template.pieces("q", ["x"]).head
     head = prefill_head(smollm2.executor, head_ids, smollm2.fingerprint)

@@ -159,6 +159,19 @@ def test_question_attention_depth_changes_the_choice_not_the_budget(smollm2: Loa
                 make_strategy(name, qattn_from=bad)
 
 
+def test_a_question_pass_that_stops_early_keeps_the_budget_and_costs_less(
+    smollm2: LoadedModel, fusion_input: FusionInput
+) -> None:
+    whole, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, qattn_from=0.25)
+    early, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, qattn_from=0.25, qattn_to=0.5)
+    assert early.reused_tokens == whole.reused_tokens
+    assert early.recomputed_tokens < whole.recomputed_tokens  # the pass ran half the layers
+    assert not torch.equal(early.logits, whole.logits)
+    for bad in (0.25, 1.5):
+        with pytest.raises(InvalidInputError, match="qattn_to"):
+            make_strategy("cacheblend", qattn_from=0.25, qattn_to=bad)
+
+
 def test_question_attention_is_a_distribution_over_the_prompt(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
     from chunkcache.blend.cacheblend import reuse_attention
     from chunkcache.blend.layout import sequential_layout
