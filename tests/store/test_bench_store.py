@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.test_cli import chunkcache
 
 
+@pytest.mark.slow  # ~45 s; the tiers it times have their own tests in CI (test_remote_store, test_tiered)
 def test_bench_store_measures_every_tier_and_ttft_beside_full(tmp_path: Path, redis_url: str,
                                                               mooncake_server) -> None:  # type: ignore[no-untyped-def]
     run = chunkcache(
