@@ -92,7 +92,12 @@ class ChunkCacheEngine:
     def use_index(self, index: ChunkNeighbours | None) -> None:
         """The index the chunks come from: with ``chunk_primer: neighbours`` each of its chunks is
         computed behind its nearest chunks (others, and every chunk otherwise, behind the primer)."""
-        self.use_neighbours(index if self.settings.chunk_primer.strip().lower() == NEIGHBOURS else None)
+        self.use_neighbours(index if self.primes_with_neighbours else None)
+
+    @property
+    def primes_with_neighbours(self) -> bool:
+        """Whether the settings ask for chunks of an index behind their neighbours."""
+        return self.settings.chunk_primer.strip().lower() == NEIGHBOURS
 
     def use_neighbours(self, source: ChunkNeighbours | None) -> None:
         """Compute chunks of ``source`` behind their neighbours from now on (None: the primer only)."""
@@ -163,14 +168,12 @@ class ChunkCacheEngine:
             self._compute([i for i, _ in batch], [c for _, c in batch])
         return keys
 
-    def _compute(self, chunks: Sequence[tuple[int, ...]], contexts: Sequence[tuple[int, ...]] | None = None
-                 ) -> list[ChunkKV]:
+    def _compute(self, chunks: Sequence[tuple[int, ...]], contexts: Sequence[tuple[int, ...]]) -> list[ChunkKV]:
         """Store the caches of ``chunks`` (distinct, not stored in the current codec) and return
         them as the store will serve them. With a lossy codec, a chunk already stored losslessly
         is re-encoded, not recomputed; the rest are prefilled ``precompute_batch`` at a time,
         similar lengths together (padding grows with the longest chunk of a batch). ``contexts``:
         what each chunk is computed behind after the primer (`_contexts`)."""
-        contexts = list(contexts) if contexts is not None else [()] * len(chunks)
         found: dict[int, ChunkKV] = {}
         if self.codec.spec != self._lossless.spec:
             for i, (ids, ctx) in enumerate(zip(chunks, contexts)):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from chunkcache.eval.datasets import load_examples
 from chunkcache.retriever import ChunkIndex, Embedder
-from chunkcache.retriever.chunking import Chunk
+from chunkcache.retriever.chunking import Chunk, content_hash
 
 
 def corpus_index(dataset: Path, folder: Path, truncate: Callable[[str], str] | None = None,
@@ -19,6 +19,6 @@ def corpus_index(dataset: Path, folder: Path, truncate: Callable[[str], str] | N
     chunks: dict[str, Chunk] = {}
     for example in load_examples(dataset, truncate=truncate):
         for text in example.chunks:
-            chunk = Chunk.from_text(text, "")
-            chunks.setdefault(chunk.chunk_id, Chunk.from_text(text, chunk.chunk_id))
+            chunk_id = content_hash(text)  # its own document: no other passage sits beside it
+            chunks.setdefault(chunk_id, Chunk(chunk_id, chunk_id, text, {}))
     return ChunkIndex.build(folder, embedder, "Flat", chunks.values(), overwrite=True)

@@ -83,7 +83,7 @@ def run_eval(
     neighbours there."""
     labels = strategy_labels(strategies, codecs)
     default_codec = engine.codec.spec
-    primed = engine.settings.chunk_primer.strip().lower() == "neighbours"
+    primed = engine.primes_with_neighbours
     runs = []
     for label in labels:
         spec, codec, context = split_label(label)

@@ -31,7 +31,7 @@ class _Worker:
         from chunkcache.engine import ChunkCacheEngine
 
         self.engine = ChunkCacheEngine(Settings.load(env={}, **settings))
-        if self.engine.settings.chunk_primer.strip().lower() == "neighbours":  # chunks behind their neighbours
+        if self.engine.primes_with_neighbours:  # opened only when its chunks go behind their neighbours
             self.engine.use_index(ChunkIndex.load(index))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
