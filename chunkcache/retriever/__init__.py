@@ -1,5 +1,5 @@
 """Retrieval: reading and chunking documents, embedding chunks, and `ChunkIndex` (faiss vectors,
-lmdb docstore, manifest). Heavy libraries (torch, transformers) load only when embedding starts."""
+a BM25 lexical index, lmdb docstore, manifest; dense, lexical or hybrid search). Heavy libraries (torch, transformers) load only when embedding starts."""
 
 from chunkcache.retriever.chunking import Chunk, Chunker, Document, content_hash, token_counter
 from chunkcache.retriever.embedder import DEFAULT_EMBEDDER, Embedder, MiniLMEmbedder, default_model_path
@@ -13,13 +13,16 @@ from chunkcache.retriever.errors import (
     IndexNotFoundError,
     UnknownDocumentError,
 )
+from chunkcache.retriever.fusion import MODES, SearchOptions
 from chunkcache.retriever.index import ChunkIndex
+from chunkcache.retriever.lexical import BM25Params, tokenize
 from chunkcache.retriever.manifest import Hit, IngestReport
 from chunkcache.retriever.readers import FORMATS, html_to_text, read_documents, read_file
 
 __all__ = [
-    "Chunk", "Chunker", "ChunkIndex", "DEFAULT_EMBEDDER", "Document", "DocumentReadError", "Embedder",
+    "BM25Params", "Chunk", "Chunker", "ChunkIndex", "DEFAULT_EMBEDDER", "Document", "DocumentReadError", "Embedder",
     "EmbedderMismatchError", "EmbedderNotFoundError", "FORMATS", "Hit", "IndexChangedError", "IndexCorruptError",
-    "IndexExistsError", "IndexNotFoundError", "IngestReport", "MiniLMEmbedder", "UnknownDocumentError",
-    "content_hash", "default_model_path", "html_to_text", "read_documents", "read_file", "token_counter",
+    "IndexExistsError", "IndexNotFoundError", "IngestReport", "MODES", "MiniLMEmbedder", "SearchOptions",
+    "UnknownDocumentError", "content_hash", "default_model_path", "html_to_text", "read_documents", "read_file",
+    "token_counter", "tokenize",
 ]

@@ -24,13 +24,16 @@ METRIC = "inner_product"  # on L2-normalised vectors: cosine similarity
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result; ``score`` is the cosine similarity to the query."""
+    """One search result. ``score``: the cosine similarity to the query (dense search), the BM25
+    score (lexical) or the fused score (hybrid); ``ranks``: the 1-based rank of the chunk in each
+    retriever's list that found it ({"dense": 3, "lexical": 1})."""
 
     chunk_id: str
     doc_id: str
     score: float
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -42,11 +41,6 @@ def _docs(**changes: str) -> list[Document]:
 
 
 @pytest.fixture()
-def chunker(minilm_tokenizer: Any) -> Chunker:
-    return Chunker(minilm_tokenizer, 24, 4)
-
-
-@pytest.fixture()
 def index(tmp_path: Path, embedder: MiniLMEmbedder, chunker: Chunker) -> ChunkIndex:
     ix = ChunkIndex.build(tmp_path / "ix", embedder)
     ix.ingest_documents(_docs(), chunker)
@@ -76,7 +70,7 @@ def test_round_trip_on_disk(index: ChunkIndex, tmp_path: Path, embedder: MiniLME
     manifest = index.manifest
     index.close()
     folder = tmp_path / "ix"
-    assert {p.name for p in folder.iterdir()} == {"index.faiss", "docstore", "manifest.json"}
+    assert {p.name for p in folder.iterdir()} == {"index.faiss", "lexical.npz", "docstore", "manifest.json"}
     on_disk = json.loads((folder / "manifest.json").read_text())
     assert on_disk == manifest
     assert on_disk["embedder"] == {"name": "all-MiniLM-L6-v2", "dim": 384, "fingerprint": embedder.fingerprint,
