@@ -147,11 +147,12 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from chunkcache.pipeline import RAGPipeline
-    from chunkcache.retriever import ChunkIndex
+    from chunkcache.retriever import ChunkIndex, SearchOptions
 
     index = ChunkIndex.load(args.index)
     try:
         engine = _engine(args)
+        index.options = SearchOptions.from_settings(engine.settings, args.retrieval)
         params = _strategy_params(args)
         result = RAGPipeline(index, engine).answer(
             args.question, top_k=args.top_k, strategy=args.strategy, max_new_tokens=args.max_new_tokens, **params
@@ -164,7 +165,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(result.text)
     print("\nsources:")
     for hit in result.sources:
-        print(f"  {hit.score:.3f}  {hit.doc_id}  {hit.chunk_id[:12]}")
+        found = ", ".join(f"{name} #{rank}" for name, rank in hit.ranks.items())
+        print(f"  {hit.score:.3f}  {hit.doc_id}  {hit.chunk_id[:12]}  ({found})")
     t = result.timings
     print(f"\ntimings: retrieve {t['retrieve_s'] * 1e3:.0f} ms, load {t['load_s'] * 1e3:.0f} ms, "
           f"blend {t['blend_s'] * 1e3:.0f} ms, first token {t['ttft_s'] * 1e3:.0f} ms")
@@ -335,10 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--index", required=True, help="index folder built by chunkcache ingest")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--retrieval", choices=("dense", "lexical", "hybrid"), default=None,
+                   help="faiss embeddings, BM25 words, or both rank-fused (setting retrieval, default hybrid)")
     p.add_argument("--strategy", default=None, help=STRATEGY_HELP)
     p.add_argument("--recompute-ratio", type=float, default=None,
                    help="share of tokens to recompute (cacheblend, cachecraft); overrides the spec's")
-    p.add_argument("--json", action="store_true", help="print answer, sources and timings as one JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print answer, sources (with the retrievers that found each) and timings as one JSON object")
     p.set_defaults(func=cmd_query)
 
     cache = sub.add_parser("cache", help="inspect and manage the configured store (disk, remote tiers)")

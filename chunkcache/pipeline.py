@@ -25,8 +25,8 @@ class RAGAnswer:
     def to_dict(self) -> dict[str, Any]:
         return {
             "answer": self.answer.text,
-            "sources": [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": h.score, "text": h.text}
-                        for h in self.sources],
+            "sources": [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": h.score, "text": h.text,
+                         "retrievers": h.ranks} for h in self.sources],
             "timings": self.timings,
             "cache": {"hits": self.answer.cache_hits, "misses": self.answer.cache_misses,
                       "reused_tokens": self.answer.reused_tokens, "recomputed_tokens": self.answer.recomputed_tokens},
@@ -35,21 +35,23 @@ class RAGAnswer:
 
 
 class RAGPipeline:
-    """``answer(question, top_k)``: the top-k chunks, best first, fused from their caches."""
+    """``answer(question, top_k)``: the top-k chunks, best first, fused from their caches.
+    ``retrieval`` (dense | lexical | hybrid) overrides the index's own mode (`ChunkIndex.options`)."""
 
     def __init__(self, index: ChunkIndex, engine: ChunkCacheEngine) -> None:
         self.index = index
         self.engine = engine
         engine.use_index(index)  # chunk_primer: neighbours computes its chunks behind their neighbours
 
-    def retrieve(self, question: str, top_k: int = 5) -> list[Hit]:
+    def retrieve(self, question: str, top_k: int = 5, retrieval: str | None = None) -> list[Hit]:
         if top_k < 1:
             raise InvalidInputError(f"top_k must be >= 1, got {top_k}")
-        return self.index.search(question, k=top_k)
+        return self.index.search(question, k=top_k, retrieval=retrieval)
 
-    def answer(self, question: str, top_k: int = 5, strategy: str | None = None, **params: Any) -> RAGAnswer:
+    def answer(self, question: str, top_k: int = 5, strategy: str | None = None, retrieval: str | None = None,
+               **params: Any) -> RAGAnswer:
         start = time.perf_counter()
-        hits = self.retrieve(question, top_k)
+        hits = self.retrieve(question, top_k, retrieval)
         retrieved = time.perf_counter()
         if not hits:
             raise InvalidInputError("the index returned no chunks; ingest documents first (chunkcache ingest)")

@@ -87,7 +87,8 @@ def _answer_request(service: RagService, body: Any, question: str, max_tokens: i
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return AnswerRequest(
         question=question, search=search, documents=tuple(body.documents or ()), doc_ids=tuple(body.doc_ids or ()),
-        top_k=body.retrieval.top_k if body.retrieval else None, strategy=cache.strategy, params=params,
+        top_k=body.retrieval.top_k if body.retrieval else None,
+        retrieval=body.retrieval.mode if body.retrieval else None, strategy=cache.strategy, params=params,
         max_tokens=service.max_tokens(max_tokens),
         sampling=Sampling(body.temperature or 0.0, body.top_p if body.top_p is not None else 1.0, body.seed),
         stop=tuple(x for x in stop if x),

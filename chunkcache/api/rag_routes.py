@@ -31,7 +31,7 @@ async def rag_answer(body: s.RagAnswerRequest, request: Request) -> Any:
     service.check_documents(body.documents)
     params = {} if body.recompute_ratio is None else {"recompute_ratio": body.recompute_ratio}
     req = AnswerRequest(question=body.query, documents=tuple(body.documents or ()), top_k=body.top_k,
-                        strategy=body.strategy, params=params, max_tokens=service.max_tokens(body.max_tokens))
+                        retrieval=body.retrieval, strategy=body.strategy, params=params, max_tokens=service.max_tokens(body.max_tokens))
     if body.stream:
         return StreamingResponse(_events(await answer_stream(request, service, req)), media_type="text/event-stream")
     return _rag_answer(await answer_once(request, service, req))
@@ -56,7 +56,7 @@ async def _events(items: AsyncIterator[str | AnswerResult]) -> AsyncIterator[str
 @router.post("/v1/retrieve", response_model=s.RetrieveResponse)
 async def retrieve(body: s.RetrieveRequest, request: Request) -> s.RetrieveResponse:
     service = _service(request)
-    refs = await asyncio.wrap_future(service.run(lambda: service.retrieve(body.query, body.top_k)))
+    refs = await asyncio.wrap_future(service.run(lambda: service.retrieve(body.query, body.top_k, body.retrieval)))
     return s.RetrieveResponse(results=refs)
 
 

@@ -50,8 +50,14 @@ STRATEGY_DOC = ("fusion strategy spec NAME[:VALUE][:KEY=VALUE...]: full, reuse, 
                 "`chunkcache strategies` lists them (default: the server's)")
 
 
+RetrievalMode = Literal["dense", "lexical", "hybrid"]
+MODE_DOC = ("dense (faiss), lexical (BM25) or hybrid (both, rank-fused); default: the server's "
+            "setting retrieval")
+
+
 class Retrieval(_Strict):
     top_k: int = Field(5, ge=1, le=100)
+    mode: RetrievalMode | None = Field(None, description=MODE_DOC)
 
 
 class CacheOptions(_Strict):
@@ -156,6 +162,8 @@ class Reference(BaseModel):
     chunk_id: str
     score: float | None = None
     text: str
+    retrievers: dict[str, int] | None = Field(
+        None, description="the retrievers (dense, lexical) that found the chunk, and its rank in each")
 
 
 class CacheReport(BaseModel):
@@ -222,6 +230,7 @@ class RagAnswerRequest(_Strict):
     query: str = Field(..., min_length=1)
     documents: list[DocumentIn] | None = None
     top_k: int | None = Field(None, ge=1, le=100)
+    retrieval: RetrievalMode | None = Field(None, description=MODE_DOC)
     strategy: str | None = Field(None, description=STRATEGY_DOC)
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
@@ -241,6 +250,7 @@ class RagAnswer(BaseModel):
 class RetrieveRequest(_Strict):
     query: str = Field(..., min_length=1)
     top_k: int = Field(5, ge=1, le=100)
+    retrieval: RetrievalMode | None = Field(None, description=MODE_DOC)
 
 
 class RetrieveResponse(BaseModel):

@@ -47,6 +47,7 @@ class AnswerRequest:
     documents: tuple[s.DocumentIn, ...] = ()
     doc_ids: tuple[str, ...] = ()
     top_k: int | None = None
+    retrieval: str | None = None  # dense | lexical | hybrid; default: settings.retrieval
     strategy: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     max_tokens: int | None = None
@@ -90,7 +91,7 @@ class RagService:
     def __init__(self, settings: Settings, engine: ChunkCacheEngine | None = None, index: Any = None) -> None:
         self.settings = settings
         self.engine = engine or ChunkCacheEngine(settings)
-        self.index = index if index is not None else _open_index(settings.index_path)
+        self.index = index if index is not None else _open_index(settings)
         self.engine.use_index(self.index)
         pool = self.engine.kv_pool(parse_bytes(settings.kv_budget) or 2**62)
         self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue)
@@ -196,16 +197,16 @@ class RagService:
                     raise InvalidInputError(f"document {doc_id!r} is not in the index")
                 hits.extend(h for h in (index.get(c) for c in ids) if h is not None)
         else:
-            hits = index.search(req.search or req.question, k=req.top_k or self.settings.default_top_k)
+            hits = index.search(req.search or req.question, k=req.top_k or self.settings.default_top_k,
+                                retrieval=req.retrieval or self.settings.retrieval)
             if not hits:
                 raise InvalidInputError("the index has no chunks yet; POST /v1/documents first")
-        refs = [s.Reference(doc_id=h.doc_id, chunk_id=h.chunk_id, score=None if req.doc_ids else h.score,
-                            text=h.text) for h in hits]
+        refs = [_reference(h, None if req.doc_ids else h.score) for h in hits]
         return [h.text for h in hits], refs
 
-    def retrieve(self, query: str, top_k: int) -> list[s.Reference]:
-        hits = self.require_index("retrieve").search(query, k=top_k)
-        return [s.Reference(doc_id=h.doc_id, chunk_id=h.chunk_id, score=h.score, text=h.text) for h in hits]
+    def retrieve(self, query: str, top_k: int, retrieval: str | None = None) -> list[s.Reference]:
+        hits = self.require_index("retrieve").search(query, k=top_k, retrieval=retrieval or self.settings.retrieval)
+        return [_reference(h, h.score) for h in hits]
 
     def require_index(self, what: str) -> Any:
         if self.index is None:
@@ -258,9 +259,17 @@ def _chunk_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _open_index(path: str) -> Any:
-    if not path:
+def _open_index(settings: Settings) -> Any:
+    if not settings.index_path:
         return None
     from chunkcache.jobs.ingest import open_or_build
+    from chunkcache.retriever import SearchOptions
 
-    return open_or_build(Path(path).expanduser(), "Flat")
+    index = open_or_build(Path(settings.index_path).expanduser(), "Flat")
+    index.options = SearchOptions.from_settings(settings)  # fusion knobs; the mode is passed per search
+    return index
+
+
+def _reference(hit: Any, score: float | None) -> s.Reference:
+    return s.Reference(doc_id=hit.doc_id, chunk_id=hit.chunk_id, score=score, text=hit.text,
+                       retrievers=dict(hit.ranks) or None)

@@ -43,6 +43,17 @@ def test_documents_retrieve_and_answer(make_service: ServiceFactory, tmp_path: P
 
         found = client.post("/v1/retrieve", json={"query": "Who built the bridge?", "top_k": 2}).json()["results"]
         assert found[0]["doc_id"] == "bridge" and len(found) == 2 and found[0]["score"] >= found[1]["score"]
+        assert set(found[0]["retrievers"]) == {"dense", "lexical"}  # hybrid, the default: both found it
+        for mode in ("dense", "lexical"):
+            got = client.post("/v1/retrieve", json={"query": "Who built the stone bridge?", "top_k": 2,
+                                                    "retrieval": mode})
+            assert got.json()["results"][0]["doc_id"] == "bridge"
+            assert set(got.json()["results"][0]["retrievers"]) == {mode}
+        assert client.post("/v1/retrieve", json={"query": "x", "retrieval": "sparse"}).status_code == 400
+        chat = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Who built the bridge?"}], "max_tokens": 1,
+            "retrieval": {"top_k": 1, "mode": "lexical"}}).json()
+        assert chat["chunkcache"]["references"][0]["retrievers"] == {"lexical": 1}
 
         body = client.post("/v1/rag/answer", json={"query": "Who built the bridge?", "top_k": 2, "max_tokens": 8})
         assert body.status_code == 200, body.text
