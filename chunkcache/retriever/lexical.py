@@ -90,6 +90,7 @@ class LexicalIndex:
             if 0 < len(key) <= _MAX_TITLE_TOKENS:
                 self._titled.setdefault(key, []).append(cid)
         self._longest = max((len(key) for key in self._titled), default=0)
+        self._title_starts = {key[0] for key in self._titled}  # most words start no title: skipped at once
 
     @classmethod
     def empty(cls, generation: int = 0) -> LexicalIndex:
@@ -144,9 +145,10 @@ class LexicalIndex:
         """Ids of the chunks whose document title the text names (whole words, folded as tokens)."""
         tokens = tokenize(text)
         found: set[int] = set()
-        for n in range(1, self._longest + 1):
-            for start in range(len(tokens) - n + 1):
-                found.update(self._titled.get(tuple(tokens[start:start + n]), ()))
+        for start, token in enumerate(tokens):
+            if token in self._title_starts:
+                for end in range(start + 1, min(start + self._longest, len(tokens)) + 1):
+                    found.update(self._titled.get(tuple(tokens[start:end]), ()))
         return found
 
     # ---- search --------------------------------------------------------------------------------
