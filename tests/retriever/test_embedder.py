@@ -39,3 +39,18 @@ def test_any_local_folder_works_and_has_the_same_fingerprint(tmp_path: Path, emb
 def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EmbedderNotFoundError, match="not a transformers model folder"):
         MiniLMEmbedder(tmp_path)
+
+
+def test_queries_run_on_query_threads_and_leave_torchs_thread_count_alone(embedder: MiniLMEmbedder) -> None:
+    import torch
+
+    before, threads = torch.get_num_threads(), embedder.query_threads
+    try:
+        embedder.query_threads = 0
+        pooled = embedder.embed(["Who built the stone bridge?"])
+        embedder.query_threads = 1
+        one_thread = embedder.embed(["Who built the stone bridge?"])
+    finally:
+        embedder.query_threads = threads
+    np.testing.assert_allclose(one_thread, pooled, atol=1e-5)
+    assert torch.get_num_threads() == before
