@@ -103,9 +103,9 @@ class Settings:
     # Retrieval from an index (query, serve): "hybrid" fuses the faiss (dense) and BM25 (lexical)
     # rankings, or "dense" / "lexical" alone; fusion "rrf" (reciprocal rank, damped by rrf_k) or
     # "weighted" (min-max normalised scores); each retriever offers fusion_candidates chunks and
-    # the dense list weighs dense_weight, the lexical one the rest. Then hybrid's link step: each of
-    # the best link_hops hits gives link_weight x its score to the chunks of the documents whose
-    # title it names (multi-hop questions; 0 hops: off). Measured: docs/results.md.
+    # the dense list weighs dense_weight, the lexical one the rest. Then hybrid's link step: a
+    # candidate whose document title one of the best link_hops hits names gains link_weight x its
+    # own score, per naming hit (multi-hop questions; 0 hops: off). Measured: docs/results.md.
     retrieval: str = "hybrid"
     fusion: str = "rrf"
     rrf_k: int = 60

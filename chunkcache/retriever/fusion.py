@@ -6,8 +6,11 @@ is fused).
 
 The link step is for multi-hop questions ("what did the woman who played X later become?"): the
 passage that answers is about an entity that the first passage names but the question does not.
-So after fusing, each of the best ``link_hops`` hits lends ``link_weight`` times its own fused
-score to the chunks of every document whose title it names (`LexicalIndex.named_in`)."""
+So after fusing, a candidate chunk whose document title is named (`LexicalIndex.named_in`) by
+one of the best ``link_hops`` hits gains ``link_weight`` times its own fused score, once per hit
+naming it. Only candidates gain (chunks one retriever found for the question): a link amplifies
+relevance and cannot bring in a chunk unrelated to the question, so texts naming many titles do
+not flood the top (measured against a flat bonus: docs/results.md)."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ class SearchOptions:
     candidates: int = 50  # per retriever, before fusion (at least k)
     dense_weight: float = 0.5  # the dense list's share in either fusion; lexical gets the rest
     link_hops: int = 5  # hybrid: the best hits whose named titles are followed (0: no link step)
-    link_weight: float = 2.0  # share of a hit's fused score each chunk it names gets
+    link_weight: float = 2.0  # a named candidate's score grows by this times itself, per naming hit
     bm25: BM25Params = field(default_factory=BM25Params)
 
     def __post_init__(self) -> None:
@@ -82,8 +85,8 @@ class Fused:
 def fuse(lists: Mapping[str, Sequence[tuple[int, float]]], k: int, options: SearchOptions,
          named: Callable[[int], Iterable[int]] | None = None) -> list[Fused]:
     """The ``k`` best of the retrievers' ranked (id, score) lists, best first, after the link step
-    when ``named`` (chunk id -> ids of the chunks whose title it names) is given; a chunk found
-    through a link has rank "link": the rank of the first hit naming it. Equal fused scores
+    when ``named`` (chunk id -> ids of the chunks whose title it names) is given; a chunk lifted
+    by a link has rank "link": the rank of the first hit naming it. Equal fused scores
     (common in RRF: two chunks each first in one list and second in the other) go to the dense
     list's order, then to the smaller id, so the ranking is the same on every run and machine."""
     weights = {"dense": options.dense_weight, "lexical": 1.0 - options.dense_weight}
@@ -99,9 +102,9 @@ def fuse(lists: Mapping[str, Sequence[tuple[int, float]]], k: int, options: Sear
         boosts: dict[int, float] = {}
         for hop, cid in enumerate(_ordered(scores, ranks)[:options.link_hops], 1):
             for other in named(cid):
-                if other != cid:
-                    boosts[other] = boosts.get(other, 0.0) + options.link_weight * scores[cid]
-                    ranks.setdefault(other, {}).setdefault("link", hop)
+                if other != cid and other in scores:
+                    boosts[other] = boosts.get(other, 0.0) + options.link_weight * scores[other]
+                    ranks[other].setdefault("link", hop)
         for cid, boost in boosts.items():  # added after the walk: a link does not lead on to another
             scores[cid] = scores.get(cid, 0.0) + boost
     return [Fused(cid, scores[cid], ranks[cid]) for cid in _ordered(scores, ranks)[:k]]

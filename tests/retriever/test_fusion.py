@@ -9,19 +9,20 @@ from chunkcache.retriever import SearchOptions
 from chunkcache.retriever.fusion import fuse, indexed_text, title_of
 from chunkcache.retriever.lexical import LexicalIndex
 
-LISTS = {"dense": [(1, 0.9), (2, 0.5)], "lexical": [(1, 3.0), (3, 1.0)]}
+LISTS = {"dense": [(1, 0.9), (2, 0.5), (4, 0.4)], "lexical": [(1, 3.0), (3, 1.0), (9, 0.5)]}
 
 
-def test_a_chunk_named_by_a_top_hit_is_brought_up_and_says_so() -> None:
-    names = {1: {9, 1}, 2: {9}}  # hit 1 names document 9 (and itself: ignored)
-    plain = fuse(LISTS, 4, SearchOptions())
-    linked = fuse(LISTS, 4, SearchOptions(), lambda cid: names.get(cid, set()))
-    assert 9 not in [f.id for f in plain]
-    top, second = linked[0], linked[1]
-    assert top.id == 9 and top.ranks == {"link": 1} and second.id == 1 and second.ranks == {"dense": 1, "lexical": 1}
+def test_a_candidate_named_by_top_hits_is_lifted_and_says_so() -> None:
+    names = {1: {9, 1, 77}, 2: {9}}  # hits 1 and 2 name chunk 9 (1 names itself, ignored, and 77)
+    plain = fuse(LISTS, 6, SearchOptions())
+    linked = fuse(LISTS, 6, SearchOptions(), lambda cid: names.get(cid, set()))
     by_id = {f.id: f for f in plain}
-    assert top.score == pytest.approx(2.0 * (by_id[1].score + by_id[2].score))  # link_weight x each namer
-    assert fuse(LISTS, 4, SearchOptions(link_hops=0), lambda cid: names.get(cid, set())) == plain
+    assert [f.id for f in plain][-1] == 9
+    assert linked[0].id == 9 and linked[0].ranks == {"lexical": 3, "link": 1}
+    assert linked[0].score == pytest.approx(by_id[9].score * (1 + 2 * 2.0))  # link_weight x itself, per namer
+    assert 77 not in [f.id for f in linked]  # named, but no retriever found it for the question
+    assert linked[1].id == 1 and linked[1].ranks == {"dense": 1, "lexical": 1}
+    assert fuse(LISTS, 6, SearchOptions(link_hops=0), lambda cid: names.get(cid, set())) == plain
 
 
 def test_titles_are_found_as_whole_words_in_a_text() -> None:
