@@ -43,12 +43,14 @@ class _Worker:
             self.engine.precompute(todo, len(todo))
         count = self.engine.model.template.chunk_ids
         keys = [self.engine.chunk_key(t) for t in texts]
+        context = self.engine.context_lengths(texts)
         sizes = getattr(self.engine.store, "encoded_bytes", lambda key: None)
         # keys and sizes travel back to the driver, never tensors: the caches are in the shared tier
         return {
             "key": keys,
             "computed": [t in todo for t in texts],
             "tokens": [len(count(t)) for t in texts],
+            "context": context,
             "bytes": [(sizes(k) or 0) if t in todo else 0 for k, t in zip(keys, texts)],
         }
 
@@ -94,6 +96,7 @@ def precompute_ray(index: ChunkIndex, settings: Settings, workers: int = 2, batc
     summary = PrecomputeSummary(
         chunks=len(texts), skipped=len(rows) - len(computed), computed=len(computed),
         tokens=sum(int(r["tokens"]) for r in computed), seconds=seconds,
+        context_tokens=sum(int(r["context"]) for r in computed),
         written_bytes=sum(int(r["bytes"]) for r in computed),
     )
     if summary.computed:

@@ -1,6 +1,7 @@
 """The Ray backend on a local Ray instance with 2 workers writing straight to a real shared tier
 (redis-server, Mooncake Store) gives the same keys and the same bytes as the local backend with
-the same batch size; the workers send back keys and sizes only."""
+the same batch size, chunks computed behind their neighbours in the index included; the workers
+send back keys and sizes only."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_ray_backend_matches_the_local_backend(tmp_path: Path, backend: str, emb
     from chunkcache.jobs.ray_backend import precompute_ray
     from chunkcache.model.registry import resolve_model_dir
 
-    local = Settings.load(env={}, store_path=tmp_path / "local", store_tiers="disk", threads=1)
+    local = Settings.load(env={}, store_path=tmp_path / "local", store_tiers="disk", threads=1,
+                          chunk_primer="neighbours")
     index = ChunkIndex.build(tmp_path / "index", embedder)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(local.model, local.models_dir)))
     docs = [Document(f"d{i}", f"Item {i} is made in town {i}. " * 12) for i in range(5)]
@@ -41,10 +43,11 @@ def test_ray_backend_matches_the_local_backend(tmp_path: Path, backend: str, emb
     engine.close()
 
     remote = Settings.load(env={}, store_path=tmp_path / "unused", store_tiers="remote", remote_url=shared_url,
-                           threads=1)
+                           threads=1, chunk_primer="neighbours")
     ray_summary, ray_keys = precompute_ray(index, remote, workers=2, batch_size=2)
     index.close()
     assert ray_keys == keys and ray_summary.computed == summary.computed == len(keys)
+    assert ray_summary.context_tokens == summary.context_tokens > 0
     disk = LmdbStore(tmp_path / "local", get_codec("raw"))
     shared = open_remote(shared_url, get_codec("raw"))
     for key in keys:
