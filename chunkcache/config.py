@@ -108,7 +108,7 @@ class Settings:
     # own score, per naming hit (multi-hop questions; 0 hops: off). Measured: docs/results.md.
     retrieval: str = "hybrid"
     fusion: str = "rrf"
-    rrf_k: int = 60
+    rrf_k: int = 60  # 60 as in Cormack et al. and most search engines
     fusion_candidates: int = 50
     dense_weight: float = 0.5
     link_hops: int = 5

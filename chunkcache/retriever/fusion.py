@@ -27,20 +27,22 @@ from chunkcache.retriever.lexical import BM25Params
 MODES = ("dense", "lexical", "hybrid")
 FUSIONS = ("rrf", "weighted")
 _HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
-_FILE_FORMATS = ("text", "markdown", "html")  # documents that are whole files: their name says what they are
+_FILE_FORMATS = ("text", "markdown", "html")
+_DEFAULTS = Settings()  # documents that are whole files: their name says what they are
 
 
 @dataclass(frozen=True)
 class SearchOptions:
     """How a `ChunkIndex` searches when a call names no mode (Settings: retrieval, fusion, ...)."""
 
-    retrieval: str = "hybrid"
-    fusion: str = "rrf"
-    rrf_k: int = 60  # RRF's damping constant: 60 as in Cormack et al. and most search engines
-    candidates: int = 50  # per retriever, before fusion (at least k)
-    dense_weight: float = 0.5  # the dense list's share in either fusion; lexical gets the rest
-    link_hops: int = 5  # hybrid: the best hits whose named titles are followed (0: no link step)
-    link_weight: float = 2.0  # a named candidate's score grows by this times itself, per naming hit
+    # defaults are Settings' (config.py says what each is and why): one place for them
+    retrieval: str = Settings.retrieval
+    fusion: str = Settings.fusion
+    rrf_k: int = Settings.rrf_k  # RRF's damping constant
+    candidates: int = Settings.fusion_candidates  # per retriever, before fusion (at least k)
+    dense_weight: float = Settings.dense_weight  # the dense list's share in either fusion; lexical gets the rest
+    link_hops: int = Settings.link_hops  # hybrid: the best hits whose named titles are followed (0: no link step)
+    link_weight: float = Settings.link_weight  # a named candidate's score grows by this times itself, per naming hit
     bm25: BM25Params = field(default_factory=BM25Params)
 
     def __post_init__(self) -> None:

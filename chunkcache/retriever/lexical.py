@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chunkcache.config import Settings
 from chunkcache.retriever.errors import IndexCorruptError
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ def tokenize(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class BM25Params:
-    """Okapi BM25's term-frequency saturation ``k1`` and length normalisation ``b``."""
+    """Okapi BM25's term-frequency saturation ``k1`` and length normalisation ``b`` (defaults:
+    Settings' bm25_k1, bm25_b)."""
 
-    k1: float = 1.2
-    b: float = 0.75
+    k1: float = Settings.bm25_k1
+    b: float = Settings.bm25_b
 
 
 class LexicalIndex:
