@@ -43,14 +43,14 @@ class _Worker:
             self.engine.precompute(todo, len(todo))
         count = self.engine.model.template.chunk_ids
         keys = [self.engine.chunk_key(t) for t in texts]
-        context = self.engine.context_lengths(texts)
+        context = dict(zip(todo, self.engine.context_lengths(todo)))  # only computed chunks are counted
         sizes = getattr(self.engine.store, "encoded_bytes", lambda key: None)
         # keys and sizes travel back to the driver, never tensors: the caches are in the shared tier
         return {
             "key": keys,
             "computed": [t in todo for t in texts],
             "tokens": [len(count(t)) for t in texts],
-            "context": context,
+            "context": [context.get(t, 0) for t in texts],
             "bytes": [(sizes(k) or 0) if t in todo else 0 for k, t in zip(keys, texts)],
         }
 
