@@ -163,6 +163,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.seed if args.shuffle else None, truncate if args.chunk_tokens else None,
     )[args.skip :]
     max_new = args.max_new_tokens or 32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "examples.partial.jsonl"  # a run stopped early keeps what it finished
+
+    def keep(row: dict[str, Any]) -> None:
+        with partial.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    partial.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="chunkcache-corpus-") as tmp:
         corpus = None
         if args.corpus_index:
@@ -172,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             rows = run_eval(
                 engine, examples, args.strategies.split(","), max_new, args.seed, progress=not args.quiet,
-                codecs=codecs, recurring=args.workload == "recurring", corpus=corpus,
+                codecs=codecs, recurring=args.workload == "recurring", corpus=corpus, on_row=keep,
             )
         finally:
             if corpus is not None:
@@ -189,7 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     from chunkcache.eval.report import to_markdown
 
-    report = write_report(rows, meta, Path(args.out), args.seed)
+    report = write_report(rows, meta, out, args.seed)
+    partial.unlink(missing_ok=True)
     print(to_markdown(report))
     print(f"wrote {Path(args.out) / 'report.json'}, report.md, examples.jsonl and plots")
     return 0

@@ -4,7 +4,7 @@ model; per-example answers, scores and fidelity to full, then the aggregate repo
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ def run_eval(
     codecs: Sequence[str] = (),
     recurring: bool = False,
     corpus: ChunkNeighbours | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per example with each strategy's answer, score and fidelity to ``full``.
     Every example's chunks are precomputed (in every codec) before its strategies are timed;
@@ -80,7 +81,7 @@ def run_eval(
 
     ``corpus``: an index holding every passage of the dataset; strategies labelled ``#neighbours``
     (and, with ``chunk_primer: neighbours``, unlabelled ones) compute chunks behind their
-    neighbours there."""
+    neighbours there. ``on_row`` sees each row as soon as its example is done."""
     labels = strategy_labels(strategies, codecs)
     default_codec = engine.codec.spec
     primed = engine.primes_with_neighbours
@@ -123,6 +124,8 @@ def run_eval(
         for example in bar:
             answers = answer_all(example, max_new_tokens, True)
             rows.append(_row(example, answers))
+            if on_row is not None:
+                on_row(rows[-1])
             bar.set_postfix(tokens=answers["full"].prompt_tokens)
     finally:
         engine.use_codec(default_codec)

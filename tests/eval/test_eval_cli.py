@@ -36,7 +36,7 @@ def test_eval_writes_the_report_and_ratio_one_agrees_with_full(tmp_path: Path) -
     assert control["first_token_kl"] < 1e-6 and control["f1_delta_vs_full"] == 0.0
     assert report["strategies"]["reuse"]["first_token_kl"] > control["first_token_kl"]
     rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
-    assert len(rows) == 3
+    assert len(rows) == 3 and not (out / "examples.partial.jsonl").exists()  # the partial log is replaced
     assert all(r["strategies"]["cacheblend:1.0"]["text"] == r["strategies"]["full"]["text"] for r in rows)
     assert "| cacheblend:1.0 |" in (out / "report.md").read_text()
     for png in ("quality_vs_ratio.png", "ttft.png"):
