@@ -98,6 +98,9 @@ class Settings:
     warm_up: bool = True  # serve: answer a made-up question per strategy before listening (engine.warm_up)
     max_documents: int = 64  # per request
     max_document_chars: int = 200_000  # per document
+    # The largest request body read at all: refused from its Content-Length (or once a chunked
+    # body passes it) before it is held in memory; room for max_documents long documents.
+    max_body: str = "32MiB"
     max_tokens_limit: int = 2048  # the most new tokens a request may ask for
     default_top_k: int = 5  # retrieval when a request names no top_k
     # Retrieval from an index (query, serve): "hybrid" fuses the faiss (dense) and BM25 (lexical)

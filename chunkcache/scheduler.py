@@ -91,6 +91,7 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
+        """Working on something: a call, a generation's fusion (its plan) or decode steps."""
         return self._calling or bool(self._running)
 
     def call(self, fn: Callable[[], T], cancelled: threading.Event | None = None) -> Future[T]:
@@ -193,7 +194,11 @@ class Scheduler:
         if self.pool is None:
             _fail(item, RuntimeError("this scheduler has no KV pool: it cannot run generations"))
             return
-        plan, error = _attempt(item.plan_fn)  # type: ignore[arg-type]
+        self._calling = True  # fusing the prompt can take longer than many decode steps
+        try:
+            plan, error = _attempt(item.plan_fn)  # type: ignore[arg-type]
+        finally:
+            self._calling = False
         if error is None and self.pool.bytes_for(plan.kv_tokens) > self.pool.total:
             error = KVBudgetError(
                 f"this request's cache needs {self.pool.bytes_for(plan.kv_tokens) / 2**20:.1f} MiB "

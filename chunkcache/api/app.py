@@ -4,10 +4,9 @@ routers of the OpenAI-compatible and native RAG endpoints."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
-import time
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,9 +18,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkcache.api import schemas as s
+from chunkcache.api.guard import Guard
 from chunkcache.api.service import ModelNotFoundError, NoIndexError, RagService, RequestTooLargeError
 from chunkcache.errors import ChunkCacheError, ContextTooLongError, InvalidInputError, UnknownStrategyError
 from chunkcache.scheduler import CancelledRequestError, QueueFullError
+from chunkcache.store.policy import parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +68,16 @@ def create_app(service: RagService) -> FastAPI:
     app.state.service = service
     key = os.environ.get(service.settings.api_key_env, "") if service.settings.api_key_env else ""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        path = request.url.path
-        if key and path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                response: Response = error_response(
-                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                service.metrics.requests.labels(_endpoint(request), "401").inc()
-                return response
-        try:
-            response = await call_next(request)
-        except Exception:  # answered by the 500 handler outside this middleware: count it here
-            service.metrics.requests.labels(_endpoint(request), "500").inc()
-            raise
-        endpoint = _endpoint(request)
-        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        service.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    def count(scope: dict[str, Any], status: int, seconds: float | None) -> None:
+        endpoint = _endpoint(scope, app)
+        service.metrics.requests.labels(endpoint, str(status)).inc()
+        if seconds is not None:
+            service.metrics.request_seconds.labels(endpoint).observe(seconds)
+
+    app.add_middleware(
+        Guard, key=key, max_body=parse_bytes(service.settings.max_body) or 2**62, count=count,
+        refuse=lambda status, message, kind, headers: error_response(status, message, kind, headers=headers),
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -151,15 +140,18 @@ def create_app(service: RagService) -> FastAPI:
 
 
 def _internal(exc: BaseException) -> JSONResponse:
-    log.error("request failed", exc_info=exc)
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    """A 500 whose body names only an id to find the logged error by: what failed inside stays in
+    the server's log (exception text can carry paths, keys or other users' data)."""
+    ref = secrets.token_hex(4)
+    log.error("request failed (error id %s)", ref, exc_info=exc)
+    return error_response(500, f"internal error (id {ref}, in the server's log)", "server_error")
 
 
-def _endpoint(request: Request) -> str:
+def _endpoint(scope: dict[str, Any], app: FastAPI) -> str:
     """The route's path template (bounded label values); refused before routing: the path when
     it is a route's literal path, else 'unmatched'."""
-    route = request.scope.get("route")
+    route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", "unmatched"))
-    path = request.url.path
-    return path if any(getattr(r, "path", None) == path for r in request.app.routes) else "unmatched"
+    path = scope.get("path", "")
+    return path if any(getattr(r, "path", None) == path for r in app.routes) else "unmatched"

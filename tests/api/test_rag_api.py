@@ -4,6 +4,7 @@ references, cache report and timings; the API key; metrics; a disconnect stops g
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def test_api_key_metrics_and_health(make_service: ServiceFactory, monkeypatch: p
             denied = httpx.get(f"{url}{path}")
             assert denied.status_code == 401 and "API key" in denied.json()["error"]["message"]
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "s3cret"}).status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200  # any case
         auth = {"Authorization": "Bearer s3cret"}
         answered = httpx.post(f"{url}/v1/rag/answer", headers=auth, timeout=120,
                               json={"query": "When was the mill built?", "documents": DOCS[:2], "max_tokens": 4})
@@ -123,3 +126,25 @@ def test_a_client_that_disconnects_stops_its_generation(make_service: ServiceFac
         count = next(float(line.split()[-1]) for line in generated.splitlines()
                      if line.startswith("chunkcache_generated_tokens_total"))
         assert 0 < count < 300  # far fewer than the 1500 asked for
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(make_service: ServiceFactory) -> None:
+    service = make_service(max_tokens_limit=4000)
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me everything about Tarnow."}],
+                       "documents": DOCS, "max_tokens": 4000, "temperature": 2.0, "seed": 1}).encode()
+    with running(service) as url:
+        address = httpx.URL(url)
+        with socket.create_connection((address.host, address.port)) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 120
+            while not service.scheduler.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert service.scheduler.running  # generating: now the client gives up and hangs up
+        left = time.monotonic()
+        while service.scheduler.busy and time.monotonic() < left + 30:
+            time.sleep(0.1)
+        assert not service.scheduler.busy  # 4,000 random tokens would hold the engine for minutes
+        answer = httpx.post(f"{url}/v1/rag/answer", json={"query": "Where?", "documents": DOCS, "max_tokens": 2},
+                            timeout=120)
+        assert answer.status_code == 200
