@@ -177,8 +177,8 @@ class ChunkCacheEngine:
         found: dict[int, ChunkKV] = {}
         if self.codec.spec != self._lossless.spec:
             for i, (ids, ctx) in enumerate(zip(chunks, contexts)):
-                kv = self.store.get(self._chunk_key(ids, self._lossless.spec, ctx), self.model.fingerprint,
-                                    self.model.executor.device)
+                key = self._chunk_key(ids, self._lossless.spec, ctx)
+                kv = self._checked(self.store.get(key, self.model.fingerprint, self.model.executor.device), key, ids, ctx)
                 if kv is not None:
                     found[i] = kv
         todo = sorted((i for i in range(len(chunks)) if i not in found),
@@ -248,11 +248,28 @@ class ChunkCacheEngine:
         dev = self.model.executor.device
         filled = [kv if kv is not None or not lookup else self.store.get(key, self.model.fingerprint, dev)
                   for kv, key in zip(got, keys)]
+        filled = [self._checked(kv, key, ids, ctx) for kv, key, ids, ctx in zip(filled, keys, chunks, contexts)]
         missing = {key: (ids, ctx) for kv, key, ids, ctx in zip(filled, keys, chunks, contexts) if kv is None}
         computed = (dict(zip(missing, self._compute([i for i, _ in missing.values()], [c for _, c in missing.values()])))
                     if missing else {})
         hits = len(keys) - sum(kv is None for kv in filled)
         return tuple(kv if kv is not None else computed[key] for kv, key in zip(filled, keys)), hits
+
+    def _checked(self, kv: Any, key: str, ids: Sequence[int], context: Sequence[int]) -> Any:
+        """``kv`` (a `ChunkKV` or `LayerStream`) when it holds the chunk its key names; else the
+        entry is dropped from the store and None returned (a miss: recomputed). A foreign entry
+        under a key (a bad copy between stores, a key collision) is never fused."""
+        if kv is None:
+            return None
+        if tuple(kv.token_ids) != tuple(ids):
+            reason = (f"its token ids are not those of the chunk its key names ({len(kv.token_ids)} stored, "
+                      f"{len(ids)} expected)")
+        elif kv.prefix_fingerprint != self._prefix_print(tuple(context)):
+            reason = "it was computed behind another context than its key names"
+        else:
+            return kv
+        self.store.discard(key, reason)
+        return None
 
     def warm_up(self, strategies: Sequence[str] | None = None) -> float:
         """Answer one short made-up question with each strategy (default: the configured one and

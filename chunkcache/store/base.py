@@ -24,3 +24,6 @@ class KVStore(Protocol):
     def contains(self, key: str) -> bool: ...
 
     def delete(self, key: str) -> None: ...
+
+    def discard(self, key: str, reason: str) -> None:
+        """Drop an entry found not to hold what its key names (counted as corrupt)."""

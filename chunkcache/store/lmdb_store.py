@@ -4,7 +4,12 @@ within an optional byte budget.
 Every entry has a metadata record (bytes, tokens, hits, last access) in a named sub-database,
 written in the same transaction as the entry, so eviction can rank entries without reading
 them. Corrupt entries are deleted and reported as misses; a killed writer leaves only whole,
-committed entries (lmdb's copy-on-write commit)."""
+committed entries (lmdb's copy-on-write commit). Damage to lmdb's own pages (a bad disk, a
+foreign write) is a miss too: an unreadable key or metadata record is skipped, and once lmdb
+reports its B-tree corrupt the tier stops being used by this process (every read a miss, every
+write skipped) with one error saying how to recover. lmdb has no page checksums: damage it
+does not detect can still crash the process reading it (SIGBUS); `chunkcache cache clear
+--tier disk` or moving the folder aside recovers."""
 
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ _MAX_DOUBLINGS = 8
 _META_DB = b"chunkcache-meta"
 _META = struct.Struct("<QQQd")  # bytes, tokens, hits, last access (unix time: shared by processes)
 _FLUSH_EVERY = 64  # access records buffered before they are written
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError)
 
 class _SharedLock:
     """Many transactions at once (shared), or one map resize alone (exclusive)."""
@@ -109,13 +115,22 @@ class LmdbStore(EncodedTier):
         self.budget = budget_bytes
         self.policy = policy or LRU()
         self.stats = TierStats()
-        self._env, self._lock = _open_env(self.path, map_size)
         self._closed = False
+        self._damaged = False
         self._accesses: dict[str, float] = {}  # key -> last access, not yet written
         self._hits: dict[str, int] = {}
         self._access_lock = threading.Lock()
-        with self._txn(write=True) as txn:  # creates the metadata sub-database on first use
-            self._meta = self._env.open_db(_META_DB, txn=txn)
+        self._opened = False
+        self._open(map_size)
+
+    def _open(self, map_size: int) -> None:
+        try:
+            self._env, self._lock = _open_env(self.path, map_size)
+            self._opened = True
+            with self._txn(write=True) as txn:  # creates the metadata sub-database on first use
+                self._meta = self._env.open_db(_META_DB, txn=txn)
+        except (*_DAMAGE, lmdb.InvalidError, lmdb.VersionMismatchError) as exc:
+            self._io_error("open", exc if isinstance(exc, _DAMAGE) else lmdb.CorruptedError(str(exc)))
 
     @property
     def corrupt_entries(self) -> int:
@@ -159,16 +174,32 @@ class LmdbStore(EncodedTier):
     def _io_error(self, what: str, exc: Exception) -> None:
         """A disk failure is a miss (or a skipped write), counted and logged, never a failed answer."""
         self.stats.count("errors")
+        if isinstance(exc, _DAMAGE):
+            if not self._damaged:
+                log.error("the disk cache at %s is damaged (%s: %s) and is not used until restart: stop "
+                          "chunkcache and run 'chunkcache cache clear --tier disk' or move the folder aside "
+                          "(answers go on from the other tiers and computing)", self.path, type(exc).__name__, exc)
+            self._damaged = True
+            return
         log.warning("disk cache %s failed at %s (%s: %s); check free space and permissions of store_path, "
                     "or lower disk_budget", what, self.path, type(exc).__name__, exc)
 
+    def _guarded(self, what: str, fn, default):  # type: ignore[no-untyped-def]
+        """``fn()``, or ``default`` when the tier is damaged or lmdb fails (logged, counted)."""
+        if self._damaged:
+            return default
+        try:
+            return fn()
+        except lmdb.Error as exc:
+            self._io_error(what, exc)
+            return default
+
     def get_bytes(self, key: str) -> bytes | None:
         """The encoded entry (a hit is recorded for eviction), or None."""
-        try:
-            return self._read(key)
-        except lmdb.Error as exc:
-            self._io_error("read", exc)
-            return None
+        found = self._guarded("read", lambda: self._read(key), None)
+        if found is None and self._damaged:
+            self.stats.count("misses")
+        return found
 
     def _read(self, key: str) -> bytes | None:
         with self._begin() as txn:
@@ -197,14 +228,17 @@ class LmdbStore(EncodedTier):
                 txn.put(key.encode(), _META.pack(size, tokens, old_hits + hits.get(key, 0), when), db=self._meta)
 
     def contains(self, key: str) -> bool:
-        with self._begin() as txn:
-            return txn.get(key.encode()) is not None
+        def look() -> bool:
+            with self._begin() as txn:
+                return txn.get(key.encode()) is not None
+
+        return bool(self._guarded("read", look, False))
 
     # --- writes --------------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, tokens: int | None = None) -> None:
         """Write an encoded entry and its metadata in one transaction, evicting by the policy
         when the budget would be exceeded. An entry bigger than the whole budget is not kept."""
-        if self.budget is not None and len(data) > self.budget:
+        if (self.budget is not None and len(data) > self.budget) or self._damaged:
             return
         start = time.perf_counter()
         tokens = peek_tokens(data) if tokens is None else tokens
@@ -237,9 +271,24 @@ class LmdbStore(EncodedTier):
             txn.delete(key.encode())
             txn.delete(key.encode(), db=self._meta)
 
-        self._write(drop)
+        self._guarded("delete", lambda: self._write(drop), None)
 
     def clear(self) -> None:
+        """Delete every entry. A damaged database is moved aside (``data.mdb.damaged-<time>``,
+        kept for inspection) and a new one started: the way back from damage lmdb reported."""
+        if self._damaged:
+            if self._opened:
+                _release_env(self.path)
+                self._opened = False
+            data = self.path / "data.mdb"
+            if data.exists():
+                data.rename(self.path / f"data.mdb.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            (self.path / "lock.mdb").unlink(missing_ok=True)
+            self._damaged = False
+            self._open(_INITIAL_MAP_SIZE)
+            log.warning("the damaged disk cache was moved aside to %s; a new one is started", data.parent)
+            return
+
         def drop_all(txn: lmdb.Transaction) -> None:
             for key in list(self._keys(txn)):
                 txn.delete(key.encode())
@@ -249,21 +298,27 @@ class LmdbStore(EncodedTier):
 
     # --- listing -------------------------------------------------------------------------
     def _keys(self, txn: lmdb.Transaction) -> Iterator[str]:
-        for key in txn.cursor().iternext(keys=True, values=False):
-            if bytes(key) != _META_DB:  # the sub-database's own record in the main database
-                yield bytes(key).decode()
+        """Keys of entries; a key damaged on disk (not text) is skipped: no one can ask for it."""
+        for raw in txn.cursor().iternext(keys=True, values=False):
+            key = _text(raw)
+            if key is not None and key != _META_DB.decode():  # the sub-database's own record
+                yield key
 
     def keys(self) -> Iterator[str]:
-        with self._begin() as txn:
-            found = list(self._keys(txn))
-        return iter(found)
+        def listed() -> list[str]:
+            with self._begin() as txn:
+                return list(self._keys(txn))
+
+        return iter(self._guarded("list", listed, []))
 
     def _infos(self, txn: lmdb.Transaction) -> list[EntryInfo]:
         infos = []
         known = set()
         for raw_key, raw in txn.cursor(db=self._meta).iternext():
+            key = _text(raw_key)
+            if key is None or len(raw) != _META.size:
+                continue  # a damaged record: the entry is ranked as one without metadata below
             size, tokens, hits, when = _META.unpack(bytes(raw))
-            key = bytes(raw_key).decode()
             known.add(key)
             infos.append(EntryInfo(key, size, tokens, hits, when))
         for key in self._keys(txn):  # entries written before metadata existed
@@ -272,20 +327,30 @@ class LmdbStore(EncodedTier):
         return infos
 
     def infos(self) -> list[EntryInfo]:
-        with self._begin() as txn:
-            return self._infos(txn)
+        def listed() -> list[EntryInfo]:
+            with self._begin() as txn:
+                return self._infos(txn)
+
+        return list(self._guarded("list", listed, []))
 
     def size(self) -> int:
         """Bytes of encoded entries held."""
         return sum(i.nbytes for i in self.infos())
 
     def __len__(self) -> int:
-        with self._begin() as txn:
-            return sum(1 for _ in self._keys(txn))
+        return sum(1 for _ in self.keys())
 
     def close(self) -> None:
         if not self._closed:
             if self._accesses:
-                self._write(self._flush_accesses)
+                self._guarded("write", lambda: self._write(self._flush_accesses), None)
             self._closed = True
-            _release_env(self.path)
+            if self._opened:
+                _release_env(self.path)
+
+
+def _text(raw: bytes | memoryview) -> str | None:
+    try:
+        return bytes(raw).decode()
+    except UnicodeDecodeError:
+        return None

@@ -381,6 +381,19 @@ class TieredStore:
         for tier in self.tiers:
             tier.delete(key)
 
+    def discard(self, key: str, reason: str) -> None:
+        """Drop an entry that decoded cleanly but is not what its key names (written under
+        another chunk's key, or behind another context): counted as corrupt in every tier that
+        held it, so the caller recomputes it and the next reader does not meet it again."""
+        log.warning("dropping cache entry %s: %s", key[:16], reason)
+        self._forget_pending([key])
+        with self._lock:
+            self._dirty.pop(key, None)
+        for tier in self.tiers:
+            if tier.contains(key):
+                tier.stats.count("corrupt")
+                tier.delete(key)
+
     def evict(self, key: str, tier_name: str | None = None) -> None:
         self._forget_pending([key])
         for tier in self.tiers:

@@ -104,3 +104,21 @@ def test_with_a_lossy_codec_a_miss_answers_like_the_hits_after_it(smollm2: Loade
     second = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=4, keep_logits=True)
     assert (first.cache_misses, second.cache_hits) == (2, 2)
     assert torch.equal(first.first_token_logits, second.first_token_logits)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_valid_entry_under_another_chunks_key_is_dropped_and_recomputed(
+    smollm2: LoadedModel, store_path: Path, stream: bool
+) -> None:
+    settings = Settings.load(env={}, store_path=store_path, store_tiers="cpu,disk", stream_layers=stream)
+    engine = ChunkCacheEngine(settings, model=smollm2)
+    clean = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
+    memory, disk = engine.store.tiers
+    paris, berlin = (engine.chunk_key(c) for c in CHUNKS)
+    disk.put_bytes(berlin, disk.get_bytes(paris))  # a sound entry, but Paris's, under Berlin's key
+    memory.delete(berlin)
+    again = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
+    assert again.text == clean.text and (again.cache_hits, again.cache_misses) == (1, 1)
+    assert engine.store.stats()["disk"]["corrupt"] == 1
+    third = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=8)
+    assert third.cache_hits == 2 and third.text == clean.text  # the recomputed entry took its place

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -153,3 +154,47 @@ def test_entries_decode_by_their_own_codec_and_foreign_models_miss(store_path: P
     assert torch.allclose(back.kv, kv.kv, atol=kv.kv.abs().max().item() / 100)
     assert store.get("lossy", model_fingerprint="another model") is None
     assert store.corrupt_entries == 1 and not store.contains("lossy")
+
+
+_DAMAGE_CHILD = r'''
+import json, logging, random, struct, sys
+from pathlib import Path
+from chunkcache.codec import RawCodec
+from chunkcache.store import LmdbStore
+folder, seed = Path(sys.argv[1]), int(sys.argv[2])
+store = LmdbStore(folder, RawCodec())
+rng = random.Random(0)
+for i in range(60):
+    store.put_bytes(f"{i:064x}", rng.randbytes(200 + 37 * i), tokens=10)
+store.close()
+data = bytearray((folder / "data.mdb").read_bytes())
+tree = [p for p in range(2, len(data) // 4096) if struct.unpack_from("<H", data, p * 4096 + 10)[0] & 0x03]
+rng = random.Random(seed)
+for _ in range(4):  # bits of branch and leaf page headers: lmdb's own structure, not entry bytes
+    data[rng.choice(tree) * 4096 + rng.randrange(10, 40)] ^= 1 << rng.randrange(8)
+(folder / "data.mdb").write_bytes(bytes(data))
+logging.disable(logging.CRITICAL)
+store = LmdbStore(folder, RawCodec(), budget_bytes=10**6)
+keys = list(store.keys())
+store.infos(); store.size(); len(store)
+served = sum(store.get_bytes(k) is not None for k in keys)
+store.put_bytes("f" * 64, b"x" * 5000, tokens=3); store.contains("f" * 64); store.delete("0" * 64)
+damaged = store._damaged
+store.clear()  # the way back: a damaged database is moved aside, a new one started
+store.put_bytes("e" * 64, b"y" * 100, tokens=1)
+print(json.dumps({"damaged": damaged, "served": served, "recovered": store.get_bytes("e" * 64) == b"y" * 100,
+                  "kept": [p.name for p in folder.glob("data.mdb.damaged-*")]}))
+store.close()
+'''
+
+
+def test_damaged_lmdb_pages_are_misses_and_clear_recovers(tmp_path: Path) -> None:
+    outcomes = []
+    for seed in range(12):  # seeded damage to a fixed layout; a crash would fail the child, not pytest
+        run = subprocess.run([sys.executable, "-c", _DAMAGE_CHILD, str(tmp_path / f"s{seed}"), str(seed)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, f"seed {seed}: {run.stderr[-2000:]}"
+        outcomes.append(json.loads(run.stdout))
+    assert all(o["recovered"] for o in outcomes)
+    assert all(o["kept"] for o in outcomes if o["damaged"])  # moved aside, not deleted
+    assert sum(o["damaged"] for o in outcomes) >= 6  # most seeds reached lmdb's corruption reports
