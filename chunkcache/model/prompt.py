@@ -1,6 +1,9 @@
 """The prompt layout shared by every strategy: a fixed head (chat template up to the user's
 content), one piece per chunk, then the question and the assistant turn. Pieces are tokenized
-separately so that a full prefill and a fused cache see exactly the same token ids."""
+separately so that a full prefill and a fused cache see exactly the same token ids. Text that
+users send (documents, questions, chat turns) is tokenized with special tokens inert: a
+``<|im_start|>`` typed in a document is plain characters, so user text cannot forge a turn of
+the chat template; only the template's own head and tail carry control tokens."""
 
 from __future__ import annotations
 
@@ -60,18 +63,21 @@ class PromptTemplate:
         bos = self.tokenizer.bos_token or ""
         return f"{bos}{system}\n\n", "\nAnswer:"
 
-    def encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+    def encode(self, text: str, inert: bool = True) -> tuple[int, ...]:
+        """Token ids of ``text``; ``inert``: special-token strings in it stay plain text."""
+        if not inert:
+            return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        return tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def head_ids(self) -> tuple[int, ...]:
-        return self.encode(self.head_text)
+        return self.encode(self.head_text, inert=False)
 
     def chunk_ids(self, chunk: str) -> tuple[int, ...]:
         return self.encode(chunk.strip() + "\n\n")
 
     def question_ids(self, question: str) -> tuple[int, ...]:
         text = self.question_template.replace("{question}", question.strip())
-        return self.encode(text + self.tail_text)
+        return self.encode(text) + self.encode(self.tail_text, inert=False)
 
     def pieces(self, question: str, chunks: list[str]) -> PromptPieces:
         return PromptPieces(
