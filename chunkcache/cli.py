@@ -1,4 +1,4 @@
-"""The ``chunkcache`` command: answer, query, ingest, precompute, serve, cache, the demo, and (from
+"""The ``chunkcache`` command: answer, query, ingest, precompute, serve, check-model, cache, the demo, and (from
 `chunkcache.eval.cli`) eval and the benches; ``chunkcache --help`` lists them."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from chunkcache.errors import ChunkCacheError, CliError, InvalidInputError
+from chunkcache.errors import ChunkCacheError, CliError, InvalidInputError, UnsupportedModelError
 
 EXIT_USAGE = 2
 
@@ -36,6 +36,25 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     print(describe_strategies({k: getattr(settings, k) for k in STRATEGY_SETTINGS}))
     print(f"\ndefault strategy (Settings.strategy): {settings.strategy}")
     return 0
+
+
+def cmd_check_model(args: argparse.Namespace) -> int:
+    from chunkcache.config import Settings
+    from chunkcache.jobs.check_model import check_model, default_checks_dir
+
+    settings = Settings.load(args.config)
+    checks_dir = Path(args.checks_dir).expanduser() if args.checks_dir else default_checks_dir()
+    verdict = check_model(args.model, settings, checks_dir)
+    if args.json:
+        print(json.dumps(verdict.to_dict(), indent=2))
+    elif verdict.status == "unsupported":
+        raise UnsupportedModelError(verdict.reason)
+    else:
+        for measurement in verdict.measurements:
+            print(measurement.line())
+        print(verdict.summary())
+        print(f"verdict kept in {checks_dir} ({verdict.fingerprint[:12]}): serve reuses it", file=sys.stderr)
+    return {"pass": 0, "fail": 1}.get(verdict.status, EXIT_USAGE)
 
 
 def _read_input(path: str) -> tuple[str, list[str]]:
@@ -279,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="every fusion strategy, its parameters and their defaults, and the spec syntax")
     p.add_argument("--config", help="YAML settings file (also $CHUNKCACHE_CONFIG): its defaults are shown")
     p.set_defaults(func=cmd_strategies)
+
+    p = sub.add_parser("check-model", help="can chunkcache fuse this model? its architecture and RoPE mode, then in float32 "
+                       "its logits vs the Hugging Face forward, re-rotated keys, cacheblend:1.0 vs full prefill "
+                       "(exit 0 pass, 1 fail, 2 unsupported)")
+    p.add_argument("model", metavar="PATH_OR_NAME",
+                   help=f"packaged model ({', '.join(PACKAGED_MODELS)}) or a local Hugging Face folder")
+    p.add_argument("--config", help="YAML settings file (also $CHUNKCACHE_CONFIG): models_dir, device, prompt, primer")
+    p.add_argument("--checks-dir", help="where verdicts are kept per model fingerprint, for serve "
+                   "(default ~/.cache/chunkcache/checks)")
+    p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+    p.set_defaults(func=cmd_check_model)
 
     from chunkcache.api.cli import add_serve_parser
 

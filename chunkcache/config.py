@@ -96,6 +96,8 @@ class Settings:
     # memory on the CPU): a request that does not fit waits, one larger than all of it is refused.
     kv_budget: str = "2GiB"
     warm_up: bool = True  # serve: answer a made-up question per strategy before listening (engine.warm_up)
+    # serve: start even when the model fails `chunkcache check-model` (run once per model otherwise)
+    allow_unchecked_model: bool = False
     max_documents: int = 64  # per request
     max_document_chars: int = 200_000  # per document
     # The largest request body read at all: refused from its Content-Length (or once a chunked

@@ -1,5 +1,5 @@
-"""`chunkcache serve`: build the service from Settings (YAML + CHUNKCACHE_* env, then flags) and
-run it with uvicorn."""
+"""`chunkcache serve`: build the service from Settings (YAML + CHUNKCACHE_* env, then flags), after
+the model gate (`chunkcache.jobs.check_model.serve_gate`), and run it with uvicorn."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: Callable[[argparse
     p.add_argument("--host", help="address to listen on (setting host, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (setting port, default 8000)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--allow-unchecked-model", action="store_true", default=None,
+                   help="start even if the model fails `chunkcache check-model` (setting allow_unchecked_model); "
+                        "otherwise the check runs once per model and its verdict is reused")
     p.set_defaults(func=cmd_serve)
 
 
@@ -23,10 +26,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from chunkcache.api import RagService, create_app
     from chunkcache.config import Settings
+    from chunkcache.jobs.check_model import serve_gate
 
     settings = Settings.load(args.config, model=args.model, dtype=args.dtype, store_path=args.store,
                              index_path=args.index, host=args.host, port=args.port,
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=args.max_new_tokens, allow_unchecked_model=args.allow_unchecked_model)
+    # before the service loads anything: an unsupported or failing model is refused here
+    print(f"chunkcache serve: {serve_gate(settings).message}", flush=True)
     service = RagService(settings)
     if settings.warm_up:  # kernels compiled and libraries started before the first user waits
         print(f"chunkcache serve: warmed up in {service.engine.warm_up():.1f} s", flush=True)
