@@ -132,6 +132,8 @@ def create_app(service: RagService) -> FastAPI:
                     operation.get("responses", {}).pop("422", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+            limits = service.settings
+            s.state_limits(schema, limits.max_tokens_limit, limits.max_documents, limits.max_document_chars)
             app.openapi_schema = schema
         return app.openapi_schema
 

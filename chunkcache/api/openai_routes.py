@@ -17,7 +17,6 @@ from chunkcache.api import schemas as s
 from chunkcache.api.run import answer_once, answer_stream, sse, stream_error
 from chunkcache.api.service import AnswerRequest, AnswerResult, ModelNotFoundError, RagService
 from chunkcache.engine import Sampling, question_from_chat
-from chunkcache.errors import InvalidInputError
 
 router = APIRouter(tags=["openai"])
 _SSE = {200: {"content": {"text/event-stream": {}}, "description": "with stream: true, server-sent events"}}
@@ -38,12 +37,8 @@ async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> A
 @router.post("/v1/completions", response_model=s.Completion, responses=_SSE)
 async def completions(body: s.CompletionRequest, request: Request) -> Any:
     service = _service(request)
-    if body.echo:
-        raise InvalidInputError("echo is not supported: the prompt is the question, not a text to continue")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise InvalidInputError(f"send one prompt per request (got {len(prompts)})")
-    return await _respond(request, service, body, _answer_request(service, body, prompts[0], body.max_tokens),
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]  # the schema allows one
+    return await _respond(request, service, body, _answer_request(service, body, prompt, body.max_tokens),
                           chat=False)
 
 

@@ -4,7 +4,7 @@ are ignored, RAG fields (`documents`, `doc_ids`, `retrieval`, `cache`) come in t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +26,9 @@ def _no_surrogates(value: Any) -> Any:
 
 
 class _Checked(BaseModel):
+    # strict: a boolean is not a number, a string not a boolean (JSON's types as the schema says)
+    model_config = ConfigDict(strict=True)
+
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
@@ -33,11 +36,11 @@ class _Checked(BaseModel):
 
 
 class _Strict(_Checked):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Lenient(_Checked):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    model_config = ConfigDict(extra="ignore", strict=True)  # OpenAI clients send fields we do not use
 
 
 class DocumentIn(_Strict):
@@ -65,7 +68,13 @@ class CacheOptions(_Strict):
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
 
 
+_SOURCES = ("documents", "doc_ids", "retrieval")
+
+
 class RagExtras(_Lenient):
+    model_config = ConfigDict(json_schema_extra={"not": {"anyOf": [  # at most one source of chunks
+        {"required": [a, b]} for i, a in enumerate(_SOURCES) for b in _SOURCES[i + 1 :]]}})
+
     documents: list[DocumentIn] | None = Field(None, description="chunks to answer from, in order")
     doc_ids: list[str] | None = Field(None, description="documents of the server's index to answer from")
     retrieval: Retrieval | None = Field(None, description="retrieve top_k chunks from the server's index")
@@ -73,7 +82,7 @@ class RagExtras(_Lenient):
 
     @model_validator(mode="after")
     def _one_source(self) -> RagExtras:
-        given = [n for n in ("documents", "doc_ids", "retrieval") if getattr(self, n) is not None]
+        given = [n for n in _SOURCES if n in self.model_fields_set]  # present, even as null: as the schema says
         if len(given) > 1:
             raise ValueError(f"give one of documents, doc_ids or retrieval, not {' and '.join(given)}")
         return self
@@ -93,6 +102,14 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+Stop = Annotated[str, Field(max_length=256)]
+_REFUSED = ("logprobs", "top_logprobs", "tools", "logit_bias", "suffix", "echo")
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text"] = "text"
+
+
 class _Sampling(RagExtras):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -100,39 +117,44 @@ class _Sampling(RagExtras):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = Field(None, description="up to 4 sequences of up to 256 characters")
+    stop: Stop | list[Stop] | None = Field(None, max_length=4, description="up to 4 sequences of up to 256 characters")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Accepted so that a client asking for them gets a clear refusal instead of an answer that
-    # silently lacks them.
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    # OpenAI fields chunkcache does not offer: accepted only in their "off" form, so that a client
+    # asking for them gets a clear refusal (see _supported) instead of an answer lacking them.
+    logprobs: Literal[False] | None = None
+    top_logprobs: Literal[0] | None = None
+    tools: list[Any] | None = Field(None, max_length=0)
+    tool_choice: Literal["none"] | None = None
+    response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(None, ge=0, le=0)
+    frequency_penalty: float | None = Field(None, ge=0, le=0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: str | None = Field(None, max_length=0)
 
-    @model_validator(mode="after")
-    def _supported(self) -> _Sampling:
-        refused = [name for name in ("logprobs", "top_logprobs", "tools", "logit_bias", "suffix")
-                   if getattr(self, name)]
-        refused += [n for n in ("presence_penalty", "frequency_penalty") if getattr(self, n) not in (None, 0, 0.0)]
-        if self.best_of not in (None, 1):
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: Any) -> Any:
+        """Name every unsupported feature asked for in one message (before the fields' own checks)."""
+        if not isinstance(data, dict):
+            return data
+        refused = [name for name in _REFUSED if data.get(name)]
+        refused += [n for n in ("presence_penalty", "frequency_penalty") if data.get(n) not in (None, 0, 0.0)]
+        if data.get("best_of") not in (None, 1):
             refused.append("best_of")
-        if self.tool_choice not in (None, "none"):
+        if data.get("tool_choice") not in (None, "none"):
             refused.append("tool_choice")
-        if self.response_format and self.response_format.get("type", "text") != "text":
+        fmt = data.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
             refused.append("response_format")
         if refused:
             raise ValueError(f"not supported by chunkcache: {', '.join(refused)}")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 4 or any(len(x) > 256 for x in stops):
+        stop = data.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+        if len(stops) > 4 or any(isinstance(x, str) and len(x) > 256 for x in stops):
             raise ValueError("stop takes at most 4 sequences of at most 256 characters")
-        return self
+        return data
 
 
 class ChatCompletionRequest(_Sampling):
@@ -141,9 +163,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(..., description="the question (one prompt per request)")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        ..., description="the question (one prompt per request)")
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+    echo: Literal[False] = Field(False, description="not supported: the prompt is the question, not a text to continue")
 
 
 class PromptTokensDetails(BaseModel):
@@ -298,3 +321,20 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def state_limits(schema: dict[str, Any], max_tokens: int, max_documents: int, max_document_chars: int) -> None:
+    """Write the server's configured limits into its OpenAPI ``schema`` (in place), so a request
+    the schema allows is one the server accepts: new tokens, documents per request, characters
+    per document."""
+    bounds = {"max_tokens": ("maximum", max_tokens), "max_completion_tokens": ("maximum", max_tokens),
+              "documents": ("maxItems", max_documents)}
+    for name, component in schema.get("components", {}).get("schemas", {}).items():
+        props = component.get("properties", {})
+        for field, (key, value) in bounds.items():
+            if field in props:
+                for branch in props[field].get("anyOf", [props[field]]):
+                    if branch.get("type") in ("integer", "array"):
+                        branch[key] = value
+        if name == "DocumentIn" and "text" in props:
+            props["text"]["maxLength"] = max_document_chars

@@ -68,3 +68,25 @@ def test_a_server_error_names_an_id_not_the_exception(make_service: ServiceFacto
     ref = message.split("id ")[1].split(",")[0]
     assert any(ref in r.getMessage() and r.exc_info for r in caplog.records)  # the log has the rest
     assert 'chunkcache_requests_total{endpoint="/v1/retrieve",status="500"} 1.0' in metrics
+
+
+def test_the_schema_states_the_limits_and_the_server_keeps_to_its_types(make_service: ServiceFactory) -> None:
+    service = make_service(max_tokens_limit=64, max_documents=3, max_document_chars=500)
+    user = [{"role": "user", "content": "When?"}]
+    docs = QUESTION["documents"]
+    with running(service) as url:
+        schema = httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]
+        chat = schema["ChatCompletionRequest"]
+        assert {"maximum": 64} .items() <= next(b for b in chat["properties"]["max_tokens"]["anyOf"]
+                                               if b.get("type") == "integer").items()
+        assert next(b for b in chat["properties"]["documents"]["anyOf"] if b.get("type") == "array")["maxItems"] == 3
+        assert schema["DocumentIn"]["properties"]["text"]["maxLength"] == 500
+        assert {"required": ["documents", "doc_ids"]} in chat["not"]["anyOf"]
+        for bad in ({"max_tokens": True}, {"stream": "yes"}, {"temperature": "0.5"}, {"documents": None, "doc_ids": ["a"]},
+                    {"logprobs": True}, {"stop": ["a"] * 5}):
+            body = {"messages": user, "documents": docs} | bad
+            refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+            assert refused.status_code == 400, (bad, refused.text)
+        ok = httpx.post(f"{url}/v1/chat/completions", json={"messages": user, "documents": docs, "max_tokens": 2,
+                                                             "temperature": 0, "logprobs": False}, timeout=120)
+        assert ok.status_code == 200, ok.text  # an int where a float is asked, features in their "off" form
