@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from chunkcache.config import Settings
-from chunkcache.retriever import Chunker, ChunkIndex, IngestReport, read_documents
+from chunkcache.retriever import Chunker, ChunkIndex, IngestReport, UnknownDocumentError, read_documents
+from chunkcache.retriever.readers import document_id
 
 
 CHUNK_TOKENS, OVERLAP_TOKENS = 256, 32  # chunk size and overlap, in the serving model's tokens
@@ -38,8 +39,17 @@ def ingest(
     index = open_or_build(Path(index_dir), factory)
     try:
         removed = 0
-        for doc_id in delete:
-            index.delete(doc_id)
+        for name in delete:  # a document id, or the path of an ingested file (its id derived)
+            try:
+                index.delete(name)
+            except UnknownDocumentError:
+                if name == document_id(name):
+                    raise
+                try:
+                    index.delete(document_id(name))
+                except UnknownDocumentError:
+                    raise UnknownDocumentError(f"no document {name!r} (nor one ingested from that path) in "
+                                               f"{index_dir}; `chunkcache query` or .documents() show the ids") from None
             removed += 1
         report = IngestReport()
         if paths:

@@ -5,6 +5,8 @@ given), or the jsonl id field, or ``PATH#LINE`` for jsonl lines without one."""
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -83,14 +85,18 @@ def html_to_text(html: str) -> tuple[str, str]:
     return _normalise("".join(parser.parts)), " ".join("".join(parser.title_parts).split())
 
 
-def _doc_id(path: Path, root: Path | None) -> str:
-    resolved = path.resolve()
-    if root is not None:
-        try:
-            return resolved.relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            raise DocumentReadError(f"{path} is not inside the root folder {root}") from None
-    return resolved.as_posix()
+def document_id(path: str | Path, root: str | Path | None = None) -> str:
+    """A file's document id: its path below ``root``; without one, its name tagged with a digest
+    of where it is (``guide.md@1a2b3c4d5e``): stable for re-ingesting (and deleting) the same
+    file, distinct for files of one name in other folders, and never an absolute server path
+    (ids are shown to HTTP clients)."""
+    resolved = Path(path).resolve()
+    if root is None:
+        return f"{resolved.name}@{hashlib.sha256(resolved.as_posix().encode()).hexdigest()[:10]}"
+    try:
+        return resolved.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        raise DocumentReadError(f"{path} is not inside the root folder {root}") from None
 
 
 def _read_text(path: Path) -> str:
@@ -105,24 +111,24 @@ def _read_text(path: Path) -> str:
 
 def read_file(path: str | Path, text_field: str = "text", id_field: str = "id",
               root: str | Path | None = None) -> list[Document]:
-    """The documents of one file (one, or one per jsonl line)."""
+    """The documents of one file (one, or one per jsonl line); ids as `document_id` says."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DocumentReadError(
             f"{path}: unsupported file type {path.suffix or '(none)'}; supported: {', '.join(FORMATS)}"
         )
-    root_path = Path(root) if root is not None else None
+    base_id = document_id(path, root)
     raw = _read_text(path)
     meta: dict[str, Any] = {"source": str(path), "format": kind}
     if kind == "jsonl":
-        return _read_jsonl(path, raw, text_field, id_field, _doc_id(path, root_path), meta)
+        return _read_jsonl(path, raw, text_field, id_field, base_id, meta)
     if kind == "html":
         text, title = html_to_text(raw)
         if title:
             meta["title"] = title
-        return [Document(_doc_id(path, root_path), text, meta)]
-    return [Document(_doc_id(path, root_path), _normalise(raw), meta)]
+        return [Document(base_id, text, meta)]
+    return [Document(base_id, _normalise(raw), meta)]
 
 
 def _read_jsonl(path: Path, raw: str, text_field: str, id_field: str, base_id: str,
@@ -157,19 +163,20 @@ def _read_jsonl(path: Path, raw: str, text_field: str, id_field: str, base_id: s
 def read_documents(paths: str | Path | Iterable[str | Path], text_field: str = "text",
                    id_field: str = "id", root: str | Path | None = None) -> Iterator[Document]:
     """Documents of files and folders (folders recursively, supported types only, hidden
-    files skipped, in sorted order)."""
+    files skipped, in sorted order); ids as `document_id` says."""
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     for item in items:
-        path = Path(item)
-        if path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in FORMATS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-        elif path.is_file():
-            files = [path]
-        else:
-            raise DocumentReadError(f"{path}: no such file or folder")
-        for file in files:
+        for file in _files(Path(item)):
             yield from read_file(file, text_field, id_field, root)
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in FORMATS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    if path.is_file():
+        return [path]
+    raise DocumentReadError(f"{path}: no such file or folder")

@@ -32,8 +32,9 @@ def test_ingest_is_incremental_and_query_answers_with_sources(tmp_path: Path) ->
     assert "Brandenburg" in out["sources"][0]["text"]
     assert {"retrieve_s", "load_s", "blend_s", "ttft_s", "total_s"} <= set(out["timings"])
 
-    gone = chunkcache("ingest", "--index", str(index), "--delete", out["sources"][0]["doc_id"], store=store)
-    assert gone.returncode == 0 and "1 deleted" in gone.stdout
+    assert out["sources"][0]["doc_id"].startswith("berlin.md@") and str(tmp_path) not in run.stdout  # no server paths
+    gone = chunkcache("ingest", "--index", str(index), "--delete", str(docs / "berlin.md"), store=store)  # by its path
+    assert gone.returncode == 0 and "1 deleted" in gone.stdout, gone.stderr[-2000:]
     after = json.loads(chunkcache("query", "Which city has the Brandenburg gate?", "--index", str(index),
                                   "--top-k", "2", "--max-new-tokens", "4", "--json", store=store).stdout)
     assert all("Brandenburg" not in s["text"] for s in after["sources"])

@@ -24,7 +24,7 @@ def test_html_keeps_visible_text_as_paragraphs(tmp_path: Path) -> None:
                         "\n\nSecond block\nwith a line break.\n\nfirst item\n\nsecond item")
     assert doc.metadata["title"] == "The Harbour & Lighthouse"
     assert doc.metadata["format"] == "html"
-    assert doc.doc_id == (tmp_path / "page.html").resolve().as_posix()
+    assert doc.doc_id == "page.html"  # its name: never the server's absolute path
 
 
 def test_jsonl_text_and_id_fields(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_jsonl_text_and_id_fields(tmp_path: Path) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n", encoding="utf-8")
     first, second = read_file(path)
     assert (first.doc_id, first.text, first.metadata["lang"], first.metadata["line"]) == ("7", "first", "en", 1)
-    assert second.doc_id == f"{path.resolve().as_posix()}#2"
+    assert second.doc_id == f"{path.name}#2"
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps(rows[2]) + "\n", encoding="utf-8")
     [doc] = read_file(other, text_field="body")
@@ -71,3 +71,16 @@ def test_unreadable_inputs_are_refused_clearly(tmp_path: Path) -> None:
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(DocumentReadError, match="not UTF-8"):
         read_file(tmp_path / "latin.txt")
+
+
+def test_ids_of_ingested_folders_hide_server_paths_and_stay_apart(tmp_path: Path) -> None:
+    for folder in ("a/docs", "b/docs"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "guide.md").write_text(f"# Guide of {folder}\n\ntext")
+    ids = [d.doc_id for d in read_documents([tmp_path / "a/docs", tmp_path / "b/docs"])]
+    assert all(i.startswith("docs/guide.md@") and str(tmp_path) not in i for i in ids)
+    assert len(set(ids)) == 2  # same relative path, different places: two documents
+    again = [d.doc_id for d in read_documents([tmp_path / "a/docs"])]
+    assert again == ids[:1]  # re-ingesting the same folder finds the same ids (incremental update)
+    [rooted] = read_documents(tmp_path / "a/docs/guide.md", root=tmp_path / "a")
+    assert rooted.doc_id == "docs/guide.md"
