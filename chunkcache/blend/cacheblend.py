@@ -115,13 +115,16 @@ class CacheBlend:
             return finish(executor, layout, buf, question)
         gradual = self.gradual and self.selection != "random"  # random has no deviation to filter by
         first = min(context, budget * GRADUAL_FACTOR) if gradual else budget
+        weight = self._affordable_weight(executor, layout, budget)
+        if weight is None:  # the probe alone would cost more than computing everything
+            return finish(executor, layout, buf, layout.span_rows(executor, range(0, layout.length)))
         probe_work = 0
         importance = None
         if self.selection == "random":
             generator = torch.Generator().manual_seed(self.seed)
             score = upload(torch.rand(context, generator=generator), executor.device)
         else:
-            score, importance, probe_work = self.scores(executor, layout, buf)
+            score, importance, probe_work = self.scores(executor, layout, buf, weight)
         sinks = self._sink_mask(layout, executor.device)
         chosen = self._choose(score, layout, first, sinks)
         rows = layout.rows(executor, torch.sort(torch.cat([chosen, question.index])).values)
@@ -131,18 +134,37 @@ class CacheBlend:
         spread = spread_hook(executor, layout, self.spread_k, self.spread_v)
         return finish(executor, layout, buf, rows, shrink=shrink, extra_work=probe_work, before_write=spread)
 
-    def scores(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor
+    def _affordable_weight(self, executor: LayerExecutor, layout: Layout, budget: int) -> str | None:
+        """The weighting this request can afford: the configured one while the whole fusion
+        (probe, question pass, recompute) costs fewer token-layers than a full prefill; without
+        the question pass when only that keeps it under (a long question would be computed twice:
+        once alone, once in the recompute); None when even the probe does not fit (tiny context,
+        long question): then everything is computed, as full prefill would."""
+        if self.selection == "random":
+            return self.weight
+        layers, question = executor.num_layers, len(layout.question)
+        full = layers * layout.length
+        plain = self.check_layer * layout.length + layers * (question + budget)
+        if plain > full:
+            return None
+        asked = self.weight.startswith("qattn")
+        if asked and plain + _depth(executor, self.qattn_to) * question > full:
+            return "none"
+        return self.weight
+
+    def scores(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor, weight: str | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Per context token, how much recomputing it is worth (deviation, weighted as set); the
-        question's attention per sequence index when ``weight`` is qattn*; the probe's work. Both
-        stay on the model's device, where the ranking runs too."""
+        """Per context token, how much recomputing it is worth (deviation, weighted by ``weight``,
+        default the configured one); the question's attention per sequence index when it is
+        qattn*; the probe's work. Both stay on the model's device, where the ranking runs too."""
+        weight = self.weight if weight is None else weight
         context = layout.question.start
         with stage("select_s"):
             importance = (reuse_attention(executor, layout, buf, self.qattn_from, self.qattn_to)
-                          if self.weight.startswith("qattn") else None)
-            score = self._deviation(executor, layout, buf)[:context]
+                          if weight.startswith("qattn") else None)
+            score = self._deviation(executor, layout, buf, weight)[:context]
             if importance is not None:
-                score = _weighted(score, importance[:context], self.weight)
+                score = _weighted(score, importance[:context], weight)
         work = self.check_layer * layout.length
         if importance is not None:
             work += _depth(executor, self.qattn_to) * len(layout.question)
@@ -170,7 +192,7 @@ class CacheBlend:
             picks.append(span.start + torch.topk(score[span.start : span.stop], share).indices)
         return torch.cat(picks)
 
-    def _deviation(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor) -> torch.Tensor:
+    def _deviation(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor, weight: str) -> torch.Tensor:
         """Deviation of fresh vs reused K/V at the check layer, per token."""
         n = layout.length
         rows = layout.span_rows(executor, range(0, n))
@@ -181,7 +203,7 @@ class CacheBlend:
             hidden = executor.run_layer(layer, hidden, rows, keys, values)
         wait_layer(buf, self.check_layer)
         old = buf[self.check_layer, :, :, :n]
-        if self.weight != "attn":
+        if weight != "attn":
             k, v = executor.kv(self.check_layer, hidden, rows)
             return token_deviation(k, v, old[0], old[1], self.selection)
         q, k, v = executor.qkv(self.check_layer, hidden, rows)

@@ -185,3 +185,24 @@ def test_question_attention_is_a_distribution_over_the_prompt(smollm2: LoadedMod
         assert attention.shape == (layout.length,)
         assert torch.isclose(attention.sum(), torch.tensor(1.0), atol=1e-4)  # mean of softmax rows
     assert not torch.allclose(every_layer, deep_half)
+
+
+def test_a_long_question_never_costs_more_than_full_prefill(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
+    import dataclasses
+
+    from chunkcache.model import PromptPieces
+
+    pieces = fusion_input.pieces
+    context = pieces.total - len(pieces.question)
+    long_question = (pieces.question * (context // len(pieces.question) + 1))[-context:]  # as long as the context
+    inp = dataclasses.replace(fusion_input, pieces=PromptPieces(pieces.head, pieces.chunks, long_question))
+    full, _ = _run(smollm2, inp, "full")
+    blend, _ = _run(smollm2, inp, "cacheblend", recompute_ratio=0.15)
+    plain, _ = _run(smollm2, inp, "cacheblend", recompute_ratio=0.15, weight="none")
+    assert blend.recomputed_tokens <= full.recomputed_tokens  # the question pass would have doubled the question
+    assert torch.equal(blend.logits, plain.logits) and blend.recomputed_tokens == plain.recomputed_tokens
+    short, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.15)
+    short_plain, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.15, weight="none")
+    assert short.recomputed_tokens > short_plain.recomputed_tokens  # a short question keeps its question pass
+    deep, _ = _run(smollm2, inp, "cacheblend", recompute_ratio=0.15, check_layer=20)  # the probe alone: over full
+    assert deep.recomputed_tokens == full.recomputed_tokens and torch.allclose(deep.logits, full.logits, atol=1e-5)
