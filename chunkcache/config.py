@@ -34,11 +34,13 @@ class Settings:
     codec: str = "int8"  # no measurable loss vs raw on Qwen2.5-0.5B / MuSiQue: docs/codecs.md
     # Store tiers, fastest first: "auto" = gpu (when CUDA is present), cpu, disk, and remote when
     # remote_url is set; or a list such as "cpu,disk,remote". Budgets take 512MiB, 2GB, ...; an
-    # empty budget means unbounded (the remote tier's capacity is the service's own).
+    # empty budget means unbounded (the remote tier's capacity is the service's own). The disk
+    # is bounded by default: caches are about 3,000 bytes per byte of text (bf16, 0.5B model), so
+    # an unbounded disk tier fills a volume unnoticed.
     store_tiers: str = "auto"
     gpu_budget: str = "4GiB"
     cpu_budget: str = "2GiB"
-    disk_budget: str = ""
+    disk_budget: str = "16GiB"
     # redis://HOST:6379/0 (redis or valkey) or mooncake://MASTER:50051?... (Mooncake Store;
     # options in store/mooncake_store.py); shared by every server and precompute worker
     remote_url: str = ""

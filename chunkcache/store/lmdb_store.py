@@ -38,6 +38,8 @@ _MAX_DOUBLINGS = 8
 _META_DB = b"chunkcache-meta"
 _META = struct.Struct("<QQQd")  # bytes, tokens, hits, last access (unix time: shared by processes)
 _FLUSH_EVERY = 64  # access records buffered before they are written
+_TOTAL = b"!total"  # in the metadata db: bytes of all entries (not a hex key: no entry can have it)
+_COUNT = struct.Struct("<Q")
 _DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.PanicError)
 
 class _SharedLock:
@@ -223,7 +225,7 @@ class LmdbStore(EncodedTier):
             self._accesses, self._hits = {}, {}
         for key, when in accesses.items():
             raw = txn.get(key.encode(), db=self._meta)
-            if raw is not None:
+            if raw is not None and len(raw) == _META.size:
                 size, tokens, old_hits, _ = _META.unpack(raw)
                 txn.put(key.encode(), _META.pack(size, tokens, old_hits + hits.get(key, 0), when), db=self._meta)
 
@@ -246,9 +248,13 @@ class LmdbStore(EncodedTier):
 
         def write(txn: lmdb.Transaction) -> None:
             self._flush_accesses(txn)
+            replaced = self._nbytes(txn, key)
             txn.put(key.encode(), data)
             txn.put(key.encode(), _META.pack(len(data), tokens, 0, time.time()), db=self._meta)
-            if self.budget is not None:
+            # a running total, kept in the same transaction by every write: the entries are
+            # listed (a scan) only when the budget is passed, not on every write
+            used = self._total(txn) - replaced + len(data)
+            if self.budget is not None and used > self.budget:
                 infos = self._infos(txn)
                 used = sum(i.nbytes for i in infos)
                 others = [i for i in infos if i.key != key]
@@ -256,6 +262,8 @@ class LmdbStore(EncodedTier):
                     txn.delete(info.key.encode())
                     txn.delete(info.key.encode(), db=self._meta)
                     evicted.append(info.key)
+                    used -= info.nbytes
+            txn.put(_TOTAL, _COUNT.pack(max(0, used)), db=self._meta)
 
         try:
             self._write(write)
@@ -268,8 +276,12 @@ class LmdbStore(EncodedTier):
 
     def delete(self, key: str) -> None:
         def drop(txn: lmdb.Transaction) -> None:
+            size = self._nbytes(txn, key)
             txn.delete(key.encode())
             txn.delete(key.encode(), db=self._meta)
+            total = txn.get(_TOTAL, db=self._meta)
+            if total is not None and len(total) == _COUNT.size:
+                txn.put(_TOTAL, _COUNT.pack(max(0, _COUNT.unpack(total)[0] - size)), db=self._meta)
 
         self._guarded("delete", lambda: self._write(drop), None)
 
@@ -296,6 +308,21 @@ class LmdbStore(EncodedTier):
 
         self._write(drop_all)
 
+    def _nbytes(self, txn: lmdb.Transaction, key: str) -> int:
+        """Bytes of the entry under ``key`` (0: none)."""
+        meta = txn.get(key.encode(), db=self._meta)
+        if meta is not None and len(meta) == _META.size:
+            return int(_META.unpack(meta)[0])
+        data = txn.get(key.encode())
+        return 0 if data is None else len(data)
+
+    def _total(self, txn: lmdb.Transaction) -> int:
+        """Bytes of all entries: the running total, or a scan when it is missing or damaged."""
+        raw = txn.get(_TOTAL, db=self._meta)
+        if raw is not None and len(raw) == _COUNT.size:
+            return int(_COUNT.unpack(raw)[0])
+        return sum(i.nbytes for i in self._infos(txn))
+
     # --- listing -------------------------------------------------------------------------
     def _keys(self, txn: lmdb.Transaction) -> Iterator[str]:
         """Keys of entries; a key damaged on disk (not text) is skipped: no one can ask for it."""
@@ -316,6 +343,8 @@ class LmdbStore(EncodedTier):
         known = set()
         for raw_key, raw in txn.cursor(db=self._meta).iternext():
             key = _text(raw_key)
+            if bytes(raw_key) == _TOTAL:
+                continue
             if key is None or len(raw) != _META.size:
                 continue  # a damaged record: the entry is ranked as one without metadata below
             size, tokens, hits, when = _META.unpack(bytes(raw))

@@ -72,6 +72,24 @@ def test_disk_tier_budget_is_never_exceeded_and_evicts_by_policy(store_path: Pat
     reopened.close()
 
 
+def test_the_disk_budget_holds_through_replacements_deletes_and_other_writers(store_path: Path) -> None:
+    blob = b"x" * 1000
+    unbounded = LmdbStore(store_path, RAW)  # another writer without a budget keeps the total too
+    for i in range(4):
+        unbounded.put_bytes(f"u{i}", blob, tokens=1)
+    unbounded.close()
+    disk = LmdbStore(store_path, RAW, budget_bytes=5000)
+    disk.put_bytes("u0", b"y" * 1500, tokens=1)  # a replacement counts its new size only
+    assert disk.size() == 4500 and len(disk) == 4
+    disk.delete("u1")
+    for i in range(6):
+        disk.put_bytes(f"n{i}", blob, tokens=1)
+        assert disk.size() <= 5000
+    assert 4000 <= disk.size() <= 5000  # a wrong running total would evict too much or too little
+    assert disk.stats.snapshot()["evictions"] >= 4
+    disk.close()
+
+
 def test_a_hit_in_a_lower_tier_is_promoted(store_path: Path) -> None:
     cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, RAW)
     store = TieredStore([cpu, disk], RAW)
