@@ -45,6 +45,9 @@ class Settings:
     # options in store/mooncake_store.py); shared by every server and precompute worker
     remote_url: str = ""
     remote_timeout_s: float = 2.0
+    # The env var holding a secret shared by the servers and workers that may write the remote
+    # tier: set, every entry is sealed with an HMAC-SHA256 and one that fails it is a miss.
+    remote_key_env: str = "CHUNKCACHE_REMOTE_KEY"
     eviction: str = "lru"  # lru | cost (hits x tokens / bytes)
     write_through: bool = True  # False: writes land in the first tier, reach lower ones on eviction
     stream_layers: bool = True  # fuse layer i while later layers of the chunk caches still decode

@@ -222,7 +222,7 @@ class MooncakeStore(RemoteTier):
             self._check(code, "get")
             raise ServiceRefused(f"get of an object of {code} bytes returned nothing")
 
-        return self._read(self._call("get", read, None))
+        return self._read(key, self._call("get", read, None))
 
     def contains(self, key: str) -> bool:
         return bool(self._call("exists", lambda c: self._check(c.is_exist(self._entry(key)), "exists"), 0))
@@ -233,8 +233,10 @@ class MooncakeStore(RemoteTier):
         meta = json.dumps({"bytes": len(data), "tokens": peek_tokens(data) if tokens is None else tokens,
                            "time": time.time()}).encode()
 
+        stored = self._sealed(key, data)
+
         def write(client: Any) -> bool:
-            self._check(client.upsert(self._entry(key), data, self._replicate), "put")
+            self._check(client.upsert(self._entry(key), stored, self._replicate), "put")
             self._check(client.upsert(self._meta(key), meta, self._replicate), "put")
             return True
 

@@ -58,7 +58,7 @@ class RedisStore(RemoteTier):
 
     # --- reads ---------------------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes | None:
-        return self._read(self._call("get", lambda: self.client.get(self._entry(key)), None))
+        return self._read(key, self._call("get", lambda: self.client.get(self._entry(key)), None))
 
     def contains(self, key: str) -> bool:
         return bool(self._call("exists", lambda: self.client.exists(self._entry(key)), 0))
@@ -69,9 +69,11 @@ class RedisStore(RemoteTier):
         meta = {"bytes": len(data), "tokens": peek_tokens(data) if tokens is None else tokens,
                 "time": time.time()}
 
+        stored = self._sealed(key, data)
+
         def write() -> bool:
             pipe = self.client.pipeline(transaction=True)
-            pipe.set(self._entry(key), data)
+            pipe.set(self._entry(key), stored)
             pipe.hset(self._meta(key), mapping=meta)
             pipe.execute()
             return True

@@ -5,6 +5,8 @@ cache` and precompute's size report all read this table."""
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,8 @@ def _disk(s: Any, codec: KVCodec) -> Tier:
 def _remote(s: Any, codec: KVCodec) -> Tier:
     from chunkcache.store.remote import open_remote
 
-    return open_remote(s.remote_url, codec, timeout_s=s.remote_timeout_s)
+    secret = os.environ.get(s.remote_key_env, "") if s.remote_key_env else ""
+    return open_remote(s.remote_url, codec, timeout_s=s.remote_timeout_s, mac_key=secret.encode() or None)
 
 
 def _remote_missing(s: Any) -> str | None:

@@ -1,9 +1,14 @@
 """The remote tier's two backends (redis, Mooncake Store) chosen by the URL's scheme, and what
 they share: an outage is a miss with one warning, the service skipped for ``retry_s``, then
-tried again."""
+tried again; with a key set (``remote_key_env``), every entry is sealed with an HMAC-SHA256 of
+its cache key and bytes, so whoever can write to the shared service but lacks the key cannot
+change an answer: an entry that fails its tag (tampered, unsigned, moved to another key, or
+signed with another key) is a miss, counted as corrupt, and recomputed."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -78,6 +83,9 @@ class RemoteTier(EncodedTier):
 
     name = "remote"
     _ns = "chunkcache"
+    mac_key: bytes | None = None  # set: entries are sealed and checked (module docstring)
+    _TAG = 32
+    _told_unsealed = False  # one warning per tier for entries that fail their tag
 
     def _entry(self, key: str) -> str:
         return f"{self._ns}:e:{key}"
@@ -85,8 +93,26 @@ class RemoteTier(EncodedTier):
     def _meta(self, key: str) -> str:
         return f"{self._ns}:m:{key}"
 
-    def _read(self, data: bytes | None) -> bytes | None:
-        """Count a read's result (hit, miss, bytes) and hand it on."""
+    def _tag(self, key: str, data: bytes | memoryview) -> bytes:
+        return hmac.new(self.mac_key or b"", key.encode() + b"\0" + data, hashlib.sha256).digest()
+
+    def _sealed(self, key: str, data: bytes) -> bytes:
+        """The bytes to store for ``key``: ``data``, then its tag when a key is set."""
+        return data + self._tag(key, data) if self.mac_key else data
+
+    def _read(self, key: str, data: bytes | None) -> bytes | None:
+        """Count a read's result (hit, miss, bytes) and hand on the entry (its tag checked)."""
+        if data is not None and self.mac_key:
+            body = memoryview(data)[: -self._TAG] if len(data) > self._TAG else memoryview(b"")
+            if len(data) <= self._TAG or not hmac.compare_digest(self._tag(key, body), data[-self._TAG :]):
+                self.stats.count("corrupt")
+                if not self._told_unsealed:
+                    self._told_unsealed = True
+                    log.warning("remote cache %s: entry %s fails its HMAC (tampered, unsigned or another "
+                                "key's): read as a miss; such entries are recomputed", self.name, key[:16])
+                data = None
+            else:
+                data = bytes(body)
         self.stats.count("misses" if data is None else "hits")
         if data is not None:
             self.stats.count("read_bytes", len(data))
@@ -119,14 +145,18 @@ class RemoteTier(EncodedTier):
 
 
 def open_remote(url: str, codec: KVCodec, timeout_s: float = 2.0, retry_s: float = RETRY_S,
-                namespace: str = "chunkcache") -> RemoteTier:
-    """The remote tier ``url`` names: redis/valkey or Mooncake Store."""
+                namespace: str = "chunkcache", mac_key: bytes | None = None) -> RemoteTier:
+    """The remote tier ``url`` names: redis/valkey or Mooncake Store; ``mac_key``: seal entries."""
+    tier: RemoteTier
     if url.startswith(REDIS_SCHEMES):
         from chunkcache.store.redis_store import RedisStore
 
-        return RedisStore(url, codec, namespace=namespace, timeout_s=timeout_s, retry_s=retry_s)
-    if url.startswith(MOONCAKE_SCHEME):
+        tier = RedisStore(url, codec, namespace=namespace, timeout_s=timeout_s, retry_s=retry_s)
+    elif url.startswith(MOONCAKE_SCHEME):
         from chunkcache.store.mooncake_store import MooncakeStore
 
-        return MooncakeStore(url, codec, namespace=namespace, timeout_s=timeout_s, retry_s=retry_s)
-    raise InvalidInputError(f"remote_url must be {URL_HELP}, got {url!r}")
+        tier = MooncakeStore(url, codec, namespace=namespace, timeout_s=timeout_s, retry_s=retry_s)
+    else:
+        raise InvalidInputError(f"remote_url must be {URL_HELP}, got {url!r}")
+    tier.mac_key = mac_key or None
+    return tier

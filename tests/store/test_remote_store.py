@@ -194,3 +194,21 @@ def test_a_full_mooncake_store_evicts_or_refuses_with_one_warning(
         remote.close()
     finally:
         small.close()
+
+
+def test_with_a_key_only_sealed_entries_are_served(backend: Backend) -> None:
+    remote = backend.open(mac_key=b"shared secret")
+    remote.put("k", _kv())
+    assert torch.equal(remote.get("k").kv, _kv().kv)  # its own sealed write reads back
+    forged = RAW.encode(_kv(seed=9))  # a sound container (its checksum holds) written without the key
+    backend.overwrite(remote, f"{backend.namespace}:e:k", forged)
+    assert remote.get("k") is None and remote.stats.snapshot()["corrupt"] == 1
+    remote.put("a", _kv(seed=1))
+    moved = remote.client.get(f"{backend.namespace}:e:a") if backend.name == "redis" else None
+    if moved is not None:  # a sealed entry copied under another key is refused too
+        backend.overwrite(remote, f"{backend.namespace}:e:b", moved)
+        assert remote.get("b") is None
+    other = backend.open(mac_key=b"another secret")
+    assert other.get("a") is None  # signed with another key: a miss
+    remote.close()
+    other.close()
