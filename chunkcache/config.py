@@ -109,6 +109,9 @@ class Settings:
     # body passes it) before it is held in memory; room for max_documents long documents.
     max_body: str = "32MiB"
     max_tokens_limit: int = 2048  # the most new tokens a request may ask for
+    # Tokens of one request's question and chunks (or one documents request's texts) together,
+    # past which it is refused (413) rather than holding the engine for minutes; 0: no limit.
+    max_request_tokens: int = 16384
     default_top_k: int = 5  # retrieval when a request names no top_k
     # Retrieval from an index (query, serve): "hybrid" fuses the faiss (dense) and BM25 (lexical)
     # rankings, or "dense" / "lexical" alone; fusion "rrf" (reciprocal rank, damped by rrf_k) or

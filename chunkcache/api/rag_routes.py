@@ -64,6 +64,7 @@ async def retrieve(body: s.RetrieveRequest, request: Request) -> s.RetrieveRespo
 async def add_documents(body: s.DocumentsRequest, request: Request) -> s.Job:
     service = _service(request)
     service.check_documents(body.documents)
+    service.check_tokens("", [d.text for d in body.documents], "this documents request")
     service.require_index("add documents to")
     job = service.new_job()
     try:

@@ -127,6 +127,24 @@ class RagService:
                     f"{self.settings.max_document_chars}: split it into chunks"
                 )
 
+    def check_tokens(self, question: str, texts: list[str], what: str = "this request") -> None:
+        """Refuse (413) a question and chunks or documents above ``max_request_tokens`` together:
+        one request's work stays bounded, whatever the strategy."""
+        limit = self.settings.max_request_tokens
+        if limit <= 0:
+            return
+        template = self.engine.model.template
+        total = len(template.question_ids(question)) if question else 0
+        for text in texts:
+            total += len(template.encode(text))
+            if total > limit:
+                break
+        if total > limit:
+            raise RequestTooLargeError(
+                f"{what} holds more than {limit} tokens (the max_request_tokens setting): send a shorter "
+                "question, fewer or shorter documents, or a smaller top_k"
+            )
+
     def max_tokens(self, asked: int | None) -> int | None:
         if asked is not None and asked > self.settings.max_tokens_limit:
             raise InvalidInputError(
@@ -146,6 +164,7 @@ class RagService:
             start = time.perf_counter()
             chunks, picked["refs"] = self._chunks(req)
             picked["retrieve_s"] = time.perf_counter() - start
+            self.check_tokens(req.question, chunks)
             return self.engine.plan(req.question, chunks, strategy=req.strategy, max_new_tokens=req.max_tokens,
                                     sampling=req.sampling, on_text=cut, **req.params)
 

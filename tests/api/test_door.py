@@ -90,3 +90,15 @@ def test_the_schema_states_the_limits_and_the_server_keeps_to_its_types(make_ser
         ok = httpx.post(f"{url}/v1/chat/completions", json={"messages": user, "documents": docs, "max_tokens": 2,
                                                              "temperature": 0, "logprobs": False}, timeout=120)
         assert ok.status_code == 200, ok.text  # an int where a float is asked, features in their "off" form
+
+
+def test_a_request_over_the_token_budget_is_refused_whatever_its_source(make_service: ServiceFactory) -> None:
+    long_doc = {"id": "long", "text": "The mill turned the wheel of the old town. " * 40}  # ~400 tokens
+    with running(make_service(max_request_tokens=200)) as url:
+        assert httpx.post(f"{url}/v1/rag/answer", json=QUESTION, timeout=120).status_code == 200
+        answer = httpx.post(f"{url}/v1/rag/answer", json=QUESTION | {"documents": [long_doc]}, timeout=120)
+        assert answer.status_code == 413 and "max_request_tokens" in answer.json()["error"]["message"]
+        question = httpx.post(f"{url}/v1/rag/answer", json=QUESTION | {"query": "Why? " * 300}, timeout=120)
+        assert question.status_code == 413
+        documents = httpx.post(f"{url}/v1/documents", json={"documents": [long_doc]}, timeout=30)
+        assert documents.status_code == 413
