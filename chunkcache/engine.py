@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec
+from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec, names_taking, spec_pattern
 from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.decode import StopText
 from chunkcache.blend.pool import KVPool
@@ -21,7 +21,7 @@ from chunkcache.errors import ContextTooLongError, CorruptCacheError, InvalidInp
 from chunkcache.generation import Answer, Fused, Generation, OnText, Plan, decode_step
 from chunkcache.kv import ChunkKV
 from chunkcache.model import LoadedModel, load_model
-from chunkcache.model.prompt import question_from_chat
+from chunkcache.model.prompt import TEXT_CHAR, has_text, last_question, question_from_chat
 from chunkcache.model.registry import PACKAGED_MODELS
 from chunkcache.store import KVStore, build_store, chunk_key, prefix_fingerprint
 from chunkcache.store.stream import LayerStream
@@ -32,7 +32,7 @@ from chunkcache.timing import collect, stage
 # what the faces (CLI, service, adapters) use of a request, all from here: they import the engine,
 # not blend or model internals (tests/test_layers.py holds that)
 __all__ = ["PACKAGED_MODELS", "Answer", "ChunkCacheEngine", "ChunkNeighbours", "KVPool", "Sampling", "StopText", "describe_strategies",
-           "make_strategy", "parse_strategy_spec", "question_from_chat"]
+           "make_strategy", "parse_strategy_spec", "question_from_chat", "last_question", "TEXT_CHAR", "spec_pattern", "names_taking"]
 
 STRATEGY_SETTINGS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
 
@@ -438,7 +438,7 @@ class ChunkCacheEngine:
 
 def check_request(question: str, chunks: Sequence[str]) -> None:
     """Raise `InvalidInputError` for an empty question, no chunks or an empty chunk."""
-    if not isinstance(question, str) or not question.strip():
+    if not isinstance(question, str) or not has_text(question):
         raise InvalidInputError("the question is empty; pass the text to answer")
     _check_chunks(chunks)
 
@@ -447,5 +447,5 @@ def _check_chunks(chunks: Sequence[str]) -> None:
     if isinstance(chunks, str) or not isinstance(chunks, Sequence) or len(chunks) == 0:
         raise InvalidInputError("no chunks given; pass a non-empty list of passage texts")
     for i, chunk in enumerate(chunks):
-        if not isinstance(chunk, str) or not chunk.strip():
+        if not isinstance(chunk, str) or not has_text(chunk):
             raise InvalidInputError(f"chunk {i} is empty; every chunk must hold text")

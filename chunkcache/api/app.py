@@ -19,7 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkcache.api import schemas as s
 from chunkcache.api.guard import Guard
-from chunkcache.api.service import ModelNotFoundError, NoIndexError, RagService, RequestTooLargeError
+from chunkcache.api.service import (EmptyIndexError, ModelNotFoundError, NoIndexError, NotFoundError, RagService,
+                                    RequestTooLargeError)
 from chunkcache.errors import ChunkCacheError, ContextTooLongError, InvalidInputError, UnknownStrategyError
 from chunkcache.scheduler import CancelledRequestError, QueueFullError
 from chunkcache.store.policy import parse_bytes
@@ -31,6 +32,8 @@ _STATUS: list[tuple[type[Exception], int, str]] = [  # most specific first
     (RequestTooLargeError, 413, "invalid_request_error"),
     (ContextTooLongError, 413, "invalid_request_error"),
     (NoIndexError, 400, "invalid_request_error"),
+    (NotFoundError, 404, "invalid_request_error"),
+    (EmptyIndexError, 409, "invalid_request_error"),
     (ModelNotFoundError, 404, "invalid_request_error"),
     (UnknownStrategyError, 400, "invalid_request_error"),
     (InvalidInputError, 400, "invalid_request_error"),  # 400, as OpenAI and vLLM answer
@@ -63,7 +66,7 @@ def create_app(service: RagService) -> FastAPI:
     app = FastAPI(
         title="chunkcache", version="0.1.0", lifespan=lifespan,
         description="RAG answers from precomputed chunk KV caches: OpenAI-compatible and native endpoints.",
-        responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 413, 429)},
+        responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 409, 413, 429, 500)},
     )
     app.state.service = service
     key = os.environ.get(service.settings.api_key_env, "") if service.settings.api_key_env else ""

@@ -57,6 +57,35 @@ def add_load_parser(bench: argparse._SubParsersAction, common: Callable[[argpars
     p.set_defaults(func=cmd_bench_load)
 
 
+def add_fuzz_parser(bench: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = bench.add_parser("fuzz", help="schemathesis over the served OpenAPI schema, every check, against a real server")
+    p.add_argument("--model", help="model the server loads (default: settings; a small one makes it quick)")
+    p.add_argument("--cases", type=int, default=2000, help="about this many generated requests in all")
+    p.add_argument("--checks", default="all", help="schemathesis checks (default: all)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", help="folder for fuzz.json")
+    p.set_defaults(func=cmd_bench_fuzz)
+
+
+def cmd_bench_fuzz(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from chunkcache.eval.fuzz import format_table, run_fuzz
+
+    report = run_fuzz(args.model, args.cases, args.seed, args.checks, args.workers)
+    print(format_table(report), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fuzz.log").write_text(report.pop("output"), encoding="utf-8")  # every failure, reproducible
+        (out / "fuzz.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out / 'fuzz.json'} and fuzz.log")
+    cases = report["test_cases"]
+    return 0 if report["exit_code"] == 0 and not cases.get("with_failures") else 1
+
+
 def cmd_bench_load(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path

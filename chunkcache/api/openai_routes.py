@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from chunkcache.api import schemas as s
 from chunkcache.api.run import answer_once, answer_stream, sse, stream_error
 from chunkcache.api.service import AnswerRequest, AnswerResult, ModelNotFoundError, RagService
-from chunkcache.engine import Sampling, question_from_chat
+from chunkcache.engine import Sampling, last_question, question_from_chat
 
 router = APIRouter(tags=["openai"])
 _SSE = {200: {"content": {"text/event-stream": {}}, "description": "with stream: true, server-sent events"}}
@@ -29,8 +29,9 @@ def _service(request: Request) -> RagService:
 @router.post("/v1/chat/completions", response_model=s.ChatCompletion, responses=_SSE)
 async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Any:
     service = _service(request)
-    req = _answer_request(service, body, chat_question(body.messages), body.max_completion_tokens or body.max_tokens,
-                          search=_text(body.messages[-1]))
+    turns = [(m.role, _text(m)) for m in body.messages]
+    req = _answer_request(service, body, question_from_chat(turns), body.max_completion_tokens or body.max_tokens,
+                          search=turns[last_question(turns)][1])
     return await _respond(request, service, body, req, chat=True)
 
 
@@ -38,7 +39,9 @@ async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> A
 async def completions(body: s.CompletionRequest, request: Request) -> Any:
     service = _service(request)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]  # the schema allows one
-    return await _respond(request, service, body, _answer_request(service, body, prompt, body.max_tokens),
+    asked = body.max_tokens if "max_tokens" in body.model_fields_set else min(body.max_tokens or 16,
+                                                                           service.settings.max_tokens_limit)
+    return await _respond(request, service, body, _answer_request(service, body, prompt, asked),
                           chat=False)
 
 
@@ -57,11 +60,6 @@ async def _respond(request: Request, service: RagService, body: Any, req: Answer
         message = s.AssistantMessage(content=result.text)
         return s.ChatCompletion(choices=[s.ChatChoice(index=0, message=message, finish_reason=finish)], **common)
     return s.Completion(choices=[s.CompletionChoice(index=0, text=result.text, finish_reason=finish)], **common)
-
-
-def chat_question(messages: list[s.ChatMessage]) -> str:
-    """The question piece: system instructions, earlier turns, then the last user message."""
-    return question_from_chat([(m.role, _text(m)) for m in messages])
 
 
 def _text(message: s.ChatMessage) -> str:
@@ -85,7 +83,8 @@ def _answer_request(service: RagService, body: Any, question: str, max_tokens: i
         top_k=body.retrieval.top_k if body.retrieval else None,
         retrieval=body.retrieval.mode if body.retrieval else None, strategy=cache.strategy, params=params,
         max_tokens=service.max_tokens(max_tokens),
-        sampling=Sampling(body.temperature or 0.0, body.top_p if body.top_p is not None else 1.0, body.seed),
+        sampling=Sampling(body.temperature or 0.0, body.top_p if body.top_p is not None else 1.0,
+                          None if body.seed is None else body.seed % 2**63),
         stop=tuple(x for x in stop if x),
     )
 

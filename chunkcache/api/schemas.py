@@ -4,9 +4,12 @@ are ignored, RAG fields (`documents`, `doc_ids`, `retrieval`, `cache`) come in t
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import functools
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from chunkcache.engine import TEXT_CHAR, names_taking, spec_pattern
 
 
 def _no_surrogates(value: Any) -> Any:
@@ -25,6 +28,16 @@ def _no_surrogates(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _int_fields(model: type[BaseModel]) -> frozenset[str]:
+    fields = set()
+    for name, info in model.model_fields.items():
+        kinds = set(get_args(info.annotation)) or {info.annotation}
+        if int in kinds and float not in kinds:
+            fields.add(name)
+    return frozenset(fields)
+
+
 class _Checked(BaseModel):
     # strict: a boolean is not a number, a string not a boolean (JSON's types as the schema says)
     model_config = ConfigDict(strict=True)
@@ -32,7 +45,13 @@ class _Checked(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
-        return _no_surrogates(data)
+        """Valid Unicode only; and a whole float (64.0) where an integer is asked is that integer,
+        as JSON Schema counts it (booleans and strings stay refused: strict mode)."""
+        data = _no_surrogates(data)
+        if isinstance(data, dict):
+            ints = _int_fields(cls)
+            data = {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+        return data
 
 
 class _Strict(_Checked):
@@ -45,12 +64,14 @@ class _Lenient(_Checked):
 
 class DocumentIn(_Strict):
     id: str | None = Field(None, max_length=512, description="your id for it; default doc-N")
-    text: str = Field(..., min_length=1, description="one chunk: its KV cache is stored and reused as a unit")
+    text: str = Field(..., min_length=1, pattern=TEXT_CHAR,
+                      description="one chunk: its KV cache is stored and reused as a unit")
 
 
 STRATEGY_DOC = ("fusion strategy spec NAME[:VALUE][:KEY=VALUE...]: full, reuse, cacheblend[:RATIO], ape[:TEMPERATURE], epic[:K], "
                 "cachecraft[:ALPHA], with parameters as in `cacheblend:0.15:spread_v=0.5`; "
-                "`chunkcache strategies` lists them (default: the server's)")
+                "`chunkcache strategies` lists them (default: the server's). The pattern states NAME[:VALUE]; "
+                ":KEY=VALUE parameters are accepted beyond it, checked by the strategy")
 
 
 RetrievalMode = Literal["dense", "lexical", "hybrid"]
@@ -63,8 +84,16 @@ class Retrieval(_Strict):
     mode: RetrievalMode | None = Field(None, description=MODE_DOC)
 
 
+# recompute_ratio only beside a strategy that has it (or none: the server's default)
+_RATIO_RULE = {"if": {"required": ["recompute_ratio"], "properties": {"recompute_ratio": {"type": "number"}}},
+               "then": {"properties": {"strategy": {"anyOf": [
+                   {"type": "null"}, {"type": "string", "pattern": "^(?:(?:" + "|".join(names_taking("recompute_ratio")) + ")(?::|$)|$)"}]}}}}
+
+
 class CacheOptions(_Strict):
-    strategy: str | None = Field(None, description=STRATEGY_DOC)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_RATIO_RULE)
+
+    strategy: str | None = Field(None, description=STRATEGY_DOC, json_schema_extra={"pattern": spec_pattern()})
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -115,9 +144,11 @@ class _Sampling(RagExtras):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    # any integer (taken modulo 2**63): bounds near 2**63 are not exact in JSON's doubles
+    seed: int | None = Field(None, description="any integer; the same seed samples the same answer")
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: Stop | list[Stop] | None = Field(None, max_length=4, description="up to 4 sequences of up to 256 characters")
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = Field(
+        None, description="up to 4 sequences of up to 256 characters")
     stream: bool = False
     stream_options: StreamOptions | None = None
     # OpenAI fields chunkcache does not offer: accepted only in their "off" form, so that a client
@@ -139,6 +170,10 @@ class _Sampling(RagExtras):
         """Name every unsupported feature asked for in one message (before the fields' own checks)."""
         if not isinstance(data, dict):
             return data
+        for name, kind in (("logprobs", bool), ("echo", bool), ("top_logprobs", int)):
+            value = data.get(name)
+            if value is not None and type(value) is not kind:  # a Literal would take 0 for False
+                raise ValueError(f"{name} takes {'true or false' if kind is bool else 'an integer'}")
         refused = [name for name in _REFUSED if data.get(name)]
         refused += [n for n in ("presence_penalty", "frequency_penalty") if data.get(n) not in (None, 0, 0.0)]
         if data.get("best_of") not in (None, 1):
@@ -157,13 +192,23 @@ class _Sampling(RagExtras):
         return data
 
 
+_HAS_TEXT = TEXT_CHAR  # at least one character that is not white space
+_QUESTION = {"contains": {  # some user message with text: the question (the last such one)
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"const": "user"}, "content": {"anyOf": [
+        {"type": "string", "pattern": _HAS_TEXT},
+        {"type": "array", "contains": {"type": "object", "required": ["text"],
+                                       "properties": {"text": {"type": "string", "pattern": _HAS_TEXT}}}}]}}}}
+
+
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, json_schema_extra=_QUESTION)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+    prompt: Annotated[str, Field(pattern=_HAS_TEXT)] | Annotated[
+        list[Annotated[str, Field(pattern=_HAS_TEXT)]], Field(min_length=1, max_length=1)] = Field(
         ..., description="the question (one prompt per request)")
     max_tokens: int | None = Field(16, ge=1)
     echo: Literal[False] = Field(False, description="not supported: the prompt is the question, not a text to continue")
@@ -250,11 +295,13 @@ class Completion(_Reply):
 
 
 class RagAnswerRequest(_Strict):
-    query: str = Field(..., min_length=1)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_RATIO_RULE)
+
+    query: str = Field(..., min_length=1, pattern=_HAS_TEXT)
     documents: list[DocumentIn] | None = None
     top_k: int | None = Field(None, ge=1, le=100)
     retrieval: RetrievalMode | None = Field(None, description=MODE_DOC)
-    strategy: str | None = Field(None, description=STRATEGY_DOC)
+    strategy: str | None = Field(None, description=STRATEGY_DOC, json_schema_extra={"pattern": spec_pattern()})
     recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
@@ -271,7 +318,7 @@ class RagAnswer(BaseModel):
 
 
 class RetrieveRequest(_Strict):
-    query: str = Field(..., min_length=1)
+    query: str = Field(..., min_length=1, pattern=_HAS_TEXT)
     top_k: int = Field(5, ge=1, le=100)
     retrieval: RetrievalMode | None = Field(None, description=MODE_DOC)
 

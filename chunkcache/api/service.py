@@ -40,6 +40,14 @@ class NoIndexError(InvalidInputError):
     """Retrieval was asked of a server started without an index."""
 
 
+class NotFoundError(InvalidInputError):
+    """A named document is not in the index, or retrieval found no chunk (HTTP 404)."""
+
+
+class EmptyIndexError(InvalidInputError):
+    """Retrieval from an index that holds no chunks yet (HTTP 409: add documents first)."""
+
+
 @dataclass(frozen=True)
 class AnswerRequest:
     question: str
@@ -213,13 +221,16 @@ class RagService:
                 except InvalidInputError:  # its message names the server's folder
                     ids = []
                 if not ids:
-                    raise InvalidInputError(f"document {doc_id!r} is not in the index")
+                    raise NotFoundError(f"document {doc_id!r} is not in the index")
                 hits.extend(h for h in (index.get(c) for c in ids) if h is not None)
         else:
             hits = index.search(req.search or req.question, k=req.top_k or self.settings.default_top_k,
                                 retrieval=req.retrieval or self.settings.retrieval)
+            if not hits and len(index) == 0:
+                raise EmptyIndexError("the index has no chunks yet; POST /v1/documents first")
             if not hits:
-                raise InvalidInputError("the index has no chunks yet; POST /v1/documents first")
+                raise NotFoundError("no chunk of the index matches the question with this retrieval mode; "
+                                    "try hybrid or dense, or send documents")
         refs = [_reference(h, None if req.doc_ids else h.score) for h in hits]
         return [h.text for h in hits], refs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -90,6 +91,31 @@ def _parse_name_value(spec: str, name: str, value: str) -> tuple[str, dict[str, 
         except ValueError:
             raise InvalidInputError(f"strategy {spec!r}: {value!r} is not a number") from None
     return target, params
+
+
+_VALUE_FORMS = {  # the VALUE of NAME:VALUE each spec takes, as a regex of what is valid
+    "recompute_ratio": r"(?:0*(?:0(?:\.[0-9]*)?|\.[0-9]+)|0*1(?:\.0*)?)",  # [0, 1]
+    "epic_k": r"[0-9]+",
+    "ape_temperature": r"(?:[0-9]*[1-9][0-9]*(?:\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)",  # > 0
+}
+_ANY_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+
+
+def spec_pattern() -> str:
+    """A regex of the ``NAME[:VALUE]`` specs that are valid, VALUE in its range, for a schema to
+    state (names are plain [a-z-], valid in Python's and JSON Schema's regexes alike). Specs with
+    ``:key=value`` parameters are accepted beyond it: their values are checked by the strategy,
+    which a pattern cannot say."""
+    forms = [name for name in STRATEGIES if name not in _SPEC_PARAMS]
+    for name, (_, param, _) in _SPEC_PARAMS.items():
+        forms.append(f"{name}(?::{_VALUE_FORMS.get(param, _ANY_NUMBER)})?")
+    return "^(?:" + "|".join(forms) + ")?$"  # empty: the default strategy
+
+
+def names_taking(param: str) -> list[str]:
+    """The spec names whose strategy has parameter ``param``."""
+    names = [n for n, cls in STRATEGIES.items() if param in {f.name for f in dataclasses.fields(cls)}]
+    return names + [n for n, (target, _, _) in _SPEC_PARAMS.items() if target in names and n not in names]
 
 
 def describe_strategies(defaults: Mapping[str, Any] | None = None) -> str:

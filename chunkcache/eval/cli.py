@@ -275,9 +275,10 @@ def add_bench_parsers(sub: argparse._SubParsersAction, common: Callable[[argpars
     p.add_argument("--out", help="folder for store.json")
     p.set_defaults(func=cmd_bench_store)
 
-    from chunkcache.api.cli import add_load_parser
+    from chunkcache.api.cli import add_fuzz_parser, add_load_parser
 
     add_load_parser(bench, common)
+    add_fuzz_parser(bench)
 
     p = bench.add_parser("decode", help="batched decode: ms per step and tokens/s per batch size and context")
     common(p)

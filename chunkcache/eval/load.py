@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -77,16 +79,8 @@ def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60
     url = f"http://127.0.0.1:{port}"
     bodies = _requests(passage_words, per_request)
     with tempfile.TemporaryDirectory(prefix="chunkcache-load-") as scratch:
-        env = {**os.environ, **(extra_env or {}), "CHUNKCACHE_STORE_PATH": str(Path(scratch) / "store"),
-               "CHUNKCACHE_MAX_QUEUE": str(max(clients * 2, 32))}
-        cmd = [sys.executable, "-m", "chunkcache.cli", "serve", "--port", str(port), "--log-level", "warning"]
-        if model:
-            cmd += ["--model", model]
-        log_path = Path(scratch) / "server.log"  # a file, not a pipe: a pipe nobody reads would block the server
-        log_file = log_path.open("w")
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
-        try:
-            _wait_healthy(url, server, log_path)
+        env = {**os.environ, **(extra_env or {}), "CHUNKCACHE_MAX_QUEUE": str(max(clients * 2, 32))}
+        with served(Path(scratch), port, model, env) as server:
             headers = {}
             key = env.get(env.get("CHUNKCACHE_API_KEY_ENV", "CHUNKCACHE_API_KEY"), "")
             if key:
@@ -113,10 +107,26 @@ def run_load(model: str | None = None, clients: int = 16, duration_s: float = 60
             asyncio.run(drive())
             rss.append((time.monotonic() - started, _rss_bytes(server.pid)))
             warmup_s = warm[0]
+    return _report(rows, rss, started, warmup_s, clients, duration_s, max_tokens, per_request, passage_words)
+
+
+@contextmanager
+def served(scratch: Path, port: int, model: str | None, env: dict[str, str],
+           args: Sequence[str] = ()) -> Iterator[subprocess.Popen[str]]:
+    """`chunkcache serve` in a subprocess on ``port`` (store under ``scratch``), healthy, then
+    stopped. Its log goes to ``scratch/server.log``: a pipe nobody reads would block the server."""
+    cmd = [sys.executable, "-m", "chunkcache.cli", "serve", "--port", str(port), "--log-level", "warning", *args]
+    if model:
+        cmd += ["--model", model]
+    env = {"CHUNKCACHE_STORE_PATH": str(scratch / "store"), **env}
+    log_path = scratch / "server.log"
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+        try:
+            _wait_healthy(f"http://127.0.0.1:{port}", server, log_path)
+            yield server
         finally:
             stop_process(server)
-            log_file.close()
-    return _report(rows, rss, started, warmup_s, clients, duration_s, max_tokens, per_request, passage_words)
 
 
 def _wait_healthy(url: str, server: subprocess.Popen[str], log_path: Path) -> None:

@@ -7,12 +7,21 @@ the chat template; only the template's own head and tail carry control tokens.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from chunkcache.errors import InvalidInputError
 
 _SENTINEL = "\u2063CHUNKCACHE_USER_CONTENT\u2063"
+# A character that is not white space, the same in Python's and JSON Schema's (ECMA-262) regexes
+# (their \\S differ: Python counts U+0085 and U+001C-U+001F as space), so the API's schema and
+# the server agree on what holds text.
+TEXT_CHAR = r"[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+
+
+def has_text(text: str) -> bool:
+    return re.search(TEXT_CHAR, text) is not None
 
 
 @dataclass(frozen=True)
@@ -87,19 +96,23 @@ class PromptTemplate:
         )
 
 
-def question_from_chat(turns: list[tuple[str, str]]) -> str:
-    """The question piece for a chat: system instructions, the earlier turns, then the last user
-    message. They all go into the uncached question, so the cached head stays the same for every
-    request. ``turns`` are (role, text) with roles system/developer/user/assistant (others are
-    dropped); the last one must be the user's."""
-    from chunkcache.errors import InvalidInputError
+def last_question(turns: list[tuple[str, str]]) -> int:
+    """Index of the question in a chat: its last user message with text."""
+    for i in range(len(turns) - 1, -1, -1):
+        role, text = turns[i]
+        if role == "user" and has_text(text):
+            return i
+    raise InvalidInputError("the messages hold no question: send at least one 'user' message with text")
 
-    if not turns or turns[-1][0] != "user":
-        raise InvalidInputError("the last message must be the user's question (role 'user')")
-    question = turns[-1][1]
-    if not question.strip():
-        raise InvalidInputError("the user's last message is empty")
+
+def question_from_chat(turns: list[tuple[str, str]]) -> str:
+    """The question piece for a chat: system instructions, the other turns, then the last user
+    message with text. They all go into the uncached question, so the cached head stays the same
+    for every request. ``turns`` are (role, text) with roles system/developer/user/assistant
+    (others are dropped); turns after the question (an assistant's start) are kept as context."""
+    at = last_question(turns)
     system = [text for role, text in turns if role in ("system", "developer") and text]
-    earlier = [f"{role.capitalize()}: {text}" for role, text in turns[:-1] if role in ("user", "assistant") and text]
-    parts = system + (["Conversation so far:\n" + "\n".join(earlier)] if earlier else []) + [question]
+    others = [f"{role.capitalize()}: {text}" for i, (role, text) in enumerate(turns)
+              if i != at and role in ("user", "assistant") and text]
+    parts = system + (["Conversation so far:\n" + "\n".join(others)] if others else []) + [turns[at][1]]
     return "\n\n".join(parts)

@@ -80,7 +80,7 @@ def test_documents_retrieve_and_answer(make_service: ServiceFactory, tmp_path: P
         assert openai_style.json()["chunkcache"]["references"][0]["doc_id"] == "bridge"
         unknown = client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "x"}], "doc_ids": ["nope"]})
-        assert unknown.status_code == 400 and "not in the index" in unknown.json()["error"]["message"]
+        assert unknown.status_code == 404 and "not in the index" in unknown.json()["error"]["message"]
         assert client.post("/v1/rag/answer", json={"query": "x", "bogus": 1}).status_code == 400
 
 
