@@ -15,8 +15,8 @@ pytest.importorskip("schemathesis")
 
 
 def test_every_check_holds_for_generated_requests(tiny_dirs: dict[str, Path]) -> None:
-    report = run_fuzz(str(tiny_dirs["llama"]), cases=300, seed=7)
+    report = run_fuzz(str(tiny_dirs["llama"]), cases=100, seed=7)
     table = format_table(report)
-    assert report["test_cases"]["generated"] >= 300 and report["test_cases"]["with_failures"] == 0, \
+    assert report["test_cases"]["generated"] >= 200 and report["test_cases"]["with_failures"] == 0, \
         table + report["output"][-4000:]
     assert report["operations"]["tested"] == report["operations"]["total"] >= 9 and report["exit_code"] == 0, table
