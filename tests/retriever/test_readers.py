@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from chunkcache.retriever import DocumentReadError, read_documents, read_file
+from chunkcache.retriever.readers import document_id
 
 PAGE = """<!doctype html><html><head><title>The  Harbour &amp; Lighthouse</title>
 <style>p { color: red; }</style><script>var hidden = "do not index";</script></head>
@@ -24,7 +25,7 @@ def test_html_keeps_visible_text_as_paragraphs(tmp_path: Path) -> None:
                         "\n\nSecond block\nwith a line break.\n\nfirst item\n\nsecond item")
     assert doc.metadata["title"] == "The Harbour & Lighthouse"
     assert doc.metadata["format"] == "html"
-    assert doc.doc_id == "page.html"  # its name: never the server's absolute path
+    assert doc.doc_id.startswith("page.html@") and str(tmp_path) not in doc.doc_id  # never a server path
 
 
 def test_jsonl_text_and_id_fields(tmp_path: Path) -> None:
@@ -33,7 +34,7 @@ def test_jsonl_text_and_id_fields(tmp_path: Path) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n", encoding="utf-8")
     first, second = read_file(path)
     assert (first.doc_id, first.text, first.metadata["lang"], first.metadata["line"]) == ("7", "first", "en", 1)
-    assert second.doc_id == f"{path.name}#2"
+    assert second.doc_id == f"{document_id(path)}#2"
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps(rows[2]) + "\n", encoding="utf-8")
     [doc] = read_file(other, text_field="body")
@@ -78,9 +79,9 @@ def test_ids_of_ingested_folders_hide_server_paths_and_stay_apart(tmp_path: Path
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "guide.md").write_text(f"# Guide of {folder}\n\ntext")
     ids = [d.doc_id for d in read_documents([tmp_path / "a/docs", tmp_path / "b/docs"])]
-    assert all(i.startswith("docs/guide.md@") and str(tmp_path) not in i for i in ids)
-    assert len(set(ids)) == 2  # same relative path, different places: two documents
-    again = [d.doc_id for d in read_documents([tmp_path / "a/docs"])]
-    assert again == ids[:1]  # re-ingesting the same folder finds the same ids (incremental update)
+    assert all(i.startswith("guide.md@") and str(tmp_path) not in i for i in ids)
+    assert len(set(ids)) == 2  # one name, two places: two documents
+    again = [d.doc_id for d in read_documents([tmp_path / "a/docs/guide.md"])]
+    assert again == ids[:1] == [document_id(tmp_path / "a/docs/guide.md")]  # the same file, the same id
     [rooted] = read_documents(tmp_path / "a/docs/guide.md", root=tmp_path / "a")
     assert rooted.doc_id == "docs/guide.md"
