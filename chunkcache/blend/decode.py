@@ -49,6 +49,7 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         cut = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= sampling.top_p
+        cut[0] = False  # a top_p below float32's range (1e-313) rounds to 0 and would cut them all
         sorted_probs = sorted_probs.masked_fill(cut, 0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[0]

@@ -206,3 +206,12 @@ def test_a_long_question_never_costs_more_than_full_prefill(smollm2: LoadedModel
     assert short.recomputed_tokens > short_plain.recomputed_tokens  # a short question keeps its question pass
     deep, _ = _run(smollm2, inp, "cacheblend", recompute_ratio=0.15, check_layer=20)  # the probe alone: over full
     assert deep.recomputed_tokens == full.recomputed_tokens and torch.allclose(deep.logits, full.logits, atol=1e-5)
+
+
+def test_a_top_p_below_float32s_range_still_keeps_the_likeliest_token() -> None:
+    from chunkcache.blend.decode import Sampling, sample
+
+    logits = torch.tensor([0.1, 3.0, -1.0, 0.5])
+    for top_p in (2.2250738585e-313, 1e-40, 1e-9):  # found by bench fuzz: rounded to 0, it cut every token (500)
+        token = sample(logits, Sampling(temperature=2.0, top_p=top_p), torch.Generator().manual_seed(0))
+        assert int(token) == 1
