@@ -249,11 +249,12 @@ class LmdbStore(EncodedTier):
         def write(txn: lmdb.Transaction) -> None:
             self._flush_accesses(txn)
             replaced = self._nbytes(txn, key)
+            before = self._total(txn)  # before the put: a scan for a missing total would count it
             txn.put(key.encode(), data)
             txn.put(key.encode(), _META.pack(len(data), tokens, 0, time.time()), db=self._meta)
             # a running total, kept in the same transaction by every write: the entries are
             # listed (a scan) only when the budget is passed, not on every write
-            used = self._total(txn) - replaced + len(data)
+            used = before - replaced + len(data)
             if self.budget is not None and used > self.budget:
                 infos = self._infos(txn)
                 used = sum(i.nbytes for i in infos)
@@ -363,8 +364,12 @@ class LmdbStore(EncodedTier):
         return list(self._guarded("list", listed, []))
 
     def size(self) -> int:
-        """Bytes of encoded entries held."""
-        return sum(i.nbytes for i in self.infos())
+        """Bytes of encoded entries held (the running total: no scan)."""
+        def total() -> int:
+            with self._begin() as txn:
+                return self._total(txn)
+
+        return int(self._guarded("list", total, 0))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())

@@ -90,6 +90,28 @@ def test_the_disk_budget_holds_through_replacements_deletes_and_other_writers(st
     disk.close()
 
 
+def test_the_running_total_equals_a_scan_after_any_mix_of_writes(store_path: Path) -> None:
+    import random
+
+    rng = random.Random(7)
+    disk = LmdbStore(store_path, RAW, budget_bytes=20_000)
+    for i in range(5):  # exactly the budget: nothing to evict (a total counted twice evicted here)
+        disk.put_bytes(f"k{i}", b"x" * 4000, tokens=1)
+        assert disk.size() == 4000 * (i + 1)
+    assert len(disk) == 5 and disk.stats.snapshot()["evictions"] == 0
+    for step in range(120):
+        key, op = f"k{rng.randrange(12)}", rng.random()
+        if op < 0.6:
+            disk.put_bytes(key, b"x" * rng.randrange(1, 4000), tokens=1)
+        elif op < 0.9:
+            disk.delete(key)
+        else:
+            disk.close()  # a reopen reads the total the last writer left
+            disk = LmdbStore(store_path, RAW, budget_bytes=20_000)
+        assert disk.size() == sum(i.nbytes for i in disk.infos()), f"step {step}"
+    disk.close()
+
+
 def test_a_hit_in_a_lower_tier_is_promoted(store_path: Path) -> None:
     cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, RAW)
     store = TieredStore([cpu, disk], RAW)
