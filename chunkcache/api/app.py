@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkcache.api import schemas as s
 from chunkcache.api.guard import Guard
+from chunkcache.api.jobs import JobNotFoundError
 from chunkcache.api.service import (EmptyIndexError, ModelNotFoundError, NoIndexError, NotFoundError, RagService,
                                     RequestTooLargeError)
 from chunkcache.errors import ChunkCacheError, ContextTooLongError, InvalidInputError, UnknownStrategyError
@@ -33,6 +34,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [  # most specific first
     (ContextTooLongError, 413, "invalid_request_error"),
     (NoIndexError, 400, "invalid_request_error"),
     (NotFoundError, 404, "invalid_request_error"),
+    (JobNotFoundError, 404, "invalid_request_error"),
     (EmptyIndexError, 409, "invalid_request_error"),
     (ModelNotFoundError, 404, "invalid_request_error"),
     (UnknownStrategyError, 400, "invalid_request_error"),

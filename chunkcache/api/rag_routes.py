@@ -1,6 +1,6 @@
 """Native RAG endpoints: `POST /v1/rag/answer` (answer, references, cache report, timings),
 `POST /v1/retrieve`, `POST /v1/documents` (ingest + precompute as a background job) and
-`GET /v1/jobs/{id}`."""
+`GET` / `DELETE /v1/jobs/{id}` (a job's state; cancel it)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from chunkcache.api import schemas as s
 from chunkcache.api.run import answer_once, answer_stream, sse, stream_error
 from chunkcache.api.service import AnswerRequest, AnswerResult, RagService
-from chunkcache.scheduler import QueueFullError
 
 router = APIRouter(tags=["rag"])
 
@@ -66,18 +65,16 @@ async def add_documents(body: s.DocumentsRequest, request: Request) -> s.Job:
     service.check_documents(body.documents)
     service.check_tokens("", [d.text for d in body.documents], "this documents request")
     service.require_index("add documents to")
-    job = service.new_job()
-    try:
-        service.run(lambda: service.ingest(job, body.documents, body.precompute))
-    except QueueFullError:
-        service.jobs.pop(job.id, None)
-        raise
-    return job
+    return service.jobs.submit(body.documents, body.precompute)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=s.Job)
 async def get_job(job_id: str, request: Request) -> s.Job:
-    job = _service(request).jobs.get(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id!r}; job ids come from POST /v1/documents")
-    return job
+    return _service(request).jobs.get(job_id)
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=s.Job)
+async def cancel_job(job_id: str, request: Request) -> s.Job:
+    """Cancel a document job: it stops before its next piece (what it committed stays). A
+    finished job is returned as it is."""
+    return _service(request).jobs.cancel(job_id)

@@ -334,9 +334,9 @@ class DocumentsRequest(_Strict):
 
 class Job(BaseModel):
     id: str
-    status: Literal["queued", "running", "done", "failed"]
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
     created: int
-    result: dict[str, int] | None = None
+    result: dict[str, int] | None = None  # counts so far; final once done
     error: str | None = None
 
 

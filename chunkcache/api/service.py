@@ -1,6 +1,6 @@
 """`RagService`: what every endpoint does once its body is validated, independent of HTTP: pick
 the chunks (sent documents, named index documents, or retrieval), answer through the engine,
-ingest documents as background jobs. All engine and index work runs on the engine's `Scheduler`
+ingest documents as background jobs (api/jobs.py). All engine and index work runs on the engine's `Scheduler`
 thread: answers are batched there, other work runs between decode steps."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import hashlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chunkcache.api import schemas as s
+from chunkcache.api.jobs import JOBS_DIR, DocumentJobs, JobWork
 from chunkcache.api.metrics import ServiceMetrics
 from chunkcache.config import Settings
 from chunkcache.engine import Answer, ChunkCacheEngine, Sampling, StopText
@@ -25,7 +25,6 @@ from chunkcache.scheduler import Scheduler
 from chunkcache.store.policy import parse_bytes
 
 log = logging.getLogger(__name__)
-_JOBS_KEPT = 1000  # finished jobs remembered for GET /v1/jobs/{id}
 
 
 class RequestTooLargeError(ChunkCacheError):
@@ -104,7 +103,9 @@ class RagService:
         pool = self.engine.kv_pool(parse_bytes(settings.kv_budget) or 2**62)
         self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue)
         self.metrics = ServiceMetrics(self)
-        self.jobs: dict[str, s.Job] = {}
+        work = JobWork(self._index_document, self._unstored_chunks, self._precompute, settings.precompute_batch)
+        folder = None if self.index is None else Path(self.index.directory) / JOBS_DIR
+        self.jobs = DocumentJobs(self.scheduler, work, folder, settings.max_queue)
         self.started = int(time.time())
 
     @property
@@ -114,6 +115,7 @@ class RagService:
     def close(self) -> None:
         """Cancel what waits, stop what runs at its next token, then close store and index
         (only once the engine thread has stopped: it may still be writing to them)."""
+        self.jobs.close()
         if not self.scheduler.close():
             log.error("the engine thread did not stop; store and index are left open")
             return
@@ -246,43 +248,33 @@ class RagService:
             )
         return self.index
 
-    # --- documents jobs ------------------------------------------------------------------
-    def new_job(self) -> s.Job:
-        job = s.Job(id=f"job-{uuid.uuid4().hex[:16]}", status="queued", created=int(time.time()))
-        finished = [k for k, j in self.jobs.items() if j.status in ("done", "failed")]
-        for old in finished[: max(0, len(self.jobs) - _JOBS_KEPT)]:  # oldest first
-            del self.jobs[old]
-        self.jobs[job.id] = job
-        return job
-
-    def ingest(self, job: s.Job, documents: list[s.DocumentIn], precompute: bool) -> None:
-        """Chunk, embed and index ``documents``, then precompute their chunks (engine thread)."""
+    # --- documents jobs (pieces run on the engine thread, see api/jobs.py) -----------------
+    def _index_document(self, doc: s.DocumentIn) -> dict[str, int]:
         from chunkcache.jobs.ingest import CHUNK_TOKENS, OVERLAP_TOKENS
         from chunkcache.retriever import Chunker, Document, IndexChangedError
 
-        job.status = "running"
+        index = self.require_index("add documents to")
+        chunker = Chunker(self.engine.model.tokenizer, CHUNK_TOKENS, OVERLAP_TOKENS, name=self.settings.model)
+        docs = [Document(_doc_id(doc), doc.text)]
         try:
-            index = self.require_index("add documents to")
-            chunker = Chunker(self.engine.model.tokenizer, CHUNK_TOKENS, OVERLAP_TOKENS, name=self.settings.model)
-            docs = [Document(d.id or f"doc-{_chunk_id(d.text)[:16]}", d.text) for d in documents]
-            try:
-                report = index.ingest_documents(docs, chunker)
-            except IndexChangedError:  # another server over the same index committed meanwhile
-                report = index.ingest_documents(docs, chunker)
-            computed = 0
-            if precompute:
-                texts = [h.text for d in docs for h in (index.get(c) for c in index.doc_chunks(d.doc_id)) if h]
-                todo = [t for t in dict.fromkeys(texts) if not self.engine.stored(t)]
-                if todo:
-                    self.engine.precompute(todo)
-                computed = len(todo)
-                self.metrics.precomputed(computed, sum(len(self.engine.model.template.chunk_ids(t)) for t in todo))
-            job.result = {"added": report.added, "updated": report.updated, "unchanged": report.unchanged,
-                          "chunks_added": report.chunks_added, "chunks_removed": report.chunks_removed,
-                          "chunks_precomputed": computed}
-            job.status = "done"
-        except Exception as exc:  # noqa: BLE001 - reported through GET /v1/jobs/{id}
-            job.error, job.status = f"{type(exc).__name__}: {exc}", "failed"
+            report = index.ingest_documents(docs, chunker)
+        except IndexChangedError:  # another server over the same index committed meanwhile
+            report = index.ingest_documents(docs, chunker)
+        return {"added": report.added, "updated": report.updated, "unchanged": report.unchanged,
+                "chunks_added": report.chunks_added, "chunks_removed": report.chunks_removed}
+
+    def _unstored_chunks(self, documents: list[s.DocumentIn]) -> list[str]:
+        index = self.require_index("add documents to")
+        texts = [h.text for d in documents for h in (index.get(c) for c in index.doc_chunks(_doc_id(d))) if h]
+        return [t for t in dict.fromkeys(texts) if not self.engine.stored(t)]
+
+    def _precompute(self, texts: list[str]) -> None:
+        self.engine.precompute(texts)
+        self.metrics.precomputed(len(texts), sum(len(self.engine.model.template.chunk_ids(t)) for t in texts))
+
+
+def _doc_id(doc: s.DocumentIn) -> str:
+    return doc.id or f"doc-{_chunk_id(doc.text)[:16]}"
 
 
 def _chunk_id(text: str) -> str:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chunkcache.atomic import write_json_atomic
 from chunkcache.errors import CorruptCacheError, InvalidInputError
 from chunkcache.model.executor import LayerExecutor, rotate
 from chunkcache.model.loader import LoadedModel
@@ -232,13 +232,5 @@ def write_verdict(checks_dir: Path, verdict: Verdict) -> Path:
     sees the old file or the whole new one."""
     path = _verdict_path(checks_dir, verdict.fingerprint)
     checks_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=checks_dir, prefix=f".{verdict.fingerprint[:16]}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(verdict.to_dict(), out, indent=2)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, verdict.to_dict())
     return path

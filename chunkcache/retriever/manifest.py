@@ -4,12 +4,11 @@ the check that refuses another embedder, and the small result types `Hit` and `I
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chunkcache.atomic import write_json_atomic
 from chunkcache.retriever.embedder import DEFAULT_EMBEDDER, Embedder, MiniLMEmbedder
 from chunkcache.retriever.errors import EmbedderMismatchError, IndexCorruptError, IndexNotFoundError
 
@@ -90,17 +89,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    tmp = directory / f".{MANIFEST_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / MANIFEST_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(directory / MANIFEST_FILE, manifest, sort_keys=True)
 
 
 def embedder_for(manifest: dict[str, Any], directory: Path) -> Embedder:
