@@ -3,6 +3,7 @@ recomputed and the answer is the one a clean store gives; redis down still answe
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,17 @@ CHUNKS = [
 ]
 
 
-def _flip(data: bytes) -> bytes:
+def _flip(data: bytes, at: float = 0.5, bit: int = 0x04) -> bytes:
     damaged = bytearray(data)
-    damaged[len(damaged) // 2] ^= 0x04
+    damaged[int(len(damaged) * at)] ^= bit
     return bytes(damaged)
+
+
+def _damage(data: bytes, rng: random.Random) -> bytes:
+    """A bit flipped, or the entry cut short, at a random offset (header included)."""
+    if rng.random() < 0.5:
+        return _flip(data, rng.random(), 1 << rng.randrange(8))
+    return data[: rng.randrange(len(data))]
 
 
 def test_damaged_entries_are_recomputed_and_the_answer_is_unchanged(
@@ -45,6 +53,15 @@ def test_damaged_entries_are_recomputed_and_the_answer_is_unchanged(
     assert stats["disk"]["corrupt"] == 2 and stats["remote"]["corrupt"] == 2
     third = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12)
     assert third.cache_hits == 2 and third.text == clean.text  # recomputed entries were stored again
+    rng = random.Random(11)
+    for round_ in range(4):  # random flips and cuts, in both tiers at once
+        for key in keys:
+            disk.put_bytes(key, _damage(disk.get_bytes(key), rng))
+            client.set(f"chunkcache:e:{key}", _damage(client.get(f"chunkcache:e:{key}"), rng))
+        damaged = engine.answer(QUESTION, CHUNKS, strategy="cacheblend", max_new_tokens=12)
+        assert damaged.text == clean.text and damaged.cache_misses == 2, f"round {round_}"
+    stats = engine.store.stats()
+    assert stats["disk"]["corrupt"] == 2 + 8 and stats["remote"]["corrupt"] == 2 + 8
 
 
 def test_answers_still_come_when_redis_is_down(smollm2: LoadedModel, store_path: Path, redis_server: RedisServer) -> None:
