@@ -119,6 +119,7 @@ class LmdbStore(EncodedTier):
         self.stats = TierStats()
         self._closed = False
         self._damaged = False
+        self._failing = False  # the last write failed (warned once)
         self._accesses: dict[str, float] = {}  # key -> last access, not yet written
         self._hits: dict[str, int] = {}
         self._access_lock = threading.Lock()
@@ -183,8 +184,13 @@ class LmdbStore(EncodedTier):
                           "(answers go on from the other tiers and computing)", self.path, type(exc).__name__, exc)
             self._damaged = True
             return
+        if self._failing:  # one warning per outage (a full disk fails every write): counted only
+            log.debug("disk cache %s failed again at %s: %s", what, self.path, exc)
+            return
+        self._failing = True
         log.warning("disk cache %s failed at %s (%s: %s); check free space and permissions of store_path, "
-                    "or lower disk_budget", what, self.path, type(exc).__name__, exc)
+                    "or lower disk_budget; answers go on (computed), further failures are counted in the "
+                    "disk tier's errors until a write works again", what, self.path, type(exc).__name__, exc)
 
     def _guarded(self, what: str, fn, default):  # type: ignore[no-untyped-def]
         """``fn()``, or ``default`` when the tier is damaged or lmdb fails (logged, counted)."""
@@ -271,6 +277,9 @@ class LmdbStore(EncodedTier):
         except lmdb.Error as exc:
             self._io_error("write", exc)
             return
+        if self._failing:
+            self._failing = False
+            log.warning("disk cache writes at %s work again", self.path)
         self.stats.count("evictions", len(evicted))
         self.stats.timed("put", time.perf_counter() - start)
         self.stats.count("written_bytes", len(data))
