@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.test_cli import chunkcache
 
@@ -40,42 +44,69 @@ def test_ingest_is_incremental_and_query_answers_with_sources(tmp_path: Path) ->
     assert all("Brandenburg" not in s["text"] for s in after["sources"])
 
 
-def test_precompute_is_resumable_after_kill_9(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_index(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 documents of about 5 chunks each, ingested for the tiny model."""
+    root = tmp_path_factory.mktemp("kill9")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"d{i}.txt").write_text(f"Document {i}. " + " ".join(f"Fact {j} about item {i}." for j in range(30)))
+    ingest = chunkcache("ingest", str(docs), "--index", str(root / "index"), "--model", str(tiny_dirs["llama"]),
+                        "--chunk-tokens", "64", "--overlap", "0", store=root / "store")
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    return root / "index"
+
+
+@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
+def test_precompute_killed_at_a_random_point_resumes_without_recomputing(
+        seed: int, tiny_dirs: dict[str, Path], tiny_index: Path, tmp_path: Path) -> None:
+    import random
+    import shutil
     import signal
     import subprocess
-    import sys
     import time
 
     from chunkcache.codec import get_codec
     from chunkcache.store import LmdbStore
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(8):
-        (docs / f"d{i}.txt").write_text(f"Document {i}. " + " ".join(f"Fact {j} about item {i}." for j in range(30)))
+    model = str(tiny_dirs["llama"])
     index, store = tmp_path / "index", tmp_path / "store"
-    assert chunkcache("ingest", str(docs), "--index", str(index), "--chunk-tokens", "64", "--overlap", "0",
-                      store=store).returncode == 0
+    shutil.copytree(tiny_index, index)
+    kill_at = random.Random(seed).randrange(3, 60)  # entries in the store (head and primer first)
     script = Path(sys.executable).with_name("chunkcache")
-    env = {**__import__("os").environ, "CHUNKCACHE_STORE_PATH": str(store)}
-    proc = subprocess.Popen([str(script), "precompute", "--index", str(index), "--batch", "1", "--quiet"], env=env)
-    deadline = time.monotonic() + 300
+    env = {**os.environ, "CHUNKCACHE_STORE_PATH": str(store)}
+    proc = subprocess.Popen([str(script), "precompute", "--index", str(index), "--model", model, "--batch", "1",
+                             "--quiet"], env=env)
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            if store.exists() and len(LmdbStore(store, get_codec("raw"))) >= 4:  # head, primer, 2 chunks
-                break
+        while proc.poll() is None and not (store.exists() and len(LmdbStore(store, get_codec("raw"))) >= kill_at):
+            time.sleep(0.005)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    rerun = chunkcache("precompute", "--index", str(index), "--quiet", "--json", "--bare-every", "1", store=store)
+    assert proc.returncode == -signal.SIGKILL, "precompute finished before the kill: give it more chunks"
+    before = LmdbStore(store, get_codec("raw"))
+    written = {i.key: i.last_access for i in before.infos()}  # the write time, until a read
+    before.close()
+    rerun = chunkcache("precompute", "--index", str(index), "--model", model, "--quiet", "--json",
+                       *(["--bare-every", "1"] if seed == 0 else []), store=store)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["skipped"] >= 1 and summary["skipped"] + summary["computed"] == summary["chunks"]
-    assert summary["bare_tokens_per_s"] > 0  # asked for
-    final = json.loads(chunkcache("precompute", "--index", str(index), "--quiet", "--json",
+    if seed == 0:
+        assert summary["bare_tokens_per_s"] > 0  # asked for
+    after = LmdbStore(store, get_codec("raw"))
+    try:
+        infos = {i.key: i for i in after.infos()}
+        # a write sets the time and zeroes the hits; a read (head, primer) sets the time and counts a hit
+        rewritten = [k for k, when in written.items() if infos[k].last_access != when and infos[k].hits == 0]
+        assert written.keys() <= infos.keys() and rewritten == []  # nothing committed was lost or computed again
+        assert all(after.get(key) is not None for key in infos) and after.corrupt_entries == 0
+    finally:
+        after.close()
+    final = json.loads(chunkcache("precompute", "--index", str(index), "--model", model, "--quiet", "--json",
                                   store=store).stdout.strip().splitlines()[-1])
-    assert final["computed"] == 0 and final["skipped"] == final["chunks"]  # idempotent
+    assert final["computed"] == 0 and final["skipped"] == final["chunks"] == summary["chunks"]  # index and store agree
 
 
 def test_demo_runs_the_retrieval_path_and_reuses_its_work(tmp_path: Path) -> None:
