@@ -90,7 +90,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from chunkcache.eval.load import compare_table, format_table, run_load
+    from chunkcache.eval.load import compare_table, format_table, minute_table, run_load
 
     batches = [int(b) for b in args.max_batch.split(",") if b.strip()] or [None]
     reports = []
@@ -99,6 +99,8 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         report = run_load(args.model, args.clients, args.duration, args.warmup, args.max_tokens, extra_env=env)
         report["max_batch"] = batch
         print(format_table(report), flush=True)
+        if len(report["per_minute"]) > 1:
+            print(minute_table(report), flush=True)
         reports.append(report)
     if len(reports) > 1:
         print(compare_table(reports))

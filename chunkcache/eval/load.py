@@ -165,7 +165,47 @@ def _report(rows: list[dict[str, Any]], rss: list[tuple[float, int]], started: f
         "total_s": {"p50": pct(total, 0.5), "p99": pct(total, 0.99)},
         "rss_bytes": {"after_warmup": base, "end": rss[-1][1], "max_after_warmup": max(after_warmup)},
         "rss_growth": (max(after_warmup) - base) / base if base else None,
+        "per_minute": _per_minute(measured, rss, started, warmup_s),
     }
+
+
+def _per_minute(rows: list[dict[str, Any]], rss: list[tuple[float, int]], started: float,
+                warmup_s: float) -> list[dict[str, Any]]:
+    """The measured time in minutes (by when each request started): requests, errors, TTFT and
+    latency p50/p99, and the server's largest RSS in that minute; drift shows here."""
+    minutes: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        minutes.setdefault(int((r["at"] - started - warmup_s) // 60), []).append(r)
+    out = []
+    for minute in sorted(minutes):
+        got = minutes[minute]
+        ttft = [r["ttft_s"] for r in got if r["ttft_s"] is not None]
+        total = [r["total_s"] for r in got if r["status"] == 200]
+        lo, hi = warmup_s + 60 * minute, warmup_s + 60 * (minute + 1)
+        in_minute = [b for t, b in rss if lo <= t < hi]
+        out.append({
+            "minute": minute + 1, "requests": len(got),
+            "errors": sum(1 for r in got if str(r["status"]) != "200"),
+            "ttft_p50_s": quantile(ttft, 0.5) if ttft else None, "ttft_p99_s": quantile(ttft, 0.99) if ttft else None,
+            "total_p50_s": quantile(total, 0.5) if total else None,
+            "total_p99_s": quantile(total, 0.99) if total else None,
+            "rss_max_bytes": max(in_minute) if in_minute else None,
+        })
+    return out
+
+
+def minute_table(report: dict[str, Any]) -> str:
+    """The per-minute rows as a markdown table."""
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = ["| minute | requests | errors | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | RSS max MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in report.get("per_minute", []):
+        rss = "-" if m["rss_max_bytes"] is None else f"{m['rss_max_bytes'] / 2**20:.0f}"
+        lines.append(f"| {m['minute']} | {m['requests']} | {m['errors']} | {f(m['ttft_p50_s'])} | {f(m['ttft_p99_s'])} "
+                     f"| {f(m['total_p50_s'])} | {f(m['total_p99_s'])} | {rss} |")
+    return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:
