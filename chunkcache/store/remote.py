@@ -146,8 +146,12 @@ class RemoteTier(EncodedTier):
 
 def open_remote(url: str, codec: KVCodec, timeout_s: float = 2.0, retry_s: float = RETRY_S,
                 namespace: str = "chunkcache", mac_key: bytes | None = None) -> RemoteTier:
-    """The remote tier ``url`` names: redis/valkey or Mooncake Store; ``mac_key``: seal entries."""
+    """The remote tier ``url`` names: redis/valkey or Mooncake Store; ``mac_key``: seal entries.
+    Sealed entries live in their own namespace (``NS:sealed``): a server without the key never
+    reads them (nor drops them as corrupt), one with it never reads unsealed ones."""
     tier: RemoteTier
+    if mac_key:
+        namespace = f"{namespace}:sealed"
     if url.startswith(REDIS_SCHEMES):
         from chunkcache.store.redis_store import RedisStore
 

@@ -201,14 +201,19 @@ def test_with_a_key_only_sealed_entries_are_served(backend: Backend) -> None:
     remote.put("k", _kv())
     assert torch.equal(remote.get("k").kv, _kv().kv)  # its own sealed write reads back
     forged = RAW.encode(_kv(seed=9))  # a sound container (its checksum holds) written without the key
-    backend.overwrite(remote, f"{backend.namespace}:e:k", forged)
+    backend.overwrite(remote, f"{remote._ns}:e:k", forged)
     assert remote.get("k") is None and remote.stats.snapshot()["corrupt"] == 1
     remote.put("a", _kv(seed=1))
-    moved = remote.client.get(f"{backend.namespace}:e:a") if backend.name == "redis" else None
+    moved = remote.client.get(f"{remote._ns}:e:a") if backend.name == "redis" else None
     if moved is not None:  # a sealed entry copied under another key is refused too
-        backend.overwrite(remote, f"{backend.namespace}:e:b", moved)
+        backend.overwrite(remote, f"{remote._ns}:e:b", moved)
         assert remote.get("b") is None
     other = backend.open(mac_key=b"another secret")
     assert other.get("a") is None  # signed with another key: a miss
+    unkeyed = backend.open()  # a server without the key: it neither reads nor drops sealed entries
+    assert unkeyed.get("a") is None and unkeyed.stats.snapshot()["corrupt"] == 0 and "a" not in set(unkeyed.keys())
+    unkeyed.put("a", _kv(seed=2))  # its own unsealed entry, beside the sealed one
+    assert torch.equal(remote.get("a").kv, _kv(seed=1).kv) and torch.equal(unkeyed.get("a").kv, _kv(seed=2).kv)
     remote.close()
     other.close()
+    unkeyed.close()
