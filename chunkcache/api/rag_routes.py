@@ -1,6 +1,6 @@
 """Native RAG endpoints: `POST /v1/rag/answer` (answer, references, cache report, timings),
 `POST /v1/retrieve`, `POST /v1/documents` (ingest + precompute as a background job) and
-`GET` / `DELETE /v1/jobs/{id}` (a job's state; cancel it)."""
+`GET /v1/jobs/{id}` and `POST /v1/jobs/{id}/cancel`."""
 
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ async def get_job(job_id: str, request: Request) -> s.Job:
     return _service(request).jobs.get(job_id)
 
 
-@router.delete("/v1/jobs/{job_id}", response_model=s.Job)
+@router.post("/v1/jobs/{job_id}/cancel", response_model=s.Job)
 async def cancel_job(job_id: str, request: Request) -> s.Job:
-    """Cancel a document job: it stops before its next piece (what it committed stays). A
-    finished job is returned as it is."""
+    """Cancel a document job (as OpenAI's batches are cancelled): it stops before its next piece
+    and what it committed stays; its record is kept. A finished job is returned as it is."""
     return _service(request).jobs.cancel(job_id)

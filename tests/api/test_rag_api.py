@@ -41,6 +41,8 @@ def test_documents_retrieve_and_answer(make_service: ServiceFactory, tmp_path: P
         assert job["status"] == "done", job
         assert job["result"]["added"] == 3 and job["result"]["chunks_precomputed"] == 3
         assert client.get("/v1/jobs/job-nope").status_code == 404
+        assert client.post("/v1/jobs/job-nope/cancel").status_code == 404
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").json() == job  # finished: left as it is
 
         found = client.post("/v1/retrieve", json={"query": "Who built the bridge?", "top_k": 2}).json()["results"]
         assert found[0]["doc_id"] == "bridge" and len(found) == 2 and found[0]["score"] >= found[1]["score"]
