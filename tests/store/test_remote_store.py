@@ -87,14 +87,21 @@ def test_round_trip_with_metadata(backend: Backend) -> None:
     remote.close()
 
 
-def test_a_flipped_byte_is_detected_deleted_and_a_miss(backend: Backend) -> None:
+def test_flipped_bits_and_cut_entries_are_detected_deleted_and_misses(backend: Backend) -> None:
+    import random
+
+    rng = random.Random(5)
     remote = backend.open()
-    remote.put("k", _kv())
-    data = bytearray(remote.get_bytes("k"))
-    data[len(data) // 2] ^= 0x01
-    backend.overwrite(remote, f"{backend.namespace}:e:k", bytes(data))
-    assert remote.get("k") is None
-    assert remote.stats.snapshot()["corrupt"] == 1 and not remote.contains("k")
+    for round_ in range(12):  # a bit flipped or the entry cut, at a random offset (header included)
+        remote.put("k", _kv(seed=round_))
+        data = bytearray(remote.get_bytes("k"))
+        if round_ % 2:
+            data = data[: rng.randrange(len(data))]
+        else:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        backend.overwrite(remote, f"{backend.namespace}:e:k", bytes(data))
+        assert remote.get("k") is None, f"round {round_}"
+        assert remote.stats.snapshot()["corrupt"] == round_ + 1 and not remote.contains("k")
     remote.close()
 
 
