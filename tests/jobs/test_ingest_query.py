@@ -109,8 +109,10 @@ def test_precompute_killed_at_a_random_point_resumes_without_recomputing(
     assert final["computed"] == 0 and final["skipped"] == final["chunks"] == summary["chunks"]  # index and store agree
 
 
-def test_demo_runs_the_retrieval_path_and_reuses_its_work(tmp_path: Path) -> None:
-    args = ("demo", "--limit", "1", "--max-new-tokens", "8", "--index", str(tmp_path / "demo-index"))
+def test_demo_runs_the_retrieval_path_and_reuses_its_work(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    # the tiny model: this is about the path (SmolLM2's demo, the README's, took 77 s a run here)
+    args = ("demo", "--limit", "1", "--max-new-tokens", "8", "--index", str(tmp_path / "demo-index"),
+            "--model", str(tiny_dirs["llama"]))
     first = chunkcache(*args, store=tmp_path / "store")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "sources: demo/q1-" in first.stdout and "TTFT speed-up of cacheblend" in first.stdout
