@@ -13,6 +13,8 @@ import httpx
 
 from chunkcache.codec import get_codec
 from chunkcache.eval.load import served
+from chunkcache.retriever import ChunkIndex
+from chunkcache.retriever.fusion import MODES
 from chunkcache.store import LmdbStore
 from tests.conftest import free_port
 
@@ -29,8 +31,8 @@ def _answers(url: str, stop: threading.Event, statuses: list[int]) -> None:
             return  # the server is gone
 
 
-def test_kill_9_mid_job_loses_nothing_committed_and_the_job_reads_failed(tiny_dirs: dict[str, Path],
-                                                                          tmp_path: Path) -> None:
+def test_kill_9_mid_job_loses_nothing_committed_and_the_job_reads_failed(
+        tiny_dirs: dict[str, Path], tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["--index", str(tmp_path / "index"), "--allow-unchecked-model"]
@@ -59,6 +61,11 @@ def test_kill_9_mid_job_loses_nothing_committed_and_the_job_reads_failed(tiny_di
     committed = set(store.keys())
     store.close()
     assert committed
+    with ChunkIndex.load(tmp_path / "index", embedder) as index:  # dense and lexical in step after the kill
+        counts = index.manifest["counts"]
+        assert counts["chunks"] == counts["vectors"] == counts["lexical"] == len(index) > 0
+        indexed = set(index.documents())
+        assert indexed and all(h.doc_id in indexed for mode in MODES for h in index.search("street 5", 10, mode))
 
     with served(tmp_path, port, str(tiny_dirs["llama"]), env, args):
         after = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
