@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from chunkcache.blend.layout import FusedCache, Layout, LayerSource, wait_layer
+from chunkcache.blend.layout import FusedBuffer, FusedCache, Layout, LayerSource, as_fused
 from chunkcache.kv import ChunkKV
 from chunkcache.model.executor import ApeAttention, KVHook, LayerExecutor, Rows
 from chunkcache.model.prompt import PromptPieces
@@ -57,7 +57,7 @@ class FusionStrategy(Protocol):
 def selective_prefill(
     executor: LayerExecutor,
     layout: Layout,
-    buf: torch.Tensor,
+    buf: torch.Tensor | FusedBuffer,
     rows: Rows,
     ape: ApeAttention | None = None,
     shrink: "Shrink | None" = None,
@@ -69,19 +69,20 @@ def selective_prefill(
     layer's fresh K/V). Returns the last token's logits, the token-layers computed and how many
     tokens were computed at the last layer. Nothing here reads the device: the sizes are known."""
     n = layout.length
+    fused = as_fused(buf)
     hidden = executor.embed(layout.device_ids[rows.span.start : rows.span.stop] if rows.span is not None
                             else layout.device_ids[rows.index])
     work = 0
     for layer in range(executor.num_layers):
-        wait_layer(buf, layer)  # stored chunk caches: this layer may still be on its way
+        fused.wait(layer)  # stored chunk caches: this layer may still be on its way
         if shrink is not None:
-            keep = shrink(layer, hidden, rows, buf)
+            keep = shrink(layer, hidden, rows, fused)
             if keep is not None:
                 hidden, rows = hidden[keep], rows.take(keep)
         if observe is not None:
             observe(layer, hidden, rows)
         hidden = executor.run_layer(
-            layer, hidden, rows, buf[layer, 0, :, :n], buf[layer, 1, :, :n], ape, before_write
+            layer, hidden, rows, fused.kv[layer, 0, :, :n], fused.kv[layer, 1, :, :n], ape, before_write
         )
         work += len(rows)
     return executor.logits(hidden[-1:])[0], work, len(rows)
@@ -97,13 +98,13 @@ class Shrink(Protocol):
     """Called before each layer of a selective prefill; returns the rows to keep (a device index
     into the current rows, sorted) or None."""
 
-    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows, buf: torch.Tensor) -> torch.Tensor | None: ...
+    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows, buf: FusedBuffer) -> torch.Tensor | None: ...
 
 
 def finish(
     executor: LayerExecutor,
     layout: Layout,
-    buf: torch.Tensor,
+    buf: torch.Tensor | FusedBuffer,
     rows: Rows,
     ape: ApeAttention | None = None,
     shrink: Shrink | None = None,
@@ -113,9 +114,9 @@ def finish(
 ) -> FusionResult:
     """Selective prefill, then package the fused cache and counts."""
     with stage("recompute_s"):
-        logits, work, last = selective_prefill(executor, layout, buf, rows, ape, shrink, observe, before_write)
-    wait_layer(buf, executor.num_layers - 1)  # generation reads every layer
-    cache = FusedCache(buf, layout.length, int(layout.positions[-1]) + 1, ape)
+        fused = as_fused(buf)
+        logits, work, last = selective_prefill(executor, layout, fused, rows, ape, shrink, observe, before_write)
+    cache = FusedCache(fused.place_all(), layout.length, int(layout.positions[-1]) + 1, ape)
     return FusionResult(
         cache=cache,
         logits=logits,

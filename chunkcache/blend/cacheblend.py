@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
-from chunkcache.blend.layout import Layout, sequential_layout, wait_layer
+from chunkcache.blend.layout import FusedBuffer, Layout, sequential_layout
 from chunkcache.blend.spread import check_shares, spread_hook
 from chunkcache.blend.strategies import question_rows, reused_buffer
 from chunkcache.errors import InvalidInputError
@@ -152,7 +152,7 @@ class CacheBlend:
             return "none"
         return self.weight
 
-    def scores(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor, weight: str | None = None
+    def scores(self, executor: LayerExecutor, layout: Layout, buf: FusedBuffer, weight: str | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Per context token, how much recomputing it is worth (deviation, weighted by ``weight``,
         default the configured one); the question's attention per sequence index when it is
@@ -192,17 +192,16 @@ class CacheBlend:
             picks.append(span.start + torch.topk(score[span.start : span.stop], share).indices)
         return torch.cat(picks)
 
-    def _deviation(self, executor: LayerExecutor, layout: Layout, buf: torch.Tensor, weight: str) -> torch.Tensor:
+    def _deviation(self, executor: LayerExecutor, layout: Layout, buf: FusedBuffer, weight: str) -> torch.Tensor:
         """Deviation of fresh vs reused K/V at the check layer, per token."""
         n = layout.length
         rows = layout.span_rows(executor, range(0, n))
         hidden = executor.embed(layout.device_ids)
-        keys = torch.empty_like(buf[0, 0, :, :n])
+        keys = torch.empty_like(buf.kv[0, 0, :, :n])
         values = torch.empty_like(keys)
         for layer in range(self.check_layer):
             hidden = executor.run_layer(layer, hidden, rows, keys, values)
-        wait_layer(buf, self.check_layer)
-        old = buf[self.check_layer, :, :, :n]
+        old = buf.layer(self.check_layer)[:, :, :n]
         if weight != "attn":
             k, v = executor.kv(self.check_layer, hidden, rows)
             return token_deviation(k, v, old[0], old[1], self.selection)
@@ -231,7 +230,7 @@ def _depth(executor: LayerExecutor, fraction: float) -> int:
     return max(1, min(executor.num_layers, round(fraction * executor.num_layers)))
 
 
-def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, start: float = 0.0,
+def reuse_attention(executor: LayerExecutor, layout: Layout, buf: FusedBuffer, start: float = 0.0,
                     stop: float = 1.0) -> torch.Tensor:
     """Attention [N] the question pays to each token in a question-only pass over the reused
     cache, averaged over the layers from ``start`` to ``stop`` (fractions of the depth; the pass
@@ -248,9 +247,9 @@ def reuse_attention(executor: LayerExecutor, layout: Layout, buf: torch.Tensor, 
         total.add_(question_attention(executor, q, keys))  # the keys hold the question's own by now
 
     for layer in range(end):
-        wait_layer(buf, layer)
+        kv = buf.layer(layer)
         # the layers before ``first`` only carry the hidden state on
-        hidden = executor.run_layer(layer, hidden, rows, buf[layer, 0, :, :n], buf[layer, 1, :, :n],
+        hidden = executor.run_layer(layer, hidden, rows, kv[0, :, :n], kv[1, :, :n],
                                     on_query=accumulate if layer >= first else None)
     return total / (end - first)
 
@@ -285,7 +284,7 @@ class _GradualShrink:
         self.budget = budget
         self.n_question = n_question
 
-    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows, buf: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, layer: int, hidden: torch.Tensor, rows: Rows, buf: FusedBuffer) -> torch.Tensor | None:
         step = layer - self.blend.check_layer
         if not 1 <= step <= GRADUAL_LAYERS:
             return None
@@ -297,7 +296,8 @@ class _GradualShrink:
         part = rows.first(n_context)
         k, v = self.executor.kv(layer, hidden[:n_context], part)
         where = part.index
-        deviation = token_deviation(k, v, buf[layer, 0][:, where], buf[layer, 1][:, where], self.blend.selection)
+        kv = buf.layer(layer)
+        deviation = token_deviation(k, v, kv[0][:, where], kv[1][:, where], self.blend.selection)
         if self.importance is not None:
             deviation = _weighted(deviation, self.importance[where], self.blend.weight)
         if self.protected is not None:

@@ -4,7 +4,6 @@ indices, keys re-rotated, one layer at a time as the fusion reaches it."""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,22 +107,39 @@ class LayerSource(Protocol):
     def layer(self, i: int) -> torch.Tensor | EncodedLayer: ...
 
 
-# Buffers whose stored layers are placed on first use, by id (tensors compare elementwise, so
-# they cannot be dict keys); an entry goes when its buffer is garbage-collected, or is handed
-# back to a pool (`forget`). _WATCHED: the buffers with a finalizer already (pool buffers live
-# on from request to request: one finalizer each, not one per request).
-_LAZY: dict[int, "_Placement"] = {}
-_WATCHED: set[int] = set()
+class FusedBuffer:
+    """A fused cache tensor ``kv`` [layers, 2, kv_heads, tokens, head_dim] and the stored caches
+    still to be placed into it. Stored layers are placed when first read: `wait` (the fusion
+    has reached a layer), `layer` (one layer, placed), `place_all` (every layer, for
+    generation). The placement lives and dies with this object (a pool's tensor outlives it)."""
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+        self._placement: _Placement | None = None
+
+    def wait(self, layer: int) -> None:
+        """The fusion has reached ``layer``: its stored caches are placed (and the next layer's
+        copies started)."""
+        self._place(layer)
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer ``i`` [2, kv_heads, tokens, head_dim], its stored caches placed."""
+        self._place(i)
+        return self.kv[i]
+
+    def place_all(self) -> torch.Tensor:
+        """The whole tensor, every stored layer placed (what generation reads)."""
+        self._place(self.kv.shape[0] - 1)
+        return self.kv
+
+    def _place(self, layer: int) -> None:
+        if self._placement is not None and self._placement.ensure(self.kv, layer):
+            self._placement = None  # every layer placed: let the sources go
 
 
-def _gone(key: int) -> None:
-    _LAZY.pop(key, None)
-    _WATCHED.discard(key)
-
-
-def forget(buf: torch.Tensor) -> None:
-    """Drop what a fusion left to place into ``buf`` (it failed, or the buffer is reused)."""
-    _LAZY.pop(id(buf), None)
+def as_fused(buf: torch.Tensor | FusedBuffer) -> FusedBuffer:
+    """``buf`` as a `FusedBuffer` (a plain tensor has nothing left to place)."""
+    return buf if isinstance(buf, FusedBuffer) else FusedBuffer(buf)
 
 
 class _Placement:
@@ -178,7 +194,8 @@ class _Placement:
             views.append(part)
         self.staged[i] = (views, self.side.copy_into(copies, after=self.consumed[i % 2]))
 
-    def ensure(self, buf: torch.Tensor, layer: int) -> None:
+    def ensure(self, buf: torch.Tensor, layer: int) -> bool:
+        """Place every layer up to ``layer``; True once every layer is placed."""
         while self.filled <= min(layer, buf.shape[0] - 1):
             i = self.filled
             if i not in self.staged:
@@ -196,14 +213,8 @@ class _Placement:
             self.filled += 1
         if self.filled == buf.shape[0]:  # every layer placed: let the sources go
             self.sources, self.rotation, self.slots = [], None, None
-            _LAZY.pop(id(buf), None)
-
-
-def wait_layer(buf: torch.Tensor, layer: int) -> None:
-    """Make sure layer ``layer`` of a fused buffer holds its stored caches (no-op otherwise)."""
-    lazy = _LAZY.get(id(buf))
-    if lazy is not None:
-        lazy.ensure(buf, layer)
+            return True
+        return False
 
 
 def assemble_cache(
@@ -212,13 +223,14 @@ def assemble_cache(
     head_kv: ChunkKV | None,
     chunk_kvs: tuple[ChunkKV | LayerSource, ...],
     buf: torch.Tensor,
-) -> torch.Tensor:
+) -> FusedBuffer:
     """``buf`` (a zeroed fused-cache buffer), made to hold the stored KV of head and chunks at
-    their layout positions once the fusion reaches each layer (`wait_layer`)."""
+    their layout positions as each layer is first read (`FusedBuffer`)."""
     with stage("rerotate_s"):
         placed = ([(layout.head, head_kv)] if head_kv is not None else []) + list(zip(layout.chunks, chunk_kvs))
+        fused = FusedBuffer(buf)
         if not placed:
-            return buf
+            return fused
         shifts = []
         for span, kv in placed:
             if kv.num_tokens != len(span):
@@ -231,9 +243,6 @@ def assemble_cache(
             target = int(layout.positions[span.start]) if len(span) else 0
             shifts.append(torch.full((len(span),), target - kv.position_offset, dtype=torch.long))
         region = range(placed[0][0].start, placed[-1][0].stop)  # head and chunks lie side by side
-        _LAZY[id(buf)] = _Placement(executor, [kv for _, kv in placed], region, torch.cat(shifts), buf.device,
-                                    buf.dtype)
-        if id(buf) not in _WATCHED:
-            _WATCHED.add(id(buf))
-            weakref.finalize(buf, _gone, id(buf))
-        return buf
+        fused._placement = _Placement(executor, [kv for _, kv in placed], region, torch.cat(shifts), buf.device,
+                                      buf.dtype)
+        return fused

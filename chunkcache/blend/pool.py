@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from chunkcache.blend.layout import forget
 from chunkcache.model.executor import LayerExecutor
 
 
@@ -56,8 +55,8 @@ class KVPool:
         return buf
 
     def release(self, buf: torch.Tensor) -> None:
-        """Give a buffer from `acquire` back (a fusion that failed may have left layers to place)."""
-        forget(buf)
+        """Give a buffer from `acquire` back (what a failed fusion left to place went with its
+        `FusedBuffer`)."""
         size = int(buf.shape[3])
         need = size * self.token_bytes
         self.used -= need

@@ -8,7 +8,7 @@ import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, finish
 from chunkcache.blend.craft_profile import AttentionProfiler
-from chunkcache.blend.layout import Layout, assemble_cache, parallel_layout, sequential_layout
+from chunkcache.blend.layout import FusedBuffer, Layout, assemble_cache, parallel_layout, sequential_layout
 from chunkcache.errors import InvalidInputError
 from chunkcache.device import upload
 from chunkcache.model.executor import ApeAttention, LayerExecutor, Rows
@@ -23,7 +23,7 @@ def host_rows(executor: LayerExecutor, layout: Layout, index: torch.Tensor) -> R
     return layout.rows(executor, upload(index, executor.device))
 
 
-def reused_buffer(executor: LayerExecutor, layout: Layout, inp: FusionInput) -> torch.Tensor:
+def reused_buffer(executor: LayerExecutor, layout: Layout, inp: FusionInput) -> FusedBuffer:
     return assemble_cache(executor, layout, inp.head_kv, inp.chunk_kvs, inp.fused_buffer(executor, layout.length))
 
 
@@ -93,7 +93,7 @@ class Ape:
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
         layout = parallel_layout(inp.pieces, executor.device)
         buf = reused_buffer(executor, layout, inp)
-        context = torch.zeros(buf.shape[3], dtype=torch.bool)
+        context = torch.zeros(buf.kv.shape[3], dtype=torch.bool)
         for r in layout.chunks:
             context[r.start : r.stop] = True
         ape = ApeAttention(upload(context, executor.device), self.ape_temperature, self.ape_scale)

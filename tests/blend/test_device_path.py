@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-import chunkcache.blend.base as base
 from chunkcache.blend import FusionInput, Sampling, make_strategy
 from chunkcache.blend.cachecraft import ChunkPlan
 from chunkcache.blend.decode import DecodeSequence, step
+from chunkcache.blend.layout import FusedBuffer
 from chunkcache.blend.prefill import prefill_chunks, prefill_head
 from chunkcache.codec import get_codec, rans_triton
 from chunkcache.codec.base import DeviceLayer
@@ -134,13 +134,13 @@ def fused_first_token(p: Prompt, case: str, where: str) -> tuple[Record, int]:
     name, params = CASES[case]
     fusion = make_strategy(name, **params)
     plans = _plans(p.pieces) if case.startswith("cachecraft-plans") else ()
-    original = base.wait_layer
+    original = FusedBuffer.wait
 
-    def counted(buf: torch.Tensor, layer: int) -> None:
+    def counted(self: FusedBuffer, layer: int) -> None:  # the main pass reaching a layer
         p.fake.layer = layer
-        original(buf, layer)
+        original(self, layer)
 
-    base.wait_layer = counted
+    FusedBuffer.wait = counted  # type: ignore[method-assign]
     try:
         with p.fake.active():
             head, chunks = _sources(p, where)
@@ -149,7 +149,7 @@ def fused_first_token(p: Prompt, case: str, where: str) -> tuple[Record, int]:
                 token = torch.argmax(fusion.fuse(p.executor, inp).logits)
             return record, int(token)  # the one read: the first token itself
     finally:
-        base.wait_layer = original
+        FusedBuffer.wait = original  # type: ignore[method-assign]
 
 
 @pytest.fixture()
