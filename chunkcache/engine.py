@@ -362,7 +362,7 @@ class ChunkCacheEngine:
                 f"the model's context of {self.model.max_positions}; pass fewer or shorter chunks "
                 "or lower max_new_tokens"
             )
-        record = fusion.name == "full" and (self.settings.craft_variants if record_variants is None else record_variants)
+        record = fusion.records_profiles and (self.settings.craft_variants if record_variants is None else record_variants)
         return Plan(question, pieces, fusion, name, limit, sampling or Sampling(), on_text, record, keep_logits,
                     pieces.total + limit, self._contexts(chunks) if fusion.uses_cache else ())
 
@@ -391,14 +391,11 @@ class ChunkCacheEngine:
         started = time.perf_counter()
         hits = 0
         head_kv, chunk_kvs = None, ()
-        plans: tuple[Any, ...] = ()
         before = self._tier_hits()
         with collect() as stages:
-            variants = None
-            if fusion.name == "cachecraft":  # chunks served by a variant need no independent cache
-                variants, found = self._craft().plans(keys, pieces.chunks,
-                                                      fusion.alpha)  # type: ignore[attr-defined]
-                plans = tuple(found)
+            # a strategy may plan each chunk first (cachecraft: chunks a variant serves need no
+            # independent cache)
+            variants, plans = fusion.before_load(keys, pieces.chunks, self._craft)
             if fusion.uses_cache:
                 head_kv, chunk_kvs, hits = self._load(pieces.chunks, contexts, variants)
             loaded_at = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -47,11 +48,35 @@ class FusionResult:
     profiles: list[Any] | None = None  # `ChunkProfile` per chunk, when asked for
 
 
+class VariantStore(Protocol):
+    """Chunk caches as computed behind other chunks (Cache-Craft's variants), kept by the engine."""
+
+    def plans(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]], alpha: float
+              ) -> tuple[list[ChunkKV | None], list[Any]]: ...
+
+
 class FusionStrategy(Protocol):
     name: str
     uses_cache: bool  # False: the strategy ignores stored KV and the engine loads none
+    records_profiles: bool  # True: it can record each chunk's KV and attention profile (variants)
+
+    def before_load(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]],
+                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[Any, ...]]: ...
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult: ...
+
+
+class StrategyHooks:
+    """What the engine asks of every strategy around its fusion, with the defaults most keep: the
+    engine names no strategy."""
+
+    records_profiles = False
+
+    def before_load(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]],
+                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[Any, ...]]:
+        """Before the chunks' caches load: caches that stand in for some of them (None: load
+        every one) and per-chunk plans for `FusionInput.plans`."""
+        return None, ()
 
 
 def selective_prefill(

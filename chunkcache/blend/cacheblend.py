@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chunkcache.blend.base import FusionInput, FusionResult, finish
+from chunkcache.blend.base import FusionInput, FusionResult, StrategyHooks, finish
 from chunkcache.blend.layout import FusedBuffer, Layout, sequential_layout
 from chunkcache.blend.spread import check_shares, spread_hook
 from chunkcache.blend.strategies import question_rows, reused_buffer
@@ -62,7 +62,7 @@ def token_deviation(
 
 
 @dataclass(frozen=True)
-class CacheBlend:
+class CacheBlend(StrategyHooks):
     recompute_ratio: float = 0.15
     check_layer: int = 1
     # K and V deviation with gradual filtering, weighted by the question's attention from a

@@ -12,12 +12,13 @@ mean K/V correction (``spread_k`` / ``spread_v``, as in CacheBlend: `blend/sprea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from chunkcache.blend.base import FusionInput, FusionResult, finish
+from chunkcache.blend.base import FusionInput, FusionResult, StrategyHooks, VariantStore, finish
 from chunkcache.blend.cacheblend import CacheBlend, check_qattn_from, reuse_attention
 from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
 from chunkcache.blend.strategies import question_rows, reused_buffer
@@ -26,7 +27,7 @@ from chunkcache.blend.spread import check_shares, spread_hook
 from chunkcache.errors import InvalidInputError
 from chunkcache.device import upload
 from chunkcache.model.executor import LayerExecutor
-from chunkcache.kv import VariantMeta
+from chunkcache.kv import ChunkKV, VariantMeta
 from chunkcache.timing import stage
 
 INDEPENDENT = "independent"
@@ -73,7 +74,7 @@ def plan_chunk(preceding: Sequence[str], tokens: int, variants: Sequence[Variant
 
 
 @dataclass(frozen=True)
-class CacheCraft:
+class CacheCraft(StrategyHooks):
     alpha: float = 1.0
     recompute_ratio: float = 0.15  # chunks without metadata: CacheBlend's budget for them
     check_layer: int = 1
@@ -90,6 +91,12 @@ class CacheCraft:
     spread_v: float = 0.25
     name = "cachecraft"
     uses_cache = True
+
+    def before_load(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]],
+                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[Any, ...]]:
+        """Each chunk's plan, and the variant that serves it (those need no independent cache)."""
+        kvs, plans = variants().plans(keys, chunks, self.alpha)
+        return kvs, tuple(plans)
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or not 0.0 <= self.recompute_ratio <= 1.0:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chunkcache.blend.base import FusionInput, FusionResult, finish
+from chunkcache.blend.base import FusionInput, FusionResult, StrategyHooks, finish
 from chunkcache.blend.craft_profile import AttentionProfiler
 from chunkcache.blend.layout import FusedBuffer, Layout, assemble_cache, parallel_layout, sequential_layout
 from chunkcache.errors import InvalidInputError
@@ -28,11 +28,12 @@ def reused_buffer(executor: LayerExecutor, layout: Layout, inp: FusionInput) -> 
 
 
 @dataclass(frozen=True)
-class FullPrefill:
+class FullPrefill(StrategyHooks):
     """Ordinary prefill of head + chunks + question: the baseline every other strategy is judged by."""
 
     name = "full"
     uses_cache = False
+    records_profiles = True  # its chunks' caches as computed in context: Cache-Craft's variants
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult:
         layout = sequential_layout(inp.pieces, executor.device)
@@ -46,7 +47,7 @@ class FullPrefill:
 
 
 @dataclass(frozen=True)
-class Reuse:
+class Reuse(StrategyHooks):
     """PromptCache-style: chunk KVs re-rotated into place, only the question computed."""
 
     name = "reuse"
@@ -58,7 +59,7 @@ class Reuse:
 
 
 @dataclass(frozen=True)
-class Epic:
+class Epic(StrategyHooks):
     """EPIC's LegoLink: recompute the first ``epic_k`` tokens of every chunk (attention sinks)."""
 
     epic_k: int = 16
@@ -77,7 +78,7 @@ class Epic:
 
 
 @dataclass(frozen=True)
-class Ape:
+class Ape(StrategyHooks):
     """APE: chunks encoded in parallel at shared positions behind the shared head; the question
     attends to them with temperature and scaling."""
 
