@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chunkcache.api import schemas as s
@@ -58,6 +59,7 @@ def status_of(exc: Exception) -> tuple[int, str] | None:
 
 def create_app(service: RagService) -> FastAPI:
     from chunkcache.api.openai_routes import router as openai_router
+    from chunkcache.api.ops_routes import router as ops_router
     from chunkcache.api.rag_routes import router as rag_router
 
     @asynccontextmanager
@@ -110,20 +112,7 @@ def create_app(service: RagService) -> FastAPI:
     async def failed(request: Request, exc: Exception) -> JSONResponse:
         return _internal(exc)
 
-    @app.get("/health", response_model=s.Health, tags=["service"])
-    async def health() -> s.Health:
-        return s.Health(status="ok", model=service.model_id, queued=service.scheduler.waiting,
-                        index=service.index is not None)
-
-    @app.get("/metrics", tags=["service"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}})
-    def metrics() -> Response:  # sync: reading store sizes may touch disk or redis, off the event loop
-        return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models", response_model=s.ModelList, tags=["openai"])
-    async def models() -> s.ModelList:
-        return s.ModelList(data=[s.ModelCard(id=service.model_id, created=service.started)])
-
+    app.include_router(ops_router)
     app.include_router(openai_router)
     app.include_router(rag_router)
 
@@ -155,10 +144,16 @@ def _internal(exc: BaseException) -> JSONResponse:
 
 
 def _endpoint(scope: dict[str, Any], app: FastAPI) -> str:
-    """The route's path template (bounded label values); refused before routing: the path when
-    it is a route's literal path, else 'unmatched'."""
+    """The route's path template (bounded label values); refused before routing: the template
+    the path fits (from the OpenAPI paths: routers are included lazily, so `app.routes` does not
+    list their routes), else 'unmatched'."""
     route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", "unmatched"))
     path = scope.get("path", "")
-    return path if any(getattr(r, "path", None) == path for r in app.routes) else "unmatched"
+    templates = getattr(app.state, "path_templates", None)
+    if templates is None:
+        paths = [str(r.path) for r in app.routes if getattr(r, "path", None)] + list(app.openapi().get("paths", {}))
+        templates = app.state.path_templates = [
+            (re.compile(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(p))), p) for p in dict.fromkeys(paths)]
+    return next((template for pattern, template in templates if pattern.fullmatch(path)), "unmatched")

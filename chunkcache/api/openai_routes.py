@@ -1,4 +1,4 @@
-"""`POST /v1/chat/completions` and `POST /v1/completions`, OpenAI-compatible (vLLM's conventions),
+"""`GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, OpenAI-compatible (vLLM's conventions),
 with RAG extras in the body: `documents`, `doc_ids`, `retrieval: {top_k}`, `cache: {strategy,
 recompute_ratio}`. The last user message (or the prompt) is the question; system messages and
 earlier turns go into the uncached question piece, so the cached head stays the same for all."""
@@ -24,6 +24,12 @@ _SSE = {200: {"content": {"text/event-stream": {}}, "description": "with stream:
 
 def _service(request: Request) -> RagService:
     return request.app.state.service  # type: ignore[no-any-return]
+
+
+@router.get("/v1/models", response_model=s.ModelList)
+async def models(request: Request) -> s.ModelList:
+    service = _service(request)
+    return s.ModelList(data=[s.ModelCard(id=service.model_id, created=service.started)])
 
 
 @router.post("/v1/chat/completions", response_model=s.ChatCompletion, responses=_SSE)

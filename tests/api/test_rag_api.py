@@ -95,6 +95,7 @@ def test_api_key_metrics_and_health(make_service: ServiceFactory, monkeypatch: p
             assert denied.status_code == 401 and "API key" in denied.json()["error"]["message"]
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "s3cret"}).status_code == 401
+        assert httpx.get(f"{url}/v1/jobs/job-x").status_code == 401  # counted under its route's template
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200  # any case
         auth = {"Authorization": "Bearer s3cret"}
         answered = httpx.post(f"{url}/v1/rag/answer", headers=auth, timeout=120,
@@ -107,7 +108,9 @@ def test_api_key_metrics_and_health(make_service: ServiceFactory, monkeypatch: p
                      "chunkcache_store_lookups_total", "chunkcache_store_bytes", "chunkcache_queue_requests",
                      "chunkcache_answer_chunks_total{result=\"miss\"} 2.0"):
             assert name in metrics, name
-        assert "chunkcache_requests_total{endpoint=\"/v1/models\",status=\"401\"}" in metrics
+        counted = "\n".join(line for line in metrics.splitlines() if "requests_total{" in line)
+        assert 'endpoint="/v1/models",status="401"' in counted and 'endpoint="/v1/jobs/{job_id}",status="401"' in counted, \
+            counted
 
 
 def test_a_client_that_disconnects_stops_its_generation(make_service: ServiceFactory) -> None:
