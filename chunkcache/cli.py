@@ -20,11 +20,7 @@ def _engine(args: argparse.Namespace) -> Any:
     from chunkcache.config import Settings
     from chunkcache.engine import ChunkCacheEngine
 
-    settings = Settings.load(
-        getattr(args, "config", None), model=args.model, dtype=args.dtype,
-        store_path=getattr(args, "store", None),
-    )
-    return ChunkCacheEngine(settings)
+    return ChunkCacheEngine(Settings.from_args(args))
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
@@ -32,7 +28,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     from chunkcache.config import Settings
     from chunkcache.engine import STRATEGY_SETTINGS
 
-    settings = Settings.load(args.config)
+    settings = Settings.from_args(args)
     print(describe_strategies({k: getattr(settings, k) for k in STRATEGY_SETTINGS}))
     print(f"\ndefault strategy (Settings.strategy): {settings.strategy}")
     return 0
@@ -42,7 +38,7 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     from chunkcache.config import Settings
     from chunkcache.jobs.check_model import check_model, default_checks_dir
 
-    settings = Settings.load(args.config)
+    settings = Settings.from_args(args, model=None)  # the model checked is the argument, not the setting
     checks_dir = Path(args.checks_dir).expanduser() if args.checks_dir else default_checks_dir()
     verdict = check_model(args.model, settings, checks_dir)
     if args.json:
@@ -119,7 +115,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     if not args.paths and not args.delete:
         raise CliError("give files or folders to ingest, or --delete DOC_ID")
-    settings = Settings.load(getattr(args, "config", None), model=args.model)
+    settings = Settings.from_args(args)
     report, removed, total = ingest(
         args.paths, Path(args.index), settings, args.text_field, args.chunk_tokens, args.overlap, args.factory,
         args.delete or (),
@@ -139,8 +135,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             from chunkcache.config import Settings
             from chunkcache.jobs.ray_backend import precompute_ray
 
-            settings = Settings.load(getattr(args, "config", None), model=args.model, dtype=args.dtype,
-                                     store_path=getattr(args, "store", None))
+            settings = Settings.from_args(args)
             summary, _ = precompute_ray(index, settings, args.workers, args.batch, args.ray_address)
         else:
             engine = _engine(args)
@@ -198,7 +193,7 @@ def _persistent_store(args: argparse.Namespace) -> Any:
     from chunkcache.config import Settings
     from chunkcache.store import build_store
 
-    settings = Settings.load(getattr(args, "config", None), store_path=getattr(args, "store", None))
+    settings = Settings.from_args(args)
     try:
         return build_store(settings, get_codec(settings.codec), persistent_only=True)
     except InvalidInputError as exc:
@@ -211,7 +206,7 @@ def _variant_stats(args: argparse.Namespace) -> dict[str, Any] | None:
     from chunkcache.store.policy import quantile
     from chunkcache.store.variants import VariantIndex
 
-    settings = Settings.load(getattr(args, "config", None), store_path=getattr(args, "store", None))
+    settings = Settings.from_args(args)
     folder = Path(settings.store_path) / "variants"
     if not folder.exists():
         return None

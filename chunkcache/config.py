@@ -156,6 +156,15 @@ class Settings:
             )
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
 
+    @classmethod
+    def from_args(cls, args: Any, **overrides: Any) -> "Settings":
+        """The one way a command line loads settings: `load` with ``--config``, then the shared
+        flags the command has (``--model``, ``--dtype``, ``--store``), then ``overrides`` (a
+        None there drops a flag, e.g. a command whose ``model`` argument is not the one served)."""
+        flags = {"model": getattr(args, "model", None), "dtype": getattr(args, "dtype", None),
+                 "store_path": getattr(args, "store", None)}
+        return cls.load(getattr(args, "config", None), **{**flags, **overrides})
+
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:

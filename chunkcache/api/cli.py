@@ -28,9 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from chunkcache.config import Settings
     from chunkcache.jobs.check_model import serve_gate
 
-    settings = Settings.load(args.config, model=args.model, dtype=args.dtype, store_path=args.store,
-                             index_path=args.index, host=args.host, port=args.port,
-                             max_new_tokens=args.max_new_tokens, allow_unchecked_model=args.allow_unchecked_model)
+    settings = Settings.from_args(args, index_path=args.index, host=args.host, port=args.port,
+                                  max_new_tokens=args.max_new_tokens, allow_unchecked_model=args.allow_unchecked_model)
     # before the service loads anything: an unsupported or failing model is refused here
     print(f"chunkcache serve: {serve_gate(settings).message}", flush=True)
     service = RagService(settings)
