@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from chunkcache.blend.craft_math import ChunkPlan
+from chunkcache.blend.craft_profile import ChunkProfile
 from chunkcache.blend.layout import FusedBuffer, FusedCache, Layout, LayerSource, as_fused
 from chunkcache.kv import ChunkKV
 from chunkcache.model.executor import ApeAttention, KVHook, LayerExecutor, Rows
@@ -21,7 +23,7 @@ class FusionInput:
     head_kv: ChunkKV | None = None
     chunk_kvs: tuple[ChunkKV | LayerSource, ...] = ()  # streamed ones fill in layer by layer
     max_new_tokens: int = 0
-    plans: tuple[Any, ...] = ()  # cachecraft: a `ChunkPlan` per chunk
+    plans: tuple[ChunkPlan, ...] = ()  # cachecraft: a plan per chunk
     profile: bool = False  # full: record each chunk's attention profile (cachecraft variants)
     # where the fused cache goes: a zeroed [layers, 2, kv_heads, >= prompt + max_new_tokens, head_dim]
     # buffer (a scheduler's `KVPool`), or None for a new one
@@ -45,14 +47,14 @@ class FusionResult:
     logits: torch.Tensor  # [vocab] next-token logits after the prompt
     recomputed_tokens: int  # token-layers computed / layers (probe passes included)
     reused_tokens: int  # tokens whose last-layer KV came from stored caches
-    profiles: list[Any] | None = None  # `ChunkProfile` per chunk, when asked for
+    profiles: list[ChunkProfile] | None = None  # per chunk, when asked for
 
 
 class VariantStore(Protocol):
     """Chunk caches as computed behind other chunks (Cache-Craft's variants), kept by the engine."""
 
     def plans(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]], alpha: float
-              ) -> tuple[list[ChunkKV | None], list[Any]]: ...
+              ) -> tuple[list[ChunkKV | None], list[ChunkPlan]]: ...
 
 
 class FusionStrategy(Protocol):
@@ -61,7 +63,7 @@ class FusionStrategy(Protocol):
     records_profiles: bool  # True: it can record each chunk's KV and attention profile (variants)
 
     def before_load(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]],
-                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[Any, ...]]: ...
+                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[ChunkPlan, ...]]: ...
 
     def fuse(self, executor: LayerExecutor, inp: FusionInput) -> FusionResult: ...
 
@@ -73,7 +75,7 @@ class StrategyHooks:
     records_profiles = False
 
     def before_load(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]],
-                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[Any, ...]]:
+                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[ChunkPlan, ...]]:
         """Before the chunks' caches load: caches that stand in for some of them (None: load
         every one) and per-chunk plans for `FusionInput.plans`."""
         return None, ()

@@ -13,14 +13,13 @@ mean K/V correction (``spread_k`` / ``spread_v``, as in CacheBlend: `blend/sprea
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, StrategyHooks, VariantStore, finish
 from chunkcache.blend.cacheblend import CacheBlend, check_qattn_from, reuse_attention
-from chunkcache.blend.craft_math import cfo, effective_overlap, tokens_to_recompute
+from chunkcache.blend.craft_math import ChunkPlan, cfo, effective_overlap, tokens_to_recompute
 from chunkcache.blend.strategies import question_rows, reused_buffer
 from chunkcache.blend.layout import sequential_layout
 from chunkcache.blend.spread import check_shares, spread_hook
@@ -32,22 +31,6 @@ from chunkcache.timing import stage
 
 INDEPENDENT = "independent"
 SELECTS = ("inter", "blend", "qattn")
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    variant: str  # INDEPENDENT or the variant's store key
-    tokens: tuple[int, ...] | None  # chunk-relative tokens to recompute; None: CacheBlend's choice
-    cci: float | None = None
-    beta_prime: float | None = None
-    cfo: float | None = None
-    inter: tuple[float, ...] = ()  # per token, the recorded attention outside the chunk
-
-    def to_dict(self) -> dict[str, object]:
-        out = asdict(self)
-        out["recomputed"] = None if self.tokens is None else len(self.tokens)
-        del out["tokens"], out["inter"]
-        return out
 
 
 def plan_chunk(preceding: Sequence[str], tokens: int, variants: Sequence[VariantMeta], alpha: float = 1.0,
@@ -93,7 +76,7 @@ class CacheCraft(StrategyHooks):
     uses_cache = True
 
     def before_load(self, keys: Sequence[str], chunks: Sequence[tuple[int, ...]],
-                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[Any, ...]]:
+                    variants: Callable[[], VariantStore]) -> tuple[list[ChunkKV | None] | None, tuple[ChunkPlan, ...]]:
         """Each chunk's plan, and the variant that serves it (those need no independent cache)."""
         kvs, plans = variants().plans(keys, chunks, self.alpha)
         return kvs, tuple(plans)

@@ -1,6 +1,8 @@
 """Cache-Craft's measures (SIGMOD'25), as chunkcache computes them: how much a chunk's cache depends
 on the chunks before it (CCI), how well a stored variant's preceding chunks match the current
-ones (beta, with an order penalty gamma), and from these the share of the chunk to recompute (CFO).
+ones (beta, with an order penalty gamma), and from these the share of the chunk to recompute (CFO);
+and `ChunkPlan`, what they decide for one chunk (here, not in cachecraft.py, so the fusion
+interface in base.py can name it).
 
 - ``CCI = mean over layers of sigmoid(mean inter-chunk attention / mean intra-chunk attention)``,
   from the chunk's queries during a prefill in context. Note that it is at least 0.5 whenever the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 from chunkcache.errors import InvalidInputError
 
@@ -77,3 +80,19 @@ def cfo(cci_value: float, beta_prime: float, alpha: float = 1.0) -> float:
 
 def tokens_to_recompute(cfo_value: float, tokens: int) -> int:
     return min(tokens, math.ceil(cfo_value * tokens - 1e-9))
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    variant: str  # cachecraft.INDEPENDENT or the variant's store key
+    tokens: tuple[int, ...] | None  # chunk-relative tokens to recompute; None: CacheBlend's choice
+    cci: float | None = None
+    beta_prime: float | None = None
+    cfo: float | None = None
+    inter: tuple[float, ...] = ()  # per token, the recorded attention outside the chunk
+
+    def to_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["recomputed"] = None if self.tokens is None else len(self.tokens)
+        del out["tokens"], out["inter"]
+        return out
