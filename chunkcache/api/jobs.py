@@ -184,12 +184,12 @@ class DocumentJobs:
         self._save(job.record)
 
     def _finish(self, job: _Job, status: str, error: str | None) -> None:
-        with self._lock:
+        with self._lock:  # saved before anyone can read the new status: GET and the file agree
             if job.record.status in FINISHED:
                 return
             job.record.status, job.record.error = status, error  # type: ignore[assignment]
             self._live.pop(job.record.id, None)
-        self._save(job.record)
+            self._save(job.record)
         if status == "failed":
             log.warning("document job %s failed: %s", job.record.id, error)
 
