@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec, names_taking, spec_pattern
+from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec, names_taking, spec_forms, spec_pattern
 from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.decode import StopText
 from chunkcache.blend.pool import KVPool
@@ -32,7 +32,7 @@ from chunkcache.timing import collect, stage
 # what the faces (CLI, service, adapters) use of a request, all from here: they import the engine,
 # not blend or model internals (tests/test_layers.py holds that)
 __all__ = ["PACKAGED_MODELS", "Answer", "ChunkCacheEngine", "ChunkNeighbours", "KVPool", "Sampling", "StopText", "describe_strategies",
-           "make_strategy", "parse_strategy_spec", "question_from_chat", "last_question", "TEXT_CHAR", "spec_pattern", "names_taking"]
+           "make_strategy", "parse_strategy_spec", "question_from_chat", "last_question", "TEXT_CHAR", "spec_pattern", "spec_forms", "names_taking"]
 
 STRATEGY_SETTINGS = ("recompute_ratio", "check_layer", "epic_k", "ape_temperature", "ape_scale")
 
@@ -73,9 +73,7 @@ class ChunkCacheEngine:
 
     def close(self) -> None:
         """Flush and close the store (write-back entries reach the lower tiers)."""
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        self.store.close()
         if self._craft_variants is not None:
             self._craft_variants.index.close()
 
@@ -227,7 +225,7 @@ class ChunkCacheEngine:
         """The head's KV and each chunk's (a `LayerStream` when the store streams layers, so
         fusion starts before the last layer is decoded), and how many chunks were stored.
         Chunks whose cache is ``given`` (cachecraft's variants) are neither loaded nor computed."""
-        stream = getattr(self.store, "stream", None) if self.settings.stream_layers else None
+        stream = self.store.stream if self.settings.stream_layers else None
         keys = [self._chunk_key(ids, context=ctx) for ids, ctx in zip(chunks, contexts)]
         got: list[Any] = list(given) if given is not None else [None] * len(chunks)
         wanted = [i for i, kv in enumerate(got) if kv is None]
@@ -429,8 +427,7 @@ class ChunkCacheEngine:
                      tier_hits)
 
     def _tier_hits(self) -> dict[str, int]:
-        counters = getattr(self.store, "counters", None)
-        return {tier: int(v.get("hits", 0)) for tier, v in counters().items()} if counters else {}
+        return {tier: int(v.get("hits", 0)) for tier, v in self.store.counters().items()}
 
 
 def check_request(question: str, chunks: Sequence[str]) -> None:

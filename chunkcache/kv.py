@@ -1,15 +1,19 @@
 """`ChunkKV`: the one type every part passes around (a chunk's KV tensors plus metadata);
-`EncodedLayer`, one layer of it still in its codec's bytes for a GPU to decode; and
+`EncodedLayer`, one layer of it still in its codec's bytes for a GPU to decode; `StoredEntry`,
+a chunk cache as a store tier found it (`HeldEntry` when it is held decoded); and
 `VariantMeta`, what Cache-Craft records of a stored variant of a chunk's cache."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from chunkcache.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from chunkcache.codec.base import KVCodec
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,14 @@ class ChunkKV:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def metadata(self) -> tuple[tuple[int, ...], int, str, str]:
+        """(token ids, position offset, model fingerprint, prefix fingerprint)."""
+        return self.token_ids, self.position_offset, self.model_fingerprint, self.prefix_fingerprint
+
+    def holding(self, kv: torch.Tensor) -> ChunkKV:
+        """The same chunk with its tensor ``kv`` (moved or decoded elsewhere)."""
+        return self if kv is self.kv else ChunkKV(kv, *self.metadata())
+
 
 class EncodedLayer(Protocol):
     """One layer ``[2, kv_heads, tokens, head_dim]`` of a stored chunk still in its codec's form,
@@ -61,6 +73,55 @@ class EncodedLayer(Protocol):
     device: torch.device
 
     def into(self, dst: torch.Tensor) -> None: ...
+
+
+class StoredEntry(Protocol):
+    """One chunk cache as a store tier found it, whatever the tier: read whole (`kv`, on the
+    host or where the tier holds it), one layer at a time while later layers still decode
+    (`layer`), or as codec bytes for a byte tier (`data`)."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def metadata(self) -> tuple[tuple[int, ...], int, str, str]: ...
+
+    def layer(self, index: int, device: torch.device | str | None) -> torch.Tensor | EncodedLayer:
+        """Layer ``index`` for a model on ``device``: decoded, or still encoded where a GPU
+        decodes it itself; host tensors bound for a GPU are pinned."""
+
+    def kv(self) -> ChunkKV: ...
+
+    def data(self, codec: KVCodec) -> bytes:
+        """The entry's bytes (encoded by ``codec`` if it holds none)."""
+
+
+class HeldEntry:
+    """A decoded chunk cache as a `StoredEntry` (a memory tier's, or one being written); encoded
+    at most once, and only if a byte tier asks, unless its bytes are already known."""
+
+    def __init__(self, kv: ChunkKV, data: bytes | StoredEntry | None = None) -> None:
+        self._kv = kv
+        self._data = data
+
+    @property
+    def num_layers(self) -> int:
+        return self._kv.num_layers
+
+    def metadata(self) -> tuple[tuple[int, ...], int, str, str]:
+        return self._kv.metadata()
+
+    def layer(self, index: int, device: torch.device | str | None) -> torch.Tensor:
+        return self._kv.kv[index]  # where the tier holds it (pinned already for a GPU)
+
+    def kv(self) -> ChunkKV:
+        return self._kv
+
+    def data(self, codec: KVCodec) -> bytes:
+        if self._data is None:
+            self._data = codec.encode(self._kv)
+        elif not isinstance(self._data, bytes):
+            self._data = self._data.data(codec)
+        return self._data
 
 
 @dataclass(frozen=True)

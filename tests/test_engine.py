@@ -97,8 +97,8 @@ def test_a_lossy_codec_reencodes_stored_chunks_and_keeps_prefixes_raw(
     monkeypatch.setattr(eng, "prefill_chunks", refuse)
     keys = engine.precompute(CHUNKS)
     assert set(keys).isdisjoint(raw_keys)  # the codec is part of the key
-    assert {read_header(engine.store.get_bytes(k))["codec"] for k in keys} == {"cachegen"}
-    assert read_header(engine.store.get_bytes(engine.head_key()))["codec"] == "raw"
+    assert {read_header(engine.store.tier("disk").get_bytes(k))["codec"] for k in keys} == {"cachegen"}
+    assert read_header(engine.store.tier("disk").get_bytes(engine.head_key()))["codec"] == "raw"
     lossy = engine.answer(QUESTION, CHUNKS, strategy="reuse", max_new_tokens=8)
     assert lossy.cache_hits == 3 and lossy.text
 

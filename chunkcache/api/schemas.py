@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from chunkcache.engine import TEXT_CHAR, names_taking, spec_pattern
+from chunkcache.engine import TEXT_CHAR, names_taking, spec_forms, spec_pattern
 
 
 def _no_surrogates(value: Any) -> Any:
@@ -68,8 +68,8 @@ class DocumentIn(_Strict):
                       description="one chunk: its KV cache is stored and reused as a unit")
 
 
-STRATEGY_DOC = ("fusion strategy spec NAME[:VALUE][:KEY=VALUE...]: full, reuse, cacheblend[:RATIO], ape[:TEMPERATURE], epic[:K], "
-                "cachecraft[:ALPHA], with parameters as in `cacheblend:0.15:spread_v=0.5`; "
+STRATEGY_DOC = (f"fusion strategy spec NAME[:VALUE][:KEY=VALUE...]: {spec_forms()}, "
+                "with parameters as in `cacheblend:0.15:spread_v=0.5`; "
                 "`chunkcache strategies` lists them (default: the server's). The pattern states NAME[:VALUE]; "
                 ":KEY=VALUE parameters are accepted beyond it, checked by the strategy")
 

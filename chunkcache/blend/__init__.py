@@ -112,6 +112,12 @@ def spec_pattern() -> str:
     return "^(?:" + "|".join(forms) + ")?$"  # empty: the default strategy
 
 
+def spec_forms() -> str:
+    """The ``NAME[:VALUE]`` forms in words, e.g. ``full, reuse, cacheblend[:RECOMPUTE_RATIO], ...``."""
+    return ", ".join(name + (f"[:{_SPEC_PARAMS[name][1].upper()}]" if name in _SPEC_PARAMS else "")
+                     for name in [*STRATEGIES, *(n for n in _SPEC_PARAMS if n not in STRATEGIES)])
+
+
 def names_taking(param: str) -> list[str]:
     """The spec names whose strategy has parameter ``param``."""
     names = [n for n, cls in STRATEGIES.items() if param in {f.name for f in dataclasses.fields(cls)}]
@@ -141,7 +147,7 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
 
 
 __all__ = [
-    "STRATEGIES", "Ape", "CacheBlend", "Epic", "FullPrefill", "FusedCache", "FusionInput",
+    "STRATEGIES", "spec_forms", "Ape", "CacheBlend", "Epic", "FullPrefill", "FusedCache", "FusionInput",
     "FusionResult", "FusionStrategy", "Reuse", "Sampling", "describe_strategies", "make_strategy",
     "parse_strategy_spec",
 ]

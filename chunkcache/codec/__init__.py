@@ -18,8 +18,9 @@ from chunkcache.codec.cachegen import CacheGenCodec
 from chunkcache.codec.int8 import Int8Codec
 from chunkcache.codec.kivi import Kivi2Codec
 from chunkcache.codec.raw import RawCodec, decode_legacy
+from chunkcache.device import pinned
 from chunkcache.errors import InvalidInputError
-from chunkcache.kv import ChunkKV
+from chunkcache.kv import ChunkKV, EncodedLayer
 
 CODECS: dict[str, type[LayeredCodec]] = {
     "raw": RawCodec, "int8": Int8Codec, "kivi2": Kivi2Codec, "cachegen": CacheGenCodec,
@@ -68,13 +69,49 @@ def decode_entry(
 ) -> ChunkKV:
     """Decode any entry by the codec its header names, dequantising on ``device``; corrupt or
     foreign bytes raise `CorruptCacheError`."""
-    if peek_version(data) in LEGACY_VERSIONS:
-        kv = decode_legacy(data, model_fingerprint)
-        return kv if device is None else ChunkKV(kv.kv.to(device), kv.token_ids, kv.position_offset,
-                                                 kv.model_fingerprint, kv.prefix_fingerprint)
-    entry = unpack(data, model_fingerprint=model_fingerprint)
-    name = entry.header["codec"]
-    return codec_for(name).decode_entry(entry, device)
+    return OpenedEntry(data, model_fingerprint).kv(device)
+
+
+class OpenedEntry:
+    """An entry of any container version, validated (checksum, format, model) when opened, then
+    decoded whole (`kv`) or one layer at a time (`layer`): a `chunkcache.kv.StoredEntry` for the
+    byte tiers. A version-1 entry is one tensor, so it is decoded at once."""
+
+    def __init__(self, data: bytes, model_fingerprint: str | None = None) -> None:
+        self._data = data
+        if peek_version(data) in LEGACY_VERSIONS:
+            self._whole: ChunkKV | None = decode_legacy(data, model_fingerprint)
+            return
+        self._whole = None
+        self._entry = unpack(data, model_fingerprint=model_fingerprint)
+        self._codec = codec_for(self._entry.header["codec"])
+
+    @property
+    def num_layers(self) -> int:
+        return self._whole.num_layers if self._whole is not None else len(self._entry.sections)
+
+    def metadata(self) -> tuple[tuple[int, ...], int, str, str]:
+        return self._whole.metadata() if self._whole is not None else self._entry.metadata()
+
+    def layer(self, index: int, device: torch.device | str | None) -> torch.Tensor | EncodedLayer:
+        """Layer ``index`` for a model on ``device``: a GPU decodes what it can itself
+        (compressed bytes cross PCIe, the host only unpacks); the rest is decoded here, into
+        pinned memory when bound for a GPU."""
+        if self._whole is not None:
+            return pinned(self._whole.kv[index], device)
+        part = self._codec.device_layer(self._entry, index, device)
+        if part is not None:
+            return part
+        return pinned(self._codec.layer(self._entry, index, torch.device("cpu")), device)
+
+    def kv(self, device: torch.device | str | None = None) -> ChunkKV:
+        """Every layer decoded (in parallel) onto ``device`` (the host by default)."""
+        if self._whole is not None:
+            return self._whole if device is None else self._whole.holding(self._whole.kv.to(device))
+        return self._codec.decode_entry(self._entry, device)
+
+    def data(self, codec: KVCodec | None = None) -> bytes:
+        return self._data
 
 
 def codec_for(name: str) -> LayeredCodec:
@@ -86,5 +123,5 @@ def codec_for(name: str) -> LayeredCodec:
 
 __all__ = [
     "BENCH_CODECS", "CODECS", "CacheGenCodec", "CacheMismatchError", "UnsupportedCacheError", "codec_for", "Int8Codec", "KVCodec",
-    "Kivi2Codec", "RawCodec", "decode_entry", "get_codec", "read_header", "unpack",
+    "Kivi2Codec", "OpenedEntry", "RawCodec", "decode_entry", "get_codec", "read_header", "unpack",
 ]

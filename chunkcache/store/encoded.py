@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from chunkcache.codec import KVCodec, UnsupportedCacheError, decode_entry
+from chunkcache.codec import KVCodec, OpenedEntry, UnsupportedCacheError
 from chunkcache.errors import CorruptCacheError
-from chunkcache.kv import ChunkKV
+from chunkcache.kv import ChunkKV, StoredEntry
 from chunkcache.store.policy import TierStats
 from chunkcache.timing import stage
 
@@ -18,9 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class EncodedTier:
-    """Base of `LmdbStore`, `RedisStore` and `MooncakeStore`; subclasses provide the byte operations."""
+    """Base of `LmdbStore`, `RedisStore` and `MooncakeStore` (the `Tier`s of encoded entries);
+    subclasses provide the byte operations."""
 
     name = ""
+    encoded = True
+    device = torch.device("cpu")  # where its entries decode
     codec: KVCodec
     stats: TierStats
 
@@ -33,17 +36,29 @@ class EncodedTier:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
-    def get(self, key: str, model_fingerprint: str | None = None, device: torch.device | str | None = None) -> ChunkKV | None:
-        """Decode by whichever codec wrote the entry, onto ``device``; a corrupt entry, or one of
-        another model, is deleted, counted and read as a miss."""
-        start = time.perf_counter()
+    def open(self, key: str, model_fingerprint: str | None = None) -> OpenedEntry | None:
+        """The entry, its container checked (a corrupt one raises `CorruptCacheError`)."""
         with stage("store_read_s"):
             data = self.get_bytes(key)
         if data is None:
             return None
+        with stage("codec_decode_s"):
+            return OpenedEntry(data, model_fingerprint)
+
+    def write(self, key: str, entry: StoredEntry, codec: KVCodec | None = None) -> bool:
+        self.put_bytes(key, entry.data(codec or self.codec), len(entry.metadata()[0]))
+        return True
+
+    def get(self, key: str, model_fingerprint: str | None = None, device: torch.device | str | None = None) -> ChunkKV | None:
+        """Decode by whichever codec wrote the entry, onto ``device``; a corrupt entry, or one of
+        another model, is deleted, counted and read as a miss."""
+        start = time.perf_counter()
         try:
+            entry = self.open(key, model_fingerprint)
+            if entry is None:
+                return None
             with stage("codec_decode_s"):
-                kv = decode_entry(data, model_fingerprint, device)
+                kv = entry.kv(device)
         except CorruptCacheError as exc:
             self.drop_corrupt(key, exc)
             return None

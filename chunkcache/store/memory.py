@@ -10,13 +10,16 @@ from collections.abc import Iterator
 import torch
 
 from chunkcache.errors import InvalidInputError
-from chunkcache.kv import ChunkKV
+from chunkcache.kv import ChunkKV, HeldEntry, StoredEntry
 from chunkcache.device import pinned
 from chunkcache.store.policy import EntryInfo, EvictionPolicy, LRU, TierStats, victims
 
 
 class MemoryTier:
-    """Decoded `ChunkKV`s keyed by chunk key. Entries bigger than the whole budget are not kept."""
+    """Decoded `ChunkKV`s keyed by chunk key (a `Tier`). Entries bigger than the whole budget
+    are not kept."""
+
+    encoded = False
 
     def __init__(self, name: str, budget_bytes: int | None, policy: EvictionPolicy | None = None,
                  device: str | torch.device = "cpu") -> None:
@@ -88,6 +91,18 @@ class MemoryTier:
                 callback(evicted_key, evicted_kv)
         self.stats.timed("put", time.perf_counter() - start)
         return True
+
+    def open(self, key: str, model_fingerprint: str | None = None) -> HeldEntry | None:
+        kv = self.get(key, model_fingerprint)
+        return None if kv is None else HeldEntry(kv)
+
+    def write(self, key: str, entry: StoredEntry, codec: object = None) -> bool:
+        return self.put(key, entry.kv())
+
+    def drop_corrupt(self, key: str, exc: Exception) -> None:
+        """Decoded tensors cannot fail a check; kept for the `Tier` interface."""
+        self.stats.count("corrupt")
+        self.delete(key)
 
     def contains(self, key: str) -> bool:
         with self._lock:

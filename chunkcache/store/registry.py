@@ -17,7 +17,8 @@ from chunkcache.codec import KVCodec
 from chunkcache.errors import InvalidInputError
 from chunkcache.store.memory import MemoryTier
 from chunkcache.store.policy import get_policy, parse_bytes
-from chunkcache.store.tiered import Tier, TieredStore
+from chunkcache.store.base import Tier
+from chunkcache.store.tiered import TieredStore
 
 
 @dataclass(frozen=True)

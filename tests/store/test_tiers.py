@@ -1,13 +1,17 @@
 """Memory tiers, eviction policies and the `TieredStore`: budgets, promotion, write policies,
-corruption falling through to a miss, prefetch and layer streaming."""
+corruption falling through to a miss, layer streaming (version-1 entries too)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 
 from chunkcache.codec import get_codec
 from chunkcache.errors import InvalidInputError
@@ -168,24 +172,38 @@ def test_a_corrupt_disk_entry_is_deleted_counted_and_read_from_the_next_tier(sto
     assert store.get("k") is None  # corrupt everywhere: a miss (the engine recomputes)
 
 
-def test_prefetch_then_get_and_layer_streaming(store_path: Path) -> None:
+def _version1(kv: ChunkKV) -> bytes:
+    """An entry as chunkcache wrote them before the layered format: raw, one zstd'd tensor."""
+    header = {"codec": "raw", "dtype": "float32", "shape": list(kv.kv.shape), "raw_bytes": kv.nbytes,
+              "token_ids": list(kv.token_ids), "position_offset": kv.position_offset,
+              "model_fingerprint": kv.model_fingerprint, "prefix_fingerprint": kv.prefix_fingerprint}
+    head = json.dumps(header).encode()
+    body = struct.pack("<4sHI", b"CCKV", 1, len(head)) + head + zstandard.compress(kv.kv.numpy().tobytes())
+    return body + hashlib.blake2b(body, digest_size=32).digest()
+
+
+def test_streamed_layers_from_every_tier_and_container_version(store_path: Path) -> None:
     codec = get_codec("cachegen-3")
     cpu, disk = MemoryTier("cpu", None), LmdbStore(store_path, codec)
     store = TieredStore([cpu, disk], codec)
-    for i in range(3):
+    for i in range(2):
         disk.put(f"k{i}", _kv(tokens=20, seed=i))
-    handle = store.prefetch(["k0", "k1", "k2", "missing"])
-    loaded = handle.wait()
-    assert handle.done() and loaded["missing"] is None and handle.load_s() > 0
-    assert torch.equal(store.get("k1").kv, disk.get("k1").kv)
-    assert store.get("missing") is None
-    cpu.clear()
-    layers = store.iter_layers("k2")
-    assert layers is not None and not cpu.contains("k2")
-    streamed = list(layers)
-    assert len(streamed) == 2 and torch.equal(torch.stack(streamed), disk.get("k2").kv)
-    assert cpu.contains("k2")  # promoted once every layer was read
-    assert store.iter_layers("missing") is None
+    old = _kv(tokens=20, seed=9)
+    disk.put_bytes("v1", _version1(old))
+    cpu.put("held", _kv(seed=5))
+    streams = store.stream(["k0", "k1", "v1", "held", "missing"], model_fingerprint="m")
+    assert [s.found() for s in streams] == [True, True, True, True, False]
+    for stream, want in zip(streams[:4], [disk.get("k0"), disk.get("k1"), old, _kv(seed=5)]):
+        layers = [stream.layer(i) for i in range(stream.num_layers)]
+        assert torch.equal(torch.stack(layers), want.kv)
+        assert (stream.token_ids, stream.position_offset) == (want.token_ids, want.position_offset)
+    for key in ("k0", "k1", "v1"):
+        deadline = time.monotonic() + 5
+        while not cpu.contains(key) and time.monotonic() < deadline:
+            time.sleep(0.01)  # promoted once every layer was read, after the stream's last layer
+        assert cpu.contains(key)
+    assert torch.equal(store.get("v1").kv, old.kv)
+    assert store.stream(["k0"], model_fingerprint="another model")[0].found() is False
 
 
 def _tiers(spec: str, remote_url: str = "", gpu: bool = False) -> list[str]:
