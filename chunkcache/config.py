@@ -28,6 +28,9 @@ class Settings:
     device: str = "auto"
     models_dir: Path = field(default_factory=lambda: _cache_root() / "models")
     store_path: Path = field(default_factory=lambda: _cache_root() / "store")
+    # Where the benchmarks look for the shared QA files when given none (relative paths from the
+    # working directory): bench precompute's corpus, the retrieval recall and latency runs.
+    data_dir: Path = Path("../shared/data")
     zstd_level: int = 3
     # How chunk caches are stored: raw | int8 | kivi2 | cachegen-1..3 (see codec/__init__.py).
     # Fixed prefixes (head, primer) are always stored raw: they are small and shared by all.

@@ -32,7 +32,7 @@ from chunkcache.retriever.embedder import Embedder
 from chunkcache.retriever.fusion import MODES, SearchOptions
 from chunkcache.retriever.index import ChunkIndex
 
-DEFAULT_DATASET = Path("../shared/data/hotpotqa_distractor_train100.jsonl")
+DEFAULT_DATASET = "hotpotqa_distractor_train100.jsonl"  # in the data_dir setting
 _YES_NO = {"yes", "no"}
 
 
@@ -70,7 +70,7 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def pooled_recall(path: str | Path = DEFAULT_DATASET, embedder: Embedder | None = None, k: int = 5,
+def pooled_recall(path: str | Path | None = None, embedder: Embedder | None = None, k: int = 5,
                   modes: tuple[str, ...] = MODES, factory: str = "Flat", index_dir: str | Path | None = None,
                   options: SearchOptions | None = None,
                   variants: Mapping[str, SearchOptions] | None = None) -> list[RecallReport]:
@@ -79,6 +79,10 @@ def pooled_recall(path: str | Path = DEFAULT_DATASET, embedder: Embedder | None 
     search with each of ``variants`` (name -> options)."""
     from chunkcache.eval.datasets import load_examples  # passages exactly as the evaluation builds them
 
+    if path is None:
+        from chunkcache.config import Settings
+
+        path = Settings.load().data_dir / DEFAULT_DATASET
     path = Path(path)
     examples = load_examples(path)
     records = _records(path)
@@ -149,7 +153,7 @@ def parse_variant(spec: str, base: SearchOptions) -> tuple[str, SearchOptions]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("datasets", nargs="*", default=[str(DEFAULT_DATASET)])
+    parser.add_argument("datasets", nargs="*", help=f"QA files (default: {DEFAULT_DATASET} in the data_dir setting)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--factory", default="Flat")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: dense,lexical,hybrid")
@@ -165,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
                             link_weight=args.link_weight)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     variants = dict(parse_variant(spec, options) for spec in args.variant)
+    if not args.datasets:
+        from chunkcache.config import Settings
+
+        args.datasets = [str(Settings.load().data_dir / DEFAULT_DATASET)]
     for dataset in args.datasets:
         reports = [asdict(r) for r in pooled_recall(dataset, k=args.k, modes=modes, factory=args.factory,
                                                      options=options, variants=variants)]

@@ -22,7 +22,6 @@ from chunkcache.retriever.chunking import Chunk
 from chunkcache.retriever.fusion import MODES
 from chunkcache.retriever.index import ChunkIndex
 
-DATA = Path("../shared/data")
 SOURCES = ("hotpotqa_distractor_train100.jsonl", "musique_s.jsonl", "hotpotqa_s.jsonl", "wikimqa_s_clean.jsonl",
            "musique_ans_train100.jsonl", "multihop_rag_s.jsonl", "longbench_multi_news.jsonl")
 
@@ -52,7 +51,11 @@ def _summary(times: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered) * 1e3, 2)}
 
 
-def search_latency(chunks: int = 10_000, words: int = 60, data: Path = DATA, queries: int = 66) -> dict[str, Any]:
+def search_latency(chunks: int = 10_000, words: int = 60, data: Path | None = None, queries: int = 66) -> dict[str, Any]:
+    if data is None:
+        from chunkcache.config import Settings
+
+        data = Settings.load().data_dir
     texts: dict[str, Chunk] = {}
     for text in _windows(data, words):
         chunk = Chunk.from_text(text, f"window-{len(texts)}")
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=10_000)
     parser.add_argument("--words", type=int, default=60)
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=None, help="folder of the QA files (default: the data_dir setting)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
     report = search_latency(args.chunks, args.words, args.data)

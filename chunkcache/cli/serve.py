@@ -1,14 +1,15 @@
-"""`chunkcache serve`: build the service from Settings (YAML + CHUNKCACHE_* env, then flags), after
+"""`chunkcache serve` (and the benches that run a server: `bench load`, `bench fuzz`): build the service from Settings (YAML + CHUNKCACHE_* env, then flags), after
 the model gate (`chunkcache.jobs.check_model.serve_gate`), and run it with uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+
+from chunkcache.cli.common import CommonArgs
 
 
-def add_serve_parser(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction, common: CommonArgs) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the HTTP service (OpenAI-compatible and /v1/rag/* endpoints)")
     common(p)
     p.add_argument("--index", help="index folder to retrieve from and add documents to (setting index_path)")
@@ -43,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_load_parser(bench: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+def add_load_parser(bench: argparse._SubParsersAction, common: CommonArgs) -> None:  # type: ignore[type-arg]
     p = bench.add_parser("load", help="concurrent streaming clients against a chunkcache serve process")
     p.add_argument("--model", help="model the server loads (default: settings)")
     p.add_argument("--clients", type=int, default=16)

@@ -1,6 +1,6 @@
 """`chunkcache eval` and `chunkcache bench ...`: the quality evaluation and the speed benchmarks,
-each printing a table and writing JSON. Engines come from the shared options (``args.make_engine``,
-set by `chunkcache.cli`), so settings are loaded one way for every command."""
+each printing a table and writing JSON. Engines come from the shared options
+(`chunkcache.cli.common.engine_from_args`), so settings are loaded one way for every command."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from chunkcache.cli.common import CommonArgs, engine_from_args
 from chunkcache.errors import ChunkCacheError, CliError
 
 
@@ -24,7 +24,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     lengths = [] if args.natural else _ints(args.lengths, "--lengths")
     examples = load_examples(dataset, args.limit if args.natural else None, args.passages if args.natural else None)
     strategies = [s for s in args.strategies.split(",") if s.strip()]
-    engine = args.make_engine(args)
+    engine = engine_from_args(args)
     try:
         report = bench_ttft(engine, examples, strategies, args.repeats, lengths, _ints(args.chunks, "--chunks"))
     except ValueError as exc:
@@ -44,7 +44,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     from chunkcache.eval.decode_bench import format_table, run_decode_bench
     from chunkcache.store.policy import parse_bytes
 
-    engine = args.make_engine(args)
+    engine = engine_from_args(args)
     report = run_decode_bench(engine.model.executor, _ints(args.batches, "--batches"),
                               _ints(args.contexts, "--contexts"), args.steps, max_kv_bytes=parse_bytes(args.max_kv))
     print(format_table(report))
@@ -83,7 +83,7 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     if not examples:
         raise CliError(f"{dataset} has no example with passages to encode")
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    report = bench_codecs(args.make_engine(args), examples[0], codecs, args.repeats, device=args.device)
+    report = bench_codecs(engine_from_args(args), examples[0], codecs, args.repeats, device=args.device)
     report["dataset"] = str(dataset)
     print(format_table(report))
     if args.out:
@@ -99,7 +99,7 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
     examples = [e for e in load_examples(dataset, None, args.passages) if e.chunks]
     if not examples:
         raise CliError(f"{dataset} has no example with passages")
-    engine = args.make_engine(args)
+    engine = engine_from_args(args)
     remote = args.remote_url or ([engine.settings.remote_url] if engine.settings.remote_url else [])
     report = bench_store(engine, examples, remote, args.entry_tokens, args.entries, args.repeats)
     report["dataset"] = str(dataset)
@@ -112,15 +112,16 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_precompute(args: argparse.Namespace) -> int:
+    from chunkcache.config import Settings
     from chunkcache.eval.precompute_bench import bench_precompute, format_table
 
-    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    shared = Settings.from_args(args).data_dir
     defaults = [shared / n for n in ("musique_s.jsonl", "wikimqa_s_clean.jsonl", "hotpotqa_s.jsonl")]
     paths = [Path(p) for p in args.dataset] if args.dataset else [p for p in defaults if p.exists()]
     if not paths:
         raise CliError("no corpus: pass --dataset FILE (a QA file whose passages are precomputed)")
     try:
-        report = bench_precompute(args.make_engine(args), paths, args.chunks, args.chunk_tokens, args.batch,
+        report = bench_precompute(engine_from_args(args), paths, args.chunks, args.chunk_tokens, args.batch,
                                   args.bare_every, not args.quiet)
     except ValueError as exc:
         raise CliError(f"{exc}; add --dataset files or ask for fewer --chunks") from None
@@ -150,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     codecs = [c.strip() for c in (args.codec or "").split(",") if c.strip()]
     strategy_labels(args.strategies.split(","), codecs)  # a bad name fails before the model loads
-    engine = args.make_engine(args)
+    engine = engine_from_args(args)
     tokenizer = engine.model.tokenizer
 
     def truncate(text: str) -> str:
@@ -205,7 +206,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_parser(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction, common: CommonArgs) -> None:  # type: ignore[type-arg]
+    _add_eval_parser(sub, common)
+    _add_bench_parsers(sub, common)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction, common: CommonArgs) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("eval", help="quality and TTFT of each strategy beside full prefill on a QA dataset")
     common(p)
     p.add_argument("--dataset", required=True, help="JSON Lines file in any format of the shared data folder")
@@ -235,7 +241,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, common: Callable[[argparse.
     p.set_defaults(func=cmd_eval)
 
 
-def add_bench_parsers(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:  # type: ignore[type-arg]
+def _add_bench_parsers(sub: argparse._SubParsersAction, common: CommonArgs) -> None:  # type: ignore[type-arg]
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("ttft", help="time to first token of each strategy beside full prefill (warm caches)")
     common(p)
@@ -275,7 +281,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction, common: Callable[[argpars
     p.add_argument("--out", help="folder for store.json")
     p.set_defaults(func=cmd_bench_store)
 
-    from chunkcache.api.cli import add_fuzz_parser, add_load_parser
+    from chunkcache.cli.serve import add_fuzz_parser, add_load_parser
 
     add_load_parser(bench, common)
     add_fuzz_parser(bench)
@@ -305,7 +311,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction, common: Callable[[argpars
     common(p)
     p.add_argument("--dataset", action="append",
                    help="QA file whose passages form the corpus (repeatable); default: musique_s, 2WikiMQA and "
-                        "HotpotQA from ../shared/data")
+                        "HotpotQA from the data_dir setting (../shared/data)")
     p.add_argument("--chunks", type=int, default=2000, help="chunks to precompute")
     p.add_argument("--chunk-tokens", type=int, default=256, help="chunk size in tokens")
     p.add_argument("--batch", type=int, help="chunks per batched prefill (default: the precompute_batch setting, 8)")
