@@ -21,9 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chunkcache.api import schemas as s
 from chunkcache.api.guard import Guard
 from chunkcache.api.jobs import JobNotFoundError
-from chunkcache.api.service import (EmptyIndexError, ModelNotFoundError, NoIndexError, NotFoundError, RagService,
-                                    RequestTooLargeError)
+from chunkcache.api.service import ModelNotFoundError, NoIndexError, RagService, RequestTooLargeError
 from chunkcache.errors import ChunkCacheError, ContextTooLongError, InvalidInputError, UnknownStrategyError
+from chunkcache.pipeline import EmptyIndexError, NotFoundError
 from chunkcache.scheduler import CancelledRequestError, QueueFullError
 from chunkcache.store.policy import parse_bytes
 

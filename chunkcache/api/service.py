@@ -21,6 +21,7 @@ from chunkcache.api.metrics import ServiceMetrics
 from chunkcache.config import Settings
 from chunkcache.engine import Answer, ChunkCacheEngine, Sampling, StopText
 from chunkcache.errors import ChunkCacheError, InvalidInputError
+from chunkcache.pipeline import RAGPipeline
 from chunkcache.scheduler import Scheduler
 from chunkcache.store.policy import parse_bytes
 
@@ -37,14 +38,6 @@ class ModelNotFoundError(InvalidInputError):
 
 class NoIndexError(InvalidInputError):
     """Retrieval was asked of a server started without an index."""
-
-
-class NotFoundError(InvalidInputError):
-    """A named document is not in the index, or retrieval found no chunk (HTTP 404)."""
-
-
-class EmptyIndexError(InvalidInputError):
-    """Retrieval from an index that holds no chunks yet (HTTP 409: add documents first)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +93,7 @@ class RagService:
         self.engine = engine or ChunkCacheEngine(settings)
         self.index = index if index is not None else _open_index(settings)
         self.engine.use_index(self.index)
+        self.pipeline = None if self.index is None else RAGPipeline(self.index, self.engine)
         pool = self.engine.kv_pool(parse_bytes(settings.kv_budget) or 2**62)
         self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue)
         self.metrics = ServiceMetrics(self)
@@ -214,52 +208,38 @@ class RagService:
             refs = [s.Reference(doc_id=d.id or f"doc-{i}", chunk_id=_chunk_id(d.text), text=d.text)
                     for i, d in enumerate(req.documents)]
             return [d.text for d in req.documents], refs
-        index = self.require_index("answer from doc_ids or retrieval")
+        pipeline = self.require_pipeline("answer from doc_ids or retrieval")
         if req.doc_ids:
-            hits = []
-            for doc_id in req.doc_ids:
-                try:
-                    ids = index.doc_chunks(doc_id)
-                except InvalidInputError:  # its message names the server's folder
-                    ids = []
-                if not ids:
-                    raise NotFoundError(f"document {doc_id!r} is not in the index")
-                hits.extend(h for h in (index.get(c) for c in ids) if h is not None)
+            hits = pipeline.documents(req.doc_ids)
         else:
-            hits = index.search(req.search or req.question, k=req.top_k or self.settings.default_top_k,
-                                retrieval=req.retrieval or self.settings.retrieval)
-            if not hits and len(index) == 0:
-                raise EmptyIndexError("the index has no chunks yet; POST /v1/documents first")
-            if not hits:
-                raise NotFoundError("no chunk of the index matches the question with this retrieval mode; "
-                                    "try hybrid or dense, or send documents")
+            hits = pipeline.retrieve(req.search or req.question, req.top_k or self.settings.default_top_k,
+                                     req.retrieval or self.settings.retrieval)
         refs = [_reference(h, None if req.doc_ids else h.score) for h in hits]
         return [h.text for h in hits], refs
 
     def retrieve(self, query: str, top_k: int, retrieval: str | None = None) -> list[s.Reference]:
-        hits = self.require_index("retrieve").search(query, k=top_k, retrieval=retrieval or self.settings.retrieval)
+        hits = self.require_pipeline("retrieve").search(query, top_k, retrieval or self.settings.retrieval)
         return [_reference(h, h.score) for h in hits]
 
-    def require_index(self, what: str) -> Any:
-        if self.index is None:
+    def require_pipeline(self, what: str) -> RAGPipeline:
+        if self.pipeline is None:
             raise NoIndexError(
                 f"this server has no index to {what}: send documents in the request, or start it "
                 "with --index DIR (chunkcache serve --index DIR)"
             )
-        return self.index
+        return self.pipeline
+
+    def require_index(self, what: str) -> Any:
+        return self.require_pipeline(what).index
 
     # --- documents jobs (pieces run on the engine thread, see api/jobs.py) -----------------
     def _index_document(self, doc: s.DocumentIn) -> dict[str, int]:
-        from chunkcache.jobs.ingest import CHUNK_TOKENS, OVERLAP_TOKENS
-        from chunkcache.retriever import Chunker, Document, IndexChangedError
+        from chunkcache.jobs.ingest import add_documents
+        from chunkcache.retriever import Document
 
         index = self.require_index("add documents to")
-        chunker = Chunker(self.engine.model.tokenizer, CHUNK_TOKENS, OVERLAP_TOKENS, name=self.settings.model)
-        docs = [Document(_doc_id(doc), doc.text)]
-        try:
-            report = index.ingest_documents(docs, chunker)
-        except IndexChangedError:  # another server over the same index committed meanwhile
-            report = index.ingest_documents(docs, chunker)
+        report = add_documents(index, [Document(_doc_id(doc), doc.text)], self.engine.model.tokenizer,
+                               self.settings.model)
         return {"added": report.added, "updated": report.updated, "unchanged": report.unchanged,
                 "chunks_added": report.chunks_added, "chunks_removed": report.chunks_removed}
 

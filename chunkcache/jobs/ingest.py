@@ -1,5 +1,6 @@
-"""`chunkcache ingest`: read files, chunk them with the serving model's tokenizer, embed and index
-them (incremental: unchanged documents are skipped, changed ones replaced, deleted ones removed)."""
+"""Ingesting documents into an index, for `chunkcache ingest` (files and folders) and the service
+(documents posted to it): chunk them with the serving model's tokenizer, embed and index them
+(incremental: unchanged documents are skipped, changed ones replaced, deleted ones removed)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from chunkcache.config import Settings
-from chunkcache.retriever import Chunker, ChunkIndex, IngestReport, UnknownDocumentError, read_documents
+from chunkcache.retriever import (
+    Chunker, ChunkIndex, Document, IndexChangedError, IngestReport, UnknownDocumentError, read_documents,
+)
 from chunkcache.retriever.readers import document_id
 
 
@@ -22,6 +25,17 @@ def model_tokenizer(settings: Settings) -> Any:
     from chunkcache.model.registry import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(str(resolve_model_dir(settings.model, settings.models_dir)))
+
+
+def add_documents(index: ChunkIndex, documents: Sequence[Document], tokenizer: Any, model_name: str,
+                  chunk_tokens: int = CHUNK_TOKENS, overlap_tokens: int = OVERLAP_TOKENS) -> IngestReport:
+    """Chunk ``documents`` in ``tokenizer``'s tokens (the serving model's, named ``model_name``)
+    and index them; once more if another process committed to the same index meanwhile."""
+    chunker = Chunker(tokenizer, chunk_tokens, overlap_tokens, name=model_name)
+    try:
+        return index.ingest_documents(documents, chunker)
+    except IndexChangedError:
+        return index.ingest_documents(documents, chunker)
 
 
 def open_or_build(index_dir: Path, factory: str) -> ChunkIndex:
@@ -53,8 +67,9 @@ def ingest(
             removed += 1
         report = IngestReport()
         if paths:
-            chunker = Chunker(model_tokenizer(settings), chunk_tokens, overlap_tokens, name=settings.model)
-            report = index.ingest_documents(read_documents(list(paths), text_field=text_field), chunker)
+            documents = list(read_documents(list(paths), text_field=text_field))
+            report = add_documents(index, documents, model_tokenizer(settings), settings.model, chunk_tokens,
+                                   overlap_tokens)
         return report, removed, len(index)
     finally:
         index.close()

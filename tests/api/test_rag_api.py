@@ -35,6 +35,8 @@ def test_documents_retrieve_and_answer(make_service: ServiceFactory, tmp_path: P
     index = ChunkIndex.build(tmp_path / "index", embedder)
     service = make_service(index=index)
     with running(service) as url, httpx.Client(base_url=url, timeout=120) as client:
+        empty = client.post("/v1/rag/answer", json={"query": "Who built the bridge?"})
+        assert empty.status_code == 409 and "no chunks yet" in empty.json()["error"]["message"]
         accepted = client.post("/v1/documents", json={"documents": DOCS})
         assert accepted.status_code == 202 and accepted.json()["status"] in ("queued", "running", "done")
         job = _wait_job(client, accepted.json()["id"])
