@@ -151,18 +151,14 @@ def _report(rows: list[dict[str, Any]], rss: list[tuple[float, int]], started: f
     total = [r["total_s"] for r in measured if r["status"] == 200]
     after_warmup = [b for t, b in rss if t >= warmup_s] or [rss[-1][1]]
     base = after_warmup[0]
-
-    def pct(values: list[float], q: float) -> float | None:
-        return quantile(values, q) if values else None
-
     return {
         "clients": clients, "duration_s": duration_s, "warmup_s": warmup_s, "max_tokens": max_tokens,
         "documents_per_request": per_request, "words_per_document": passage_words,
         "requests": len(measured), "requests_per_s": len(measured) / duration_s,
         "status_counts": dict(statuses),
         "server_errors": sum(n for s, n in statuses.items() if s.startswith("5") or s.startswith("error")),
-        "ttft_s": {"p50": pct(ttft, 0.5), "p99": pct(ttft, 0.99), "mean": statistics.fmean(ttft) if ttft else None},
-        "total_s": {"p50": pct(total, 0.5), "p99": pct(total, 0.99)},
+        "ttft_s": {"p50": _pct(ttft, 0.5), "p99": _pct(ttft, 0.99), "mean": statistics.fmean(ttft) if ttft else None},
+        "total_s": {"p50": _pct(total, 0.5), "p99": _pct(total, 0.99)},
         "rss_bytes": {"after_warmup": base, "end": rss[-1][1], "max_after_warmup": max(after_warmup)},
         "rss_growth": (max(after_warmup) - base) / base if base else None,
         "per_minute": _per_minute(measured, rss, started, warmup_s),
@@ -186,34 +182,35 @@ def _per_minute(rows: list[dict[str, Any]], rss: list[tuple[float, int]], starte
         out.append({
             "minute": minute + 1, "requests": len(got),
             "errors": sum(1 for r in got if str(r["status"]) != "200"),
-            "ttft_p50_s": quantile(ttft, 0.5) if ttft else None, "ttft_p99_s": quantile(ttft, 0.99) if ttft else None,
-            "total_p50_s": quantile(total, 0.5) if total else None,
-            "total_p99_s": quantile(total, 0.99) if total else None,
+            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
+            "total_p50_s": _pct(total, 0.5), "total_p99_s": _pct(total, 0.99),
             "rss_max_bytes": max(in_minute) if in_minute else None,
         })
     return out
 
 
+def _pct(values: list[float], q: float) -> float | None:
+    return quantile(values, q) if values else None
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def minute_table(report: dict[str, Any]) -> str:
     """The per-minute rows as a markdown table."""
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}"
-
     lines = ["| minute | requests | errors | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | RSS max MiB |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in report.get("per_minute", []):
         rss = "-" if m["rss_max_bytes"] is None else f"{m['rss_max_bytes'] / 2**20:.0f}"
-        lines.append(f"| {m['minute']} | {m['requests']} | {m['errors']} | {f(m['ttft_p50_s'])} | {f(m['ttft_p99_s'])} "
-                     f"| {f(m['total_p50_s'])} | {f(m['total_p99_s'])} | {rss} |")
+        lines.append(f"| {m['minute']} | {m['requests']} | {m['errors']} | {_f(m['ttft_p50_s'])} | {_f(m['ttft_p99_s'])} "
+                     f"| {_f(m['total_p50_s'])} | {_f(m['total_p99_s'])} | {rss} |")
     return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:
     t, e, m = report["ttft_s"], report["total_s"], report["rss_bytes"]
-
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}"
-
+    f = _f
     return "\n".join([
         f"load: {report['clients']} streaming clients for {report['duration_s']:.0f} s after "
         f"{report['warmup_s']:.0f} s of warm-up; {report['requests']} requests ({report['requests_per_s']:.2f}/s)",

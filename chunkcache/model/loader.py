@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from chunkcache.atomic import write_text_atomic
 from chunkcache.errors import InvalidInputError, UnsupportedModelError
 from chunkcache.model.arch import check_supported, rope_parameters
 from chunkcache.model.executor import LayerExecutor
@@ -138,9 +139,7 @@ def _file_digest(file: Path) -> str:
     digest = h.hexdigest()
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(".tmp")
-        tmp.write_text(digest, encoding="ascii")
-        os.replace(tmp, memo)
+        write_text_atomic(memo, digest, encoding="ascii")
     except OSError as exc:  # a read-only cache only costs speed
         log.debug("could not memoise digest of %s: %s", file, exc)
     return digest
