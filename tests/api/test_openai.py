@@ -3,11 +3,15 @@ client: the answer is the engine's answer for the same inputs, streamed or not."
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
 from tests.api.conftest import ServiceFactory, running
+from tests.test_cli import answer_json
 
 QUESTION = "Where was the mill built?"
 DOCS = [
@@ -116,3 +120,26 @@ def test_client_errors_are_4xx_with_a_message(make_service: ServiceFactory) -> N
         assert tiny.choices[0].message.content  # treated as greedy, not a 500
         streamed = httpx.post(f"{url}/v1/chat/completions", json={"messages": user, "stream": True})
         assert streamed.status_code == 400 and "no index" in streamed.json()["error"]["message"]
+
+
+def test_one_strategy_spec_on_the_command_line_in_yaml_and_over_http(make_service: ServiceFactory, tmp_path: Path) -> None:
+    """`answer --strategy SPEC`, `strategy: SPEC` in a YAML file and the HTTP API's strategy field
+    give the same answer (the CLI in its own process, as a user runs it)."""
+    spec = "cacheblend:0.15:spread_v=0.5"
+    request = tmp_path / "in.json"
+    request.write_text(json.dumps({"question": QUESTION, "chunks": [d["text"] for d in DOCS]}))
+    service = make_service()
+    template = f"question_template: {json.dumps(service.engine.model.template.question_template)}\n"
+    plain, config = tmp_path / "plain.yaml", tmp_path / "settings.yaml"
+    plain.write_text(template)  # the session model's prompt (tests/conftest.py), for the CLI as well
+    config.write_text(template + f'strategy: "{spec}"\n')
+    store = tmp_path / "cli-store"
+    by_flag = answer_json("smollm2-135m", request, store, "--config", str(plain), "--strategy", spec)
+    by_yaml = answer_json("smollm2-135m", request, store, "--config", str(config))
+    assert by_yaml["params"]["spread_v"] == 0.5 and by_yaml["params"]["recompute_ratio"] == 0.15
+    assert by_yaml["cache_hits"] == len(DOCS) and by_yaml["reused_tokens"] > 0  # stored by the first run
+    assert by_yaml["token_ids"] == by_flag["token_ids"] and by_flag["text"]
+    with running(service) as url:
+        out = httpx.post(f"{url}/v1/rag/answer", timeout=120, json={
+            "query": QUESTION, "documents": DOCS, "strategy": spec, "max_tokens": 24}).json()
+    assert out["answer"] == by_flag["text"] and out["usage"]["completion_tokens"] == len(by_flag["token_ids"])
