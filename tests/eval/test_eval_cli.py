@@ -18,14 +18,14 @@ FIELDS = {
 def test_eval_writes_the_report_and_ratio_one_agrees_with_full(tmp_path: Path) -> None:
     out = tmp_path / "report"
     run = chunkcache(
-        "eval", "--model", "smollm2-135m", "--dataset", str(DEMO), "--limit", "3", "--passages", "3",
+        "eval", "--model", "smollm2-135m", "--dataset", str(DEMO), "--limit", "2", "--passages", "3",
         "--strategies", "full,reuse,cacheblend:0.15,cacheblend:1.0,cacheblend-random:0.15",
-        "--max-new-tokens", "12", "--dtype", "float32", "--out", str(out), "--quiet",
+        "--max-new-tokens", "8", "--dtype", "float32", "--out", str(out), "--quiet",
         store=tmp_path / "store",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert {"model", "dataset", "n", "strategies"} <= set(report) and report["n"] == 3
+    assert {"model", "dataset", "n", "strategies"} <= set(report) and report["n"] == 2
     assert list(report["strategies"]) == ["full", "reuse", "cacheblend:0.15", "cacheblend:1.0", "cacheblend-random:0.15"]
     for stats in report["strategies"].values():
         assert set(stats) == FIELDS
@@ -36,7 +36,7 @@ def test_eval_writes_the_report_and_ratio_one_agrees_with_full(tmp_path: Path) -
     assert control["first_token_kl"] < 1e-6 and control["f1_delta_vs_full"] == 0.0
     assert report["strategies"]["reuse"]["first_token_kl"] > control["first_token_kl"]
     rows = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and not (out / "examples.partial.jsonl").exists()  # the partial log is replaced
+    assert len(rows) == 2 and not (out / "examples.partial.jsonl").exists()  # the partial log is replaced
     assert all(r["strategies"]["cacheblend:1.0"]["text"] == r["strategies"]["full"]["text"] for r in rows)
     assert "| cacheblend:1.0 |" in (out / "report.md").read_text()
     for png in ("quality_vs_ratio.png", "ttft.png"):
