@@ -42,9 +42,7 @@ class MemoryTier:
             tensor = kv.kv.to(self.device)
             if torch.cuda.is_available():
                 tensor = tensor.pin_memory()  # fast, asynchronous copies to the GPU
-        if tensor is kv.kv:
-            return kv
-        return ChunkKV(tensor, kv.token_ids, kv.position_offset, kv.model_fingerprint, kv.prefix_fingerprint)
+        return kv.holding(tensor)
 
     def get(self, key: str, model_fingerprint: str | None = None, device: torch.device | str | None = None) -> ChunkKV | None:
         start = time.perf_counter()
@@ -62,8 +60,7 @@ class MemoryTier:
         if device is not None and torch.device(device) != kv.kv.device:
             target = torch.device(device)
             # non_blocking only towards CUDA: a GPU -> host copy may return before it has landed
-            kv = ChunkKV(kv.kv.to(target, non_blocking=target.type == "cuda"), kv.token_ids, kv.position_offset,
-                         kv.model_fingerprint, kv.prefix_fingerprint)
+            kv = kv.holding(kv.kv.to(target, non_blocking=target.type == "cuda"))
         return kv
 
     def put(self, key: str, kv: ChunkKV, codec: object = None) -> bool:

@@ -46,7 +46,7 @@ class LayerStream:
             self._cond.notify_all()
 
     def start_from(self, kv: ChunkKV) -> None:
-        self.start(kv.num_layers, kv.token_ids, kv.position_offset, kv.model_fingerprint, kv.prefix_fingerprint)
+        self.start(kv.num_layers, *kv.metadata())
         for layer in kv.kv.unbind(0):
             self.push(layer)
 

@@ -176,14 +176,14 @@ class TieredStore:
                     del self._sizes[next(iter(self._sizes))]
         if data is not None and not isinstance(codec, RawCodec):
             kv = _moved(decode_entry(data), kv.kv.device)  # memory tiers hold what the lower tiers return
-        first = self.tiers[0]
+        first, entry = self.tiers[0], HeldEntry(kv, data)
         if self.write_through or first.encoded:
             for tier in self.tiers:
-                tier.write(key, HeldEntry(kv, data), codec)
+                tier.write(key, entry, codec)
             return kv
         with self._lock:
             self._dirty[key] = (codec, data)
-        if not first.write(key, HeldEntry(kv, data), codec):  # too big for the first tier: straight below
+        if not first.write(key, entry, codec):  # too big for the first tier: straight below
             self._write_down(key, kv)
         return kv
 
@@ -193,8 +193,9 @@ class TieredStore:
         if dirty is None:
             return  # clean: the lower tiers already have it
         codec, data = dirty
+        entry = HeldEntry(kv, data)
         for tier in self.tiers[1:]:
-            tier.write(key, HeldEntry(kv, data), codec)
+            tier.write(key, entry, codec)
 
     def flush(self) -> None:
         """Write every entry still only in the first tier (write-back) to the tiers below."""
