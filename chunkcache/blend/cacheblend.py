@@ -5,7 +5,9 @@ check layer; the ``recompute_ratio`` share of context tokens that deviate most, 
 are then computed at every layer, their K/V replacing the reused ones. Options:
 
 - ``selection``: rank by K deviation (``k``, the paper), V (``v``), both normalised and summed
-  (``kv``), or spend the same budget on random tokens (``random``, a control).
+  (``kv``), by the question's attention alone (``qattn``: no deviation probe and no gradual
+  filtering; the question-only pass is the whole probe, as ProphetKV / QCFuse choose), or spend
+  the same budget on random tokens (``random``, a control).
 - ``sinks``: the first ``sinks`` tokens of every chunk are always in the budget (each chunk was
   computed without the other chunks before it, so its first tokens tend to deviate most: EPIC's
   attention-sink observation).
@@ -44,7 +46,9 @@ from chunkcache.timing import stage
 
 GRADUAL_FACTOR = 2
 GRADUAL_LAYERS = 4
-SELECTIONS = ("k", "v", "kv", "random")
+SELECTIONS = ("k", "v", "kv", "qattn", "random")
+# selections that rank without the deviation probe (so without gradual filtering either)
+PROBELESS = ("qattn", "random")
 WEIGHTS = ("none", "attn", "qattn", "qattn_add")
 
 
@@ -113,7 +117,7 @@ class CacheBlend(StrategyHooks):
             return finish(executor, layout, buf, layout.span_rows(executor, range(0, layout.length)))
         if budget == 0:
             return finish(executor, layout, buf, question)
-        gradual = self.gradual and self.selection != "random"  # random has no deviation to filter by
+        gradual = self.gradual and self.selection not in PROBELESS  # no deviation to filter by
         first = min(context, budget * GRADUAL_FACTOR) if gradual else budget
         weight = self._affordable_weight(executor, layout, budget)
         if weight is None:  # the probe alone would cost more than computing everything
@@ -123,6 +127,11 @@ class CacheBlend(StrategyHooks):
         if self.selection == "random":
             generator = torch.Generator().manual_seed(self.seed)
             score = upload(torch.rand(context, generator=generator), executor.device)
+        elif self.selection == "qattn":
+            with stage("select_s"):
+                importance = reuse_attention(executor, layout, buf, self.qattn_from, self.qattn_to)
+            score = importance[:context]
+            probe_work = _depth(executor, self.qattn_to) * len(layout.question)
         else:
             score, importance, probe_work = self.scores(executor, layout, buf, weight)
         sinks = self._sink_mask(layout, executor.device)
@@ -144,10 +153,13 @@ class CacheBlend(StrategyHooks):
             return self.weight
         layers, question = executor.num_layers, len(layout.question)
         full = layers * layout.length
-        plain = self.check_layer * layout.length + layers * (question + budget)
+        probe = 0 if self.selection in PROBELESS else self.check_layer * layout.length
+        plain = probe + layers * (question + budget)
         if plain > full:
             return None
         asked = self.weight.startswith("qattn")
+        if self.selection == "qattn":  # the question pass is its probe: no fallback without it
+            return None if plain + _depth(executor, self.qattn_to) * question > full else self.weight
         if asked and plain + _depth(executor, self.qattn_to) * question > full:
             return "none"
         return self.weight

@@ -39,6 +39,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "cacheblend-options": ("cacheblend", {"weight": "attn", "sinks": 2, "per_chunk": True}),
     "cacheblend-qattn_add": ("cacheblend", {"weight": "qattn_add", "selection": "v"}),
     "cacheblend-random": ("cacheblend", {"selection": "random"}),
+    "cacheblend-question-probe": ("cacheblend", {"selection": "qattn"}),
     "cachecraft": ("cachecraft", {}),
     "cachecraft-plans": ("cachecraft", {}),
     "cachecraft-plans-inter": ("cachecraft", {"select": "inter"}),

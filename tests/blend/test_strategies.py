@@ -99,10 +99,14 @@ def test_strategy_parameters_are_validated() -> None:
 
 def test_selection_options_keep_the_budget(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
     base, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2)
-    for params in ({"selection": "v"}, {"selection": "kv"}, {"sinks": 8}, {"per_chunk": True}):
+    for params in ({"selection": "v"}, {"selection": "kv"}, {"selection": "qattn"}, {"sinks": 8},
+                   {"per_chunk": True}):
         variant, tokens = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, **params)
         assert abs(variant.reused_tokens - base.reused_tokens) <= len(fusion_input.pieces.chunks), params
         assert tokens
+    # ranked by the question pass alone: no deviation probe and no gradual filtering to pay for
+    alone, _ = _run(smollm2, fusion_input, "cacheblend", recompute_ratio=0.2, selection="qattn")
+    assert alone.recomputed_tokens < base.recomputed_tokens
 
 
 def test_sinks_recompute_every_chunk_start(smollm2: LoadedModel, fusion_input: FusionInput) -> None:
