@@ -24,7 +24,7 @@ are then computed at every layer, their K/V replacing the reused ones. Options:
   early layers' is spread over local and sink tokens and dilutes it.
 - ``qattn_to``: the question-only pass stops at this fraction of the depth (1: it runs every
   layer): a cheaper probe that reads the question's attention earlier (QCFuse / ProphetKV read it
-  at a few layers).
+  at a few layers); at 0.5 it read it too early on Qwen2.5-0.5B (MuSiQue KL +59 %, docs/quality.md).
 - ``spread_k`` / ``spread_v``: at every layer, each chunk's reused tokens take this share of the
   mean K / V correction its recomputed tokens receive (``blend/spread.py``): a chunk's tokens
   share part of what the passages before it change, and the recomputed tokens measure it."""

@@ -58,7 +58,7 @@ def tiny_index(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return root / "index"
 
 
-@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3))])
 def test_precompute_killed_at_a_random_point_resumes_without_recomputing(
         seed: int, tiny_dirs: dict[str, Path], tiny_index: Path, tmp_path: Path) -> None:
     import random
