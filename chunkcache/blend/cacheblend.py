@@ -127,11 +127,6 @@ class CacheBlend(StrategyHooks):
         if self.selection == "random":
             generator = torch.Generator().manual_seed(self.seed)
             score = upload(torch.rand(context, generator=generator), executor.device)
-        elif self.selection == "qattn":
-            with stage("select_s"):
-                importance = reuse_attention(executor, layout, buf, self.qattn_from, self.qattn_to)
-            score = importance[:context]
-            probe_work = _depth(executor, self.qattn_to) * len(layout.question)
         else:
             score, importance, probe_work = self.scores(executor, layout, buf, weight)
         sinks = self._sink_mask(layout, executor.device)
@@ -157,27 +152,31 @@ class CacheBlend(StrategyHooks):
         plain = probe + layers * (question + budget)
         if plain > full:
             return None
-        asked = self.weight.startswith("qattn")
-        if self.selection == "qattn":  # the question pass is its probe: no fallback without it
-            return None if plain + _depth(executor, self.qattn_to) * question > full else self.weight
+        asked = self.weight.startswith("qattn") or self.selection == "qattn"
         if asked and plain + _depth(executor, self.qattn_to) * question > full:
-            return "none"
+            # selection=qattn has no probe but the question pass: nothing to fall back to
+            return None if self.selection == "qattn" else "none"
         return self.weight
 
     def scores(self, executor: LayerExecutor, layout: Layout, buf: FusedBuffer, weight: str | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Per context token, how much recomputing it is worth (deviation, weighted by ``weight``,
         default the configured one); the question's attention per sequence index when it is
-        qattn*; the probe's work. Both stay on the model's device, where the ranking runs too."""
+        qattn* (or the selection is); the probe's work. Both stay on the model's device, where the
+        ranking runs too."""
         weight = self.weight if weight is None else weight
         context = layout.question.start
+        alone = self.selection == "qattn"  # the question pass is the whole probe
         with stage("select_s"):
             importance = (reuse_attention(executor, layout, buf, self.qattn_from, self.qattn_to)
-                          if weight.startswith("qattn") else None)
-            score = self._deviation(executor, layout, buf, weight)[:context]
-            if importance is not None:
-                score = _weighted(score, importance[:context], weight)
-        work = self.check_layer * layout.length
+                          if alone or weight.startswith("qattn") else None)
+            if importance is not None and alone:
+                score = importance[:context]
+            else:
+                score = self._deviation(executor, layout, buf, weight)[:context]
+                if importance is not None:
+                    score = _weighted(score, importance[:context], weight)
+        work = 0 if alone else self.check_layer * layout.length
         if importance is not None:
             work += _depth(executor, self.qattn_to) * len(layout.question)
         return score, importance, work
