@@ -90,6 +90,10 @@ class Settings:
     # PyTorch's memory-efficient kernel), or "auto" (triton when installed). The CPU always runs
     # causal blocks of queries, which read the token index there at no cost.
     attention_backend: str = "auto"
+    # How a decode step attends: "auto" (on CUDA with Triton: one batched kernel call a layer and
+    # each step captured as a CUDA graph per batch / length bucket, replayed; elsewhere one call a
+    # sequence), "graphs", "kernel" (batched, no capture) or "loop" (one call a sequence).
+    decode_mode: str = "auto"
     # chunkcache serve: where it listens, the index it retrieves from (empty: callers send
     # documents), the env var holding the API key (unset or empty: no key needed), and limits.
     index_path: str = ""

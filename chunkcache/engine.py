@@ -13,6 +13,7 @@ import torch
 from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec, names_taking, spec_forms, spec_pattern
 from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.decode import StopText
+from chunkcache.blend.decode_graphs import use_decode_mode
 from chunkcache.blend.pool import KVPool
 from chunkcache.blend.prefill import NEIGHBOURS, ChunkNeighbours, context_ids, prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
@@ -60,6 +61,7 @@ class ChunkCacheEngine:
             self.settings.device, self.settings.system_prompt, self.settings.question_template,
         )
         self.model.executor.use_attention_backend(self.settings.attention_backend)
+        use_decode_mode(self.model.executor, self.settings.decode_mode)
         self.codec = get_codec(self.settings.codec, self.settings.zstd_level)
         self._lossless = RawCodec(self.settings.zstd_level)
         self.store: KVStore = store or build_store(self.settings, self.codec)

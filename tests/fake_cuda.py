@@ -17,7 +17,8 @@ the chunkcache line it came from:
 - ``mixed``: a device operation given a host tensor (an error on a real GPU).
 
 Device operations (about one kernel launch each) are counted per selective-prefill layer, and
-the shapes of every device operation are kept, so tests can compare two requests."""
+the shapes of every device operation are kept, so tests can compare two requests; so is every
+device call with its numbers (`Record.calls`), what a CUDA graph would bake in."""
 
 from __future__ import annotations
 
@@ -85,6 +86,9 @@ class Record:
     ops: int = 0
     ops_by_layer: collections.Counter = field(default_factory=collections.Counter)
     shapes: list[tuple[str, tuple[tuple[int, ...], ...]]] = field(default_factory=list)
+    # every device call, views included, with its device tensors' shapes and its numbers: what a
+    # CUDA graph would bake in (two steps a graph may replay for must give the same list)
+    calls: list[tuple[str, tuple[tuple[int, ...], ...], tuple[Any, ...]]] = field(default_factory=list)
 
     def summary(self) -> str:
         count = collections.Counter(self.waits)
@@ -229,6 +233,9 @@ class _Dispatch(TorchDispatchMode):
         device = any(on_device(t) for t in tensors)
         name = func.overloadpacket.__name__
         if device:
+            if self.fake.record is not None:
+                numbers = tuple(a for a in flat if isinstance(a, (int, float)))
+                self.fake.record.calls.append((name, tuple(tuple(t.shape) for t in tensors if on_device(t)), numbers))
             self._check(name, args, kwargs, tensors)
             upload = name == "copy_" and not on_device(args[1])  # a copy engine's transfer, counted apart
             if name not in _VIEWS and not upload:

@@ -16,7 +16,9 @@
 #   7c. full vs cacheblend:0.15 at 8K from the disk tier in cachegen-2 and in raw (issue 21's target:
 #      cachegen-2 >= 3x faster than full; int8 is step 7) -> $OUT/ttft-disk-cachegen/, $OUT/ttft-disk-raw/
 #   8. cacheblend:0.15 with the masked-SDPA attention backend instead of Triton, CPU tier -> $OUT/ttft-sdpa/
-#   8b. chunkcache bench decode: batched decode step, batch 1 / 8 / 32 at context 1K / 8K -> $OUT/decode/
+#   8b. chunkcache bench decode: batched decode step, batch 1 / 8 / 32 at context 1K / 8K, per decode mode side by
+#      side: loop (one attention call a sequence), kernel (one batched call a layer), graphs (that, captured as
+#      CUDA graphs; first step = capture, reported apart) -> $OUT/decode/
 #   9. chunkcache eval on 3 bundled questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
 #      vs full in bf16 -> $OUT/eval/ (report.json, report.md)
 #  10. (only when GPU_CHECK_SKIP leaves it in) torch.profiler of one warm answer per strategy
@@ -27,7 +29,7 @@
 #   TTFT_LENGTHS=1024 TTFT_DISK_LENGTHS=1024 bash bench/gpu/device_check.sh
 # Knobs (env): GPU_CHECK_TINY=1 (2-layer, hidden-64 model), GPU_CHECK_WHEELS=0 (skip the wheel install),
 # PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_DISK_LENGTHS, TTFT_CHUNKS,
-# TTFT_REPEATS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk codec sdpa decode eval profile;
+# TTFT_REPEATS, DECODE_MODES, DECODE_BATCHES, DECODE_CONTEXTS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk codec sdpa decode eval profile;
 # default "profile"), GPU_CHECK_TESTS (test paths for step 2), PROFILE_TOKENS (sync check and profile),
 # GPU_CHECK_REUSE_MODEL=1 (a rerun on the still-warm machine keeps the saved model instead of building it again).
 set -uo pipefail
@@ -181,9 +183,10 @@ if [[ $SKIP != *" codec "* && -f $MODEL/config.json ]]; then
 fi
 
 if [[ $SKIP != *" decode "* && -f $MODEL/config.json ]]; then
-  step "8b chunkcache bench decode: batch 1/8/32 at context 1K/8K (targets: batch 1 <= 5 ms/token, batch 32 >= 15x its tokens/s)"
-  timeout -k 10 150 "$PY" -m chunkcache.cli bench decode --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-decode" \
-    --batches "${DECODE_BATCHES:-1,8,32}" --contexts "${DECODE_CONTEXTS:-1024,8192}" --steps 32 --max-kv 80GiB \
+  step "8b chunkcache bench decode: batch 1/8/32 at context 1K/8K, modes loop/kernel/graphs (targets: batch 1 <= 5 ms/token, batch 32 >= 15x its tokens/s)"
+  timeout -k 10 240 "$PY" -m chunkcache.cli bench decode --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-decode" \
+    --batches "${DECODE_BATCHES:-1,8,32}" --contexts "${DECODE_CONTEXTS:-1024,8192}" --steps 32 --max-kv 60GiB \
+    --modes "${DECODE_MODES:-loop,kernel,graphs}" \
     --out "$OUT/decode" || fail "bench decode"
 fi
 

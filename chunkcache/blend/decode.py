@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chunkcache.blend.decode_graphs import table_decoder
 from chunkcache.blend.layout import FusedCache
 from chunkcache.device import upload
 from chunkcache.errors import InvalidInputError
@@ -105,8 +106,18 @@ def pick_tokens(seqs: Sequence[DecodeSequence]) -> list[int]:
 
 def advance(executor: LayerExecutor, seqs: Sequence[DecodeSequence]) -> None:
     """Feed every sequence its last accepted token in one batched forward: projections and MLP
-    over all of them together, attention per sequence over its own cache. Sets their logits."""
+    over all of them together; attention in one call over every sequence's own cache where the
+    executor has a batched decoder (`blend.decode_graphs`: CUDA, graphs), else per sequence.
+    Sets their logits."""
     if not seqs:
+        return
+    decoder = table_decoder(executor)
+    if decoder is not None and decoder.takes(seqs):
+        logits = decoder.step(seqs)
+        for i, s in enumerate(seqs):
+            s.logits = logits[i]
+            s.cache.length += 1
+            s.cache.next_position += 1
         return
     host = torch.tensor([[s.last for s in seqs], [s.cache.length for s in seqs],
                          [s.cache.next_position for s in seqs]], dtype=torch.long)

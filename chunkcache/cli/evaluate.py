@@ -46,7 +46,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
     engine = engine_from_args(args)
     report = run_decode_bench(engine.model.executor, _ints(args.batches, "--batches"),
-                              _ints(args.contexts, "--contexts"), args.steps, max_kv_bytes=parse_bytes(args.max_kv))
+                              _ints(args.contexts, "--contexts"), args.steps, max_kv_bytes=parse_bytes(args.max_kv),
+                              modes=args.modes.split(",") if args.modes else [engine.settings.decode_mode])
     print(format_table(report))
     if args.out:
         print(f"wrote {_write_json(Path(args.out), 'decode.json', report)}")
@@ -292,6 +293,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction, common: CommonArgs) -> N
     p.add_argument("--contexts", default="1024,8192", help="tokens already in each sequence's cache")
     p.add_argument("--steps", type=int, default=16, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--max-kv", default="8GiB", help="skip a row whose caches would need more than this")
+    p.add_argument("--modes", help="decode modes side by side, e.g. loop,kernel,graphs (default: the decode_mode setting)")
     p.add_argument("--out", help="folder for decode.json")
     p.set_defaults(func=cmd_bench_decode)
 

@@ -1,9 +1,10 @@
 """`chunkcache bench decode`: the batched decode step alone (`chunkcache.blend.decode.step`: pick
 every sequence's token on the device, one read back, one batched forward), timed at several
-batch sizes and context lengths. Each sequence has its own cache, filled with random values of
+batch sizes and context lengths, per decode mode (`Settings.decode_mode`: the per-sequence
+loop, the batched kernel, the batched kernel captured as CUDA graphs). Each sequence has its own cache, filled with random values of
 the model's dtype (decode time does not depend on the values, only on the lengths), so an 8K-token
 context costs no 8K-token prefill. Reports ms per step (what each sequence waits per token) and
-tokens/s over the batch."""
+tokens/s over the batch; a row's first step (kernels compiled, a graph captured) apart."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from chunkcache.blend.decode import DecodeSequence, step
+from chunkcache.blend.decode_graphs import use_decode_mode
 from chunkcache.blend.layout import FusedCache
 from chunkcache.errors import InvalidInputError
 from chunkcache.eval.machine import describe
@@ -22,12 +24,14 @@ from chunkcache.model.executor import LayerExecutor
 
 @dataclass(frozen=True)
 class DecodeRow:
+    mode: str
     context: int
     batch: int
     steps: int
     ms_per_step: float | None  # None: skipped (the caches would not fit in max_kv_bytes)
     tokens_per_s: float | None
     kv_bytes: int
+    first_step_ms: float | None = None  # the row's first step: compiling, capturing
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -53,23 +57,41 @@ def _sync(device: torch.device) -> None:
 
 
 def run_decode_bench(executor: LayerExecutor, batches: list[int], contexts: list[int], steps: int = 16,
-                     warmup: int = 3, max_kv_bytes: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Time ``steps`` decode steps (after ``warmup``) for every (context, batch)."""
-    if steps < 1 or warmup < 0:
-        raise InvalidInputError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
-    limit = executor.max_positions
-    rows = []
+                     warmup: int = 3, max_kv_bytes: int | None = None, seed: int = 0,
+                     modes: list[str] | None = None) -> dict[str, Any]:
+    """Time ``steps`` decode steps (after ``warmup``) for every (mode, context, batch); ``modes``
+    are decode modes (default: ``auto``). The executor is left in the last mode."""
+    if steps < 1 or warmup < 1:
+        raise InvalidInputError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
     for context in contexts:
+        limit = executor.max_positions
         if context < 1 or (limit and context + warmup + steps > limit):
             raise InvalidInputError(f"context {context} (+{warmup + steps} decoded) does not fit the model's "
                                     f"{limit} positions")
+    rows = []
+    for mode in modes or ["auto"]:
+        use_decode_mode(executor, mode)
+        rows += _rows(executor, mode, batches, contexts, steps, warmup, max_kv_bytes, seed)
+    return {"machine": describe(executor.device), "dtype": str(executor.dtype).replace("torch.", ""),
+            "layers": executor.num_layers, "rows": [r.to_dict() for r in rows]}
+
+
+def _rows(executor: LayerExecutor, mode: str, batches: list[int], contexts: list[int], steps: int, warmup: int,
+          max_kv_bytes: int | None, seed: int) -> list[DecodeRow]:
+    rows = []
+    for context in contexts:
         for batch in batches:
             need = batch * executor.kv_bytes(context + warmup + steps)
             if max_kv_bytes is not None and need > max_kv_bytes:
-                rows.append(DecodeRow(context, batch, steps, None, None, need))
+                rows.append(DecodeRow(mode, context, batch, steps, None, None, need))
                 continue
             seqs = _sequences(executor, batch, context, warmup + steps, seed)
-            for _ in range(warmup):
+            _sync(executor.device)
+            start = time.perf_counter()
+            step(executor, seqs)
+            _sync(executor.device)
+            first_ms = (time.perf_counter() - start) * 1e3
+            for _ in range(warmup - 1):
                 step(executor, seqs)
             _sync(executor.device)
             start = time.perf_counter()
@@ -77,23 +99,25 @@ def run_decode_bench(executor: LayerExecutor, batches: list[int], contexts: list
                 step(executor, seqs)
             _sync(executor.device)
             seconds = time.perf_counter() - start
-            rows.append(DecodeRow(context, batch, steps, seconds / steps * 1e3, batch * steps / seconds, need))
+            rows.append(DecodeRow(mode, context, batch, steps, seconds / steps * 1e3, batch * steps / seconds, need,
+                                  first_ms))
             del seqs
-    return {"machine": describe(executor.device), "dtype": str(executor.dtype).replace("torch.", ""),
-            "layers": executor.num_layers, "rows": [r.to_dict() for r in rows]}
+    return rows
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"decode: {report['machine']}, {report['dtype']}, {report['layers']} layers",
-             "| context | batch | ms / step | tokens/s | vs batch 1 | KV GiB |", "|---:|---:|---:|---:|---:|---:|"]
-    single = {r["context"]: r["tokens_per_s"] for r in report["rows"] if r["batch"] == 1}
+             "| mode | context | batch | ms / step | tokens/s | vs batch 1 | first step ms | KV GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    single = {(r["mode"], r["context"]): r["tokens_per_s"] for r in report["rows"] if r["batch"] == 1}
     for r in report["rows"]:
         gib = r["kv_bytes"] / 2**30
+        head = f"| {r['mode']} | {r['context']} | {r['batch']} |"
         if r["ms_per_step"] is None:
-            lines.append(f"| {r['context']} | {r['batch']} | skipped: caches over max_kv_bytes | | | {gib:.2f} |")
+            lines.append(f"{head} skipped: caches over max_kv_bytes | | | | {gib:.2f} |")
             continue
-        base = single.get(r["context"])
+        base = single.get((r["mode"], r["context"]))
         ratio = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
-        lines.append(f"| {r['context']} | {r['batch']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | "
+        lines.append(f"{head} {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | {r['first_step_ms']:.1f} | "
                      f"{gib:.2f} |")
     return "\n".join(lines)

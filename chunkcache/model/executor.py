@@ -16,6 +16,7 @@ import torch
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.arch import check_supported
 from chunkcache.model import sparse_attention
+from chunkcache.model.decode_attention import DecodeTable, decode_attention
 from chunkcache.model.attention import (
     SPARSE_BACKENDS, ApeAttention, ape_attention, blocked_attention, device_sparse_attention, masked_attention,
     plain_attention, plain_is_fast,
@@ -242,6 +243,14 @@ class LayerExecutor:
                        range(slot.at, slot.at + 1))
             outs.append(self._attend(q[:, i : i + 1], keys, values, one, slot.ape))
         return self._rest(layer, hidden, torch.cat(outs) if len(outs) > 1 else outs[0])
+
+    @torch.inference_mode()
+    def decode_table_layer(self, layer: int, hidden: torch.Tensor, rows: Rows, table: DecodeTable) -> torch.Tensor:
+        """`decode_layer` with one attention call for the whole batch: each token's K/V written into
+        the buffer ``table`` names for it and its query attending over that buffer, all on the
+        device (`chunkcache.model.decode_attention`): nothing the host must know per sequence."""
+        q, k, v = self.qkv(layer, hidden, rows)
+        return self._rest(layer, hidden, decode_attention(q, k, v, table, layer, self.scale))
 
     def _rest(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The layer after attention: output projection, residual, MLP, residual."""

@@ -1,0 +1,175 @@
+"""The batched decode step (`chunkcache.blend.decode_graphs`): its tokens and caches equal the
+per-sequence loop's over several steps of sequences of different lengths, capacities and key
+splits, with a padding row (run with the Triton kernel under its interpreter in a child, as the
+kernel tests are); on an emulated GPU a step reads back once and copies once, asynchronously,
+and two steps of different sequences in one bucket make exactly the same device calls with the
+same numbers, which is what lets one CUDA graph serve both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunkcache.blend import decode as decode_module
+from chunkcache.blend.decode import DecodeSequence, pick_tokens, step
+from chunkcache.blend.decode_graphs import TableDecoder, batch_bucket, use_decode_mode
+from chunkcache.blend.layout import FusedCache
+from chunkcache.errors import InvalidInputError
+from chunkcache.model import decode_attention as da
+from chunkcache.model import executor as executor_module
+from chunkcache.model.executor import ApeAttention, LayerExecutor
+from chunkcache.triton_jit import interpreter_active
+from tests.fake_cuda import FakeCuda
+from tests.triton_child import run_kernel_tests_in_child
+
+
+
+def _executor(dtype: torch.dtype = torch.float32) -> LayerExecutor:
+    """A tiny random Llama whose GQA group (3) is not a power of two, as SmolLM2's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LayerExecutor(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
+
+
+def _sequences(ex: LayerExecutor, lengths: list[int], capacities: list[int], seed: int,
+               put=lambda t: t) -> list[DecodeSequence]:  # noqa: ANN001 - the fake's tagger or nothing
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    for n, cap in zip(lengths, capacities):
+        kv = torch.randn(ex.num_layers, 2, ex.num_kv_heads, cap, ex.head_dim, generator=gen).to(ex.dtype)
+        logits = torch.randn(96, generator=gen)
+        seqs.append(DecodeSequence(FusedCache(put(kv), n, n + 3), put(logits), max_new_tokens=50, eos_token_ids=()))
+    return seqs
+
+
+def _clone(seqs: list[DecodeSequence]) -> list[DecodeSequence]:
+    return [DecodeSequence(FusedCache(s.cache.kv.clone(), s.cache.length, s.cache.next_position), s.logits.clone(),
+                           s.max_new_tokens, ()) for s in seqs]
+
+
+def test_kernel_steps_equal_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not (interpreter_active() or torch.cuda.is_available()):
+        pytest.skip("needs CUDA or Triton's interpreter (test_kernel_tests_under_interpreter runs it)")
+    monkeypatch.setattr(da, "SPLIT_KEYS", 64)  # splits at the lengths the interpreter affords
+    ex = _executor()
+    loop = _sequences(ex, [5, 70, 130], [40, 100, 200], seed=1)  # 3 sequences: bucket 4, one padding row
+    batched = _clone(loop)
+    use_decode_mode(ex, "loop")
+    tokens_loop = [step(ex, loop) for _ in range(6)]
+    decoder = use_decode_mode(ex, "kernel")
+    assert decoder is not None and batch_bucket(3) == 4
+    tokens_batched = [step(ex, batched) for _ in range(6)]
+    assert tokens_batched == tokens_loop
+    assert decoder.stats.steps == 6 and decoder.stats.captures == 0
+    for a, b in zip(loop, batched):
+        assert a.cache.length == b.cache.length and a.cache.next_position == b.cache.next_position
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(b.cache.kv, a.cache.kv, atol=1e-5, rtol=1e-5)
+    # one sequence leaves the batch, another longer one joins: a new bucket, same answers
+    loop, batched = loop[1:] + _sequences(ex, [300], [400], seed=2), batched[1:] + _sequences(ex, [300], [400], seed=2)
+    use_decode_mode(ex, "loop")
+    expect = [step(ex, loop) for _ in range(3)]
+    use_decode_mode(ex, "kernel")
+    assert [step(ex, batched) for _ in range(3)] == expect
+
+
+def test_kernel_tests_under_interpreter() -> None:
+    run_kernel_tests_in_child(__file__)
+
+
+def test_a_step_in_one_bucket_makes_the_same_device_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the emulated GPU (the kernel's launch stood in for by device operations of the same
+    shapes, its numbers recorded): one read and one asynchronous copy per step, and steps of
+    different sequences (lengths, capacities, tokens) in one bucket call the device identically."""
+    fake = FakeCuda()
+    ex = _executor(torch.bfloat16)
+    launches: list[tuple[object, ...]] = []
+
+    def stand_in(q, k, v, table, layer, scale):  # noqa: ANN001, ANN202
+        launches.append((layer, table.splits, scale, tuple(q.shape), q.stride(), k.stride(), table.at.shape))
+        return q.transpose(0, 1).reshape(q.shape[1], -1) * 1.0
+
+    monkeypatch.setattr(executor_module, "decode_attention", stand_in)
+    bodies = []
+    body = TableDecoder._body
+
+    def watched(self: TableDecoder, bucket: object) -> torch.Tensor:  # what a graph would capture
+        with fake.watch() as record:
+            out = body(self, bucket)  # type: ignore[arg-type]
+        bodies.append((record, list(launches)))
+        return out
+
+    with fake.active():
+        fake.executor_on_device(ex)
+        decoder = TableDecoder(ex, graphs=False)
+        monkeypatch.setattr(decode_module, "table_decoder", lambda _: decoder)
+        step(ex, _sequences(ex, [4, 9, 20], [30, 40, 50], seed=3, put=fake.put))  # the bucket's buffers made
+        batches = [_sequences(ex, lengths, capacities, seed=seed, put=fake.put) for seed, lengths, capacities in
+                   ((4, [7, 3, 25], [64, 20, 100]), (5, [2, 40, 11, 60], [10, 300, 12, 500]))]
+        for seqs in batches:  # a whole step: one read (the tokens), one asynchronous copy (the inputs)
+            with fake.watch() as record:
+                step(ex, seqs)
+            assert [kind for kind, _ in record.waits] == ["read"] and record.async_copies == 1, record.summary()
+        monkeypatch.setattr(TableDecoder, "_body", watched)
+        for seqs in batches:
+            launches.clear()
+            step(ex, seqs)
+    (first, first_launches), (second, second_launches) = bodies
+    assert not first.waits and not second.waits
+    assert first.calls == second.calls and first_launches == second_launches
+    assert len(first_launches) == ex.num_layers and decoder.stats.steps == 5
+
+
+def test_what_the_batched_step_takes_and_which_mode_runs_where() -> None:
+    ex = _executor()
+    seqs = _sequences(ex, [3, 4], [8, 8], seed=6)
+    decoder = TableDecoder(ex, graphs=True)
+    assert not decoder.graphs  # no CUDA here: nothing to capture
+    assert decoder.takes(seqs)
+    ape = FusedCache(seqs[0].cache.kv, 3, 3, ApeAttention(torch.zeros(8, dtype=torch.bool), 0.9, 0.9))
+    assert not decoder.takes([DecodeSequence(ape, seqs[0].logits, 4, ())])
+    assert not decoder.takes([DecodeSequence(FusedCache(seqs[0].cache.kv[:, :, :, :4], 3, 3), seqs[0].logits, 4, ())])
+    with pytest.raises(InvalidInputError, match="decode_mode must be one of"):
+        use_decode_mode(ex, "fast")
+    if not interpreter_active():
+        assert use_decode_mode(ex, "auto") is None  # the CPU loops over the sequences
+        with pytest.raises(InvalidInputError, match="needs triton"):
+            use_decode_mode(ex, "kernel")
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs are captured on a GPU")
+def test_graphs_replay_the_loops_tokens_without_waiting() -> None:
+    """On a GPU: steps replayed from captured graphs give the loop's tokens, one capture per
+    bucket, and a replayed step (the read of the tokens aside) never synchronises."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ex = LayerExecutor(AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda().eval())
+    loop = [DecodeSequence(FusedCache(s.cache.kv.cuda(), s.cache.length, s.cache.next_position), s.logits.cuda(),
+                           50, ()) for s in _sequences(ex, [5, 70, 600], [40, 100, 700], seed=1)]
+    graphed = _clone(loop)
+    use_decode_mode(ex, "loop")
+    expect = [step(ex, loop) for _ in range(5)]
+    decoder = use_decode_mode(ex, "graphs")
+    assert decoder is not None and decoder.graphs
+    got = []
+    for i in range(5):  # `step`, with the device watched from the second advance on (the first captures)
+        tokens = pick_tokens(graphed)
+        got.append(tokens)
+        for s, token in zip(graphed, tokens):
+            s.accept(token)
+        torch.cuda.set_sync_debug_mode("error" if i else "default")
+        try:
+            decode_module.advance(ex, graphed)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert got == expect
+    assert decoder.stats.captures == 1 and decoder.stats.replays == 5, decoder.stats

@@ -1,0 +1,95 @@
+"""Batched decode attention (`chunkcache.model.decode_attention`) against an fp64 loop over the
+sequences: writes land at each sequence's index and nowhere else, every sequence attends over
+its own buffer up to that index, with and without key splits, GQA groups that are not a power of
+two, fp32 and bf16. The kernel tests run in a child pytest under TRITON_INTERPRET=1 (as in
+test_sparse_attention.py) unless the interpreter or CUDA is already active here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunkcache.model import decode_attention as da
+from chunkcache.model.decode_attention import DecodeTable, splits_for, table_of
+from chunkcache.triton_jit import interpreter_active
+from tests.triton_child import run_kernel_tests_in_child
+
+SCALE = 0.3
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if interpreter_active():
+        return "cpu"
+    pytest.skip("needs CUDA or Triton's interpreter (test_kernel_tests_under_interpreter runs them)")
+
+
+def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: list[torch.Tensor], at: list[int],
+           layer: int) -> torch.Tensor:
+    heads, batch, d = q.shape
+    group = heads // k.shape[0]
+    out = torch.empty(batch, heads * d, dtype=torch.float64)
+    for b in range(batch):
+        keys = buffers[b][layer, 0].double().clone()
+        values = buffers[b][layer, 1].double().clone()
+        keys[:, at[b]], values[:, at[b]] = k[:, b].double(), v[:, b].double()
+        for h in range(heads):
+            w = torch.softmax(q[h, b].double() @ keys[h // group, : at[b] + 1].T * SCALE, dim=0)
+            out[b, h * d : (h + 1) * d] = w @ values[h // group, : at[b] + 1]
+    return out
+
+
+@pytest.mark.parametrize(("dtype", "heads", "kv_heads", "dim", "split_keys", "tol"), [
+    (torch.float32, 9, 3, 64, 1024, 1e-5),  # SmolLM2's group of 3, one split
+    (torch.float32, 8, 2, 16, 128, 1e-5),  # several splits, a sequence that reaches only the first
+    (torch.bfloat16, 4, 4, 32, 64, 2e-2),  # no grouping, bf16
+])
+def test_kernel_writes_then_attends_per_sequence(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, heads: int,
+                                                 kv_heads: int, dim: int, split_keys: int, tol: float) -> None:
+    device = _device()
+    monkeypatch.setattr(da, "SPLIT_KEYS", split_keys)
+    gen = torch.Generator().manual_seed(0)
+    capacities, at = [300, 700, 40], [299, 400, 0]
+    buffers = [torch.randn(3, 2, kv_heads, c, dim, generator=gen).to(device, dtype) for c in capacities]
+    before = [b.clone() for b in buffers]
+    q = torch.randn(3, heads, dim, generator=gen).to(device, dtype).transpose(0, 1)  # [heads, B, d], strided
+    k, v = (torch.randn(3, kv_heads, dim, generator=gen).to(device, dtype).transpose(0, 1) for _ in range(2))
+    rows = torch.tensor(table_of(buffers, at), dtype=torch.long, device=device)
+    table = DecodeTable(rows[0], rows[1], rows[2], splits_for(max(capacities)))
+    assert (table.splits > 1) == (split_keys < 700)
+    out = da.decode_attention(q, k, v, table, 1, SCALE)
+    assert out.shape == (3, heads * dim) and out.dtype == dtype
+    expected = _naive(q.cpu(), k.cpu(), v.cpu(), [b.cpu() for b in before], at, 1)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=tol, rtol=tol)
+    for b in range(3):  # the fresh K/V at its index of layer 1, nothing else touched
+        before[b][1, 0, :, at[b]], before[b][1, 1, :, at[b]] = k[:, b], v[:, b]
+        assert torch.equal(buffers[b], before[b])
+
+
+def test_kernel_ignores_what_lies_past_each_index() -> None:
+    """Keys after a sequence's index (a longer sequence's, garbage, NaN) never reach it."""
+    device = _device()
+    gen = torch.Generator().manual_seed(1)
+    buffers = [torch.randn(1, 2, 2, 100, 16, generator=gen).to(device) for _ in range(2)]
+    q = torch.randn(4, 2, 16, generator=gen).to(device)
+    k, v = torch.randn(2, 2, 2, 16, generator=gen).to(device)
+    rows = torch.tensor(table_of(buffers, [10, 50]), dtype=torch.long, device=device)
+    table = DecodeTable(rows[0], rows[1], rows[2], splits_for(100))
+    clean = da.decode_attention(q, k, v, table, 0, SCALE)
+    buffers[0][0, :, :, 11:] = float("nan")
+    buffers[1][0, :, :, 51:] = 1e4
+    torch.testing.assert_close(da.decode_attention(q, k, v, table, 0, SCALE), clean, atol=0, rtol=0)
+
+
+def test_split_buckets_are_powers_of_two() -> None:
+    assert [splits_for(c) for c in (1, 512, 513, 1024, 1025, 8192, 8193)] == [1, 1, 2, 2, 4, 16, 32]
+
+
+def test_table_of_refuses_a_strided_buffer() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        table_of([torch.zeros(2, 2, 1, 8, 16)[:, :, :, :4]], [0])
+
+
+def test_kernel_tests_under_interpreter() -> None:
+    run_kernel_tests_in_child(__file__)
