@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,15 +229,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: D
     part = out if splits == 1 else torch.empty(splits * batch * heads * (dim + 2), dtype=torch.float32,
                                                device=q.device)
     upcast = interpreting and q.dtype == torch.bfloat16
-    write[(batch, kv_heads)](k, v, table.base, table.capacity, table.at, k.stride(0), k.stride(1), layer,
-                             KV_HEADS=kv_heads, HEAD_DIM=dim)
-    rows = max(_MIN_GROUP_ROWS, 1 << (group - 1).bit_length())
-    attend[(batch, kv_heads, splits)](
-        q, table.base, table.capacity, table.at, out, part, q.stride(0), q.stride(1), out.stride(0), layer,
-        SPLIT_KEYS, scale * math.log2(math.e), KV_HEADS=kv_heads, GROUP=group, ROWS=rows, HEAD_DIM=dim,
-        BLOCK_N=_BLOCK_N, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, SPLIT=splits > 1, num_warps=4,
-    )
-    if splits > 1:
-        merge[(batch, kv_heads)](part, out, out.stride(0), splits, KV_HEADS=kv_heads, GROUP=group, ROWS=rows,
-                                 HEAD_DIM=dim, num_warps=4)
+    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext()
+    with guard:  # Triton launches on the current device, which may not be q's
+        write[(batch, kv_heads)](k, v, table.base, table.capacity, table.at, k.stride(0), k.stride(1), layer,
+                                 KV_HEADS=kv_heads, HEAD_DIM=dim)
+        rows = max(_MIN_GROUP_ROWS, 1 << (group - 1).bit_length())
+        attend[(batch, kv_heads, splits)](
+            q, table.base, table.capacity, table.at, out, part, q.stride(0), q.stride(1), out.stride(0), layer,
+            SPLIT_KEYS, scale * math.log2(math.e), KV_HEADS=kv_heads, GROUP=group, ROWS=rows, HEAD_DIM=dim,
+            BLOCK_N=_BLOCK_N, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, SPLIT=splits > 1, num_warps=4,
+        )
+        if splits > 1:
+            merge[(batch, kv_heads)](part, out, out.stride(0), splits, KV_HEADS=kv_heads, GROUP=group, ROWS=rows,
+                                     HEAD_DIM=dim, num_warps=4)
     return out
