@@ -76,8 +76,8 @@ def encode(symbols: np.ndarray, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: np.ndarray, tokens: int) -> np.ndarray:
-    """Inverse of `encode`: symbols ``[lanes, tokens]`` (int32); a stream that does not decode
-    exactly raises `CorruptCacheError`."""
+    """Inverse of `encode`: symbols ``[lanes, tokens]`` (uint8: alphabets fit a byte, as the
+    lookup tables do); a stream that does not decode exactly raises `CorruptCacheError`."""
     lanes = len(states)
     if cum.shape[0] != lanes or len(counts) != groups_of(lanes) or int(counts.sum(dtype=np.int64)) != len(words):
         raise CorruptCacheError("entropy-coded section's lanes, groups and words do not agree")
@@ -85,7 +85,9 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: np.nd
         raise CorruptCacheError("entropy-coded section has a lane state out of range")
     fast = compiled()
     if fast:
-        out = np.empty((lanes, tokens), dtype=np.int32)
+        # token-major underneath: a lock step writes its lanes' symbols side by side, and the
+        # dequantisation reads a token's channels in a row
+        out = np.empty((tokens, lanes), dtype=np.uint8).T
         bad = fast[1](states.astype(np.int64), counts.astype(np.int64), words, cum, out)
     else:
         out, bad = _decode_np(states, counts, words, cum, tokens)
@@ -155,7 +157,7 @@ def _decode_np(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum: n
     pos = ends - counts.astype(np.int64)
     stream = np.concatenate([words.astype(np.int64), [0]])
     rows = np.arange(groups * GROUP)
-    out = np.empty((groups * GROUP, tokens), dtype=np.int32)
+    out = np.empty((groups * GROUP, tokens), dtype=np.uint8)
     for t in range(tokens):
         slot = x & (TOTAL - 1)
         s = (table[:, 1:] <= slot[:, None]).sum(axis=1)
@@ -210,6 +212,9 @@ def _decode_loops(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum
     # each lane's symbol of every slot: a load instead of a search (filling it costs about a
     # tenth of decoding a 500-token lane, and it stays in L2)
     lut = np.empty((GROUP, TOTAL), dtype=np.uint8)
+    last_word = max(len(words) - 1, 0)
+    if len(words) == 0:
+        words = np.zeros(1, dtype=words.dtype)
     pos = 0
     for g in range(groups):
         first, last = g * GROUP, min(lanes, (g + 1) * GROUP)
@@ -225,11 +230,10 @@ def _decode_loops(states: np.ndarray, counts: np.ndarray, words: np.ndarray, cum
                 s = lut[lane - first, slot]
                 start = np.int64(cum[lane, s])
                 v = (np.int64(cum[lane, s + 1]) - start) * (v >> PREC_BITS) + slot - start
-                if v < LOW:
-                    if pos >= end:
-                        return g
-                    v = (v << 16) | words[pos]
-                    pos += 1
+                need = v < LOW
+                w = np.int64(words[min(pos, last_word)]) & 0xFFFF
+                v = (v << 16) | w if need else v
+                pos += need
                 x[lane - first] = v
                 out[lane, t] = s
         if pos != end:
