@@ -112,8 +112,8 @@ def advance(executor: LayerExecutor, seqs: Sequence[DecodeSequence]) -> None:
     if not seqs:
         return
     decoder = table_decoder(executor)
-    if decoder is not None and decoder.takes(seqs):
-        logits = decoder.step(seqs)
+    logits = decoder.step(seqs) if decoder is not None and decoder.takes(seqs) else None
+    if logits is not None:
         for i, s in enumerate(seqs):
             s.logits = logits[i]
             s.cache.length += 1

@@ -80,17 +80,38 @@ class TableDecoder:
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if self.graphs else None
         self._lock = threading.Lock()  # one step at a time: the buckets' buffers are shared
+        self.disabled = False
+        self._proven = False  # a step has run: from then on an error is the request's, not the kernel's
 
     def takes(self, seqs: Sequence[Stepped]) -> bool:
         """Whether these sequences can share the batched call (no APE, buffers of this model)."""
+        if self.disabled:
+            return False
         ex = self.executor
         shape = (ex.num_layers, 2, ex.num_kv_heads)
         return all(s.cache.ape is None and s.cache.kv.dtype == ex.dtype and tuple(s.cache.kv.shape[:3]) == shape
                    and s.cache.kv.is_contiguous() and s.cache.kv.device == ex.device for s in seqs)
 
-    def step(self, seqs: Sequence[Stepped]) -> torch.Tensor:
+    def step(self, seqs: Sequence[Stepped]) -> torch.Tensor | None:
         """Feed every sequence its last token (written at its cache's length, at its next
-        position); their next-token logits [len(seqs), vocab]. Lengths are not advanced here."""
+        position); their next-token logits [len(seqs), vocab]. Lengths are not advanced here.
+        None when the kernels fail before any step has run here (they cannot compile or launch
+        on this device): reported once, and the per-sequence loop takes over for good (the K/V
+        the failed step may have written are the same values the loop writes again)."""
+        if self._proven:
+            return self._step(seqs)
+        try:
+            out = self._step(seqs)
+        except Exception as exc:  # noqa: BLE001 - the loop still answers; the reason is kept and shown
+            self.disabled = True
+            message = f"batched decode attention failed on its first step ({type(exc).__name__}: {exc})"
+            self.stats.failures.append(message)
+            warnings.warn(message + "; decoding one sequence at a time", RuntimeWarning, stacklevel=3)
+            return None
+        self._proven = True
+        return out
+
+    def _step(self, seqs: Sequence[Stepped]) -> torch.Tensor:
         n = len(seqs)
         size = batch_bucket(n)
         splits = splits_for(max(s.cache.capacity for s in seqs))

@@ -27,8 +27,7 @@ import torch
 
 from chunkcache.triton_jit import interpreter_active, jit, triton_available
 
-SPLIT_KEYS = 512  # keys a split covers: whole BLOCK_N blocks; at 8K a sequence has 16 splits
-_BLOCK_N = 64
+SPLIT_KEYS = 512  # keys a split covers: whole key blocks; at 8K a sequence has 16 splits
 _MIN_GROUP_ROWS = 16  # tl.dot needs 16 rows: a GQA group is padded to it
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _kernels: dict[bool, Any] = {}
@@ -53,6 +52,16 @@ def splits_for(capacity: int) -> int:
     a graph captured for it serves every batch whose longest buffer falls in it."""
     need = max(1, -(-capacity // SPLIT_KEYS))
     return 1 << (need - 1).bit_length()
+
+
+def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the attention kernel: fixed, not autotuned (a graph replays what
+    it captured). Checked by compiling for sm_90 without a GPU (tests/model/test_decode_attention.py):
+    no spills, at most 84 KB of shared memory; fp32 dots hold whole tiles in registers, so they
+    take shorter key blocks and more warps."""
+    if dtype == torch.float32:
+        return (32, 8) if head_dim <= 128 else (16, 4)
+    return (64, 4) if head_dim <= 128 else (32, 4)
 
 
 def supports(head_dim: int, dtype: torch.dtype) -> bool:
@@ -234,10 +243,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: D
         write[(batch, kv_heads)](k, v, table.base, table.capacity, table.at, k.stride(0), k.stride(1), layer,
                                  KV_HEADS=kv_heads, HEAD_DIM=dim)
         rows = max(_MIN_GROUP_ROWS, 1 << (group - 1).bit_length())
+        block_n, num_warps = launch_config(dim, q.dtype)
         attend[(batch, kv_heads, splits)](
             q, table.base, table.capacity, table.at, out, part, q.stride(0), q.stride(1), out.stride(0), layer,
             SPLIT_KEYS, scale * math.log2(math.e), KV_HEADS=kv_heads, GROUP=group, ROWS=rows, HEAD_DIM=dim,
-            BLOCK_N=_BLOCK_N, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, SPLIT=splits > 1, num_warps=4,
+            BLOCK_N=block_n, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, SPLIT=splits > 1,
+            num_warps=num_warps,
         )
         if splits > 1:
             merge[(batch, kv_heads)](part, out, out.stride(0), splits, KV_HEADS=kv_heads, GROUP=group, ROWS=rows,

@@ -142,6 +142,38 @@ def test_what_the_batched_step_takes_and_which_mode_runs_where() -> None:
 
 
 
+def test_a_batched_step_that_fails_at_first_hands_over_to_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that cannot run here (no CUDA, no interpreter: as a compile or launch failure on a
+    GPU would) costs one warning and the loop answers, with the loop's tokens; once a batched step
+    has run, an error is the request's and propagates."""
+    if interpreter_active() or torch.cuda.is_available():
+        pytest.skip("the kernels run here")
+    ex = _executor()
+    loop = _sequences(ex, [5, 9], [20, 30], seed=7)
+    batched = _clone(loop)
+    use_decode_mode(ex, "loop")
+    expect = [step(ex, loop) for _ in range(3)]
+    decoder = TableDecoder(ex, graphs=False)
+    monkeypatch.setattr(decode_module, "table_decoder", lambda _: decoder)
+    with pytest.warns(RuntimeWarning, match="failed on its first step") as caught:
+        got = [step(ex, batched) for _ in range(3)]
+    assert got == expect and decoder.disabled and len(caught) == 1
+    proven = TableDecoder(ex, graphs=False)
+    monkeypatch.setattr(decode_module, "table_decoder", lambda _: proven)
+    calls = []
+
+    def works_once(q, k, v, table, layer, scale):  # noqa: ANN001, ANN202
+        calls.append(layer)
+        if len(calls) > ex.num_layers:
+            raise RuntimeError("out of memory")
+        return q.transpose(0, 1).reshape(q.shape[1], -1)
+
+    monkeypatch.setattr(executor_module, "decode_attention", works_once)
+    step(ex, batched)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        step(ex, batched)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs are captured on a GPU")
 def test_graphs_replay_the_loops_tokens_without_waiting() -> None:
     """On a GPU: steps replayed from captured graphs give the loop's tokens, one capture per

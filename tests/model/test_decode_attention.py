@@ -93,3 +93,57 @@ def test_table_of_refuses_a_strided_buffer() -> None:
 
 def test_kernel_tests_under_interpreter() -> None:
     run_kernel_tests_in_child(__file__)
+
+def test_the_decode_attention_compiles_for_a_hopper_gpu() -> None:
+    """The interpreter does not compile: Triton's own compiler, with the ptxas its wheel ships,
+    builds the kernels for sm_90 here without a GPU, at the launch configuration each head size
+    and dtype gets (an 8B model's bf16 group of 4; SmolLM2's fp32 group of 3), and none spills
+    to the stack or local memory."""
+    import inspect
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if interpreter_active():
+        pytest.skip("the interpreter decorates the kernels itself: compiled in a process without it")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this triton wheel ships no ptxas / cuobjdump")
+    write, attend, merge = da._compiled(False)
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    cases = [(write, "bf16", 128, 4, {}), (merge, "bf16", 128, 4, {}),
+             (attend, "bf16", 128, 4, {"SPLIT": False}), (attend, "bf16", 128, 4, {"SPLIT": True}),
+             (attend, "fp32", 64, 3, {"SPLIT": False}), (attend, "fp32", 64, 3, {"SPLIT": True}),
+             (attend, "bf16", 256, 8, {"SPLIT": True}), (attend, "fp32", 128, 2, {"SPLIT": True})]
+    for kernel, dtype, dim, group, extra in cases:
+        block_n, num_warps = da.launch_config(dim, torch_dtype[dtype])
+        params = inspect.signature(kernel.fn).parameters
+        signature = {}
+        for name, p in params.items():
+            if p.annotation != inspect.Parameter.empty:
+                signature[name] = "constexpr"
+            elif name in ("Base", "Cap", "At"):
+                signature[name] = "*i64"
+            elif name == "Part":
+                signature[name] = "*fp32"
+            elif name[0].isupper():
+                signature[name] = "*" + dtype
+            else:
+                signature[name] = "fp32" if name == "qk_scale" else "i32"
+        consts = {"KV_HEADS": 8, "GROUP": group, "ROWS": max(16, 1 << (group - 1).bit_length()), "HEAD_DIM": dim,
+                  "BLOCK_N": block_n, "IEEE": dtype == "fp32", "UPCAST": False, **extra}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature,
+                                            constexprs={k: v for k, v in consts.items() if k in params}),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps if kernel is attend else 4, "enable_fp_fusion": True})
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                                   text=True, check=True).stdout
+        assert "LOCAL:0" in usage and "STACK:0" in usage, (kernel.fn.__name__, dtype, dim, usage)
+        assert compiled.metadata.shared <= 99 * 1024, (kernel.fn.__name__, dtype, dim, compiled.metadata.shared)
