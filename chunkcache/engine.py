@@ -13,7 +13,7 @@ import torch
 from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec, names_taking, spec_forms, spec_pattern
 from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.decode import StopText
-from chunkcache.blend.decode_graphs import use_decode_mode
+from chunkcache.blend.decode_graphs import table_decoder, use_decode_mode
 from chunkcache.blend.pool import KVPool
 from chunkcache.blend.prefill import NEIGHBOURS, ChunkNeighbours, context_ids, prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
@@ -275,7 +275,8 @@ class ChunkCacheEngine:
         """Answer one short made-up question with each strategy (default: the configured one and
         ``full``) and forget its chunks' caches; returns the seconds it took. The first request
         of a process pays for compiling kernels (the Triton attention kernel), the device's
-        libraries and allocators starting: a server pays it here, before anyone waits."""
+        libraries and allocators starting, and on a GPU each batch size's decode step is
+        captured as a CUDA graph (up to ``max_batch``): a server pays it here, before anyone waits."""
         start = time.perf_counter()
         chunks = ["Warm-up passage one: the river runs past the old mill to the sea.",
                   "Warm-up passage two: the mill was rebuilt in stone after the flood."]
@@ -283,6 +284,9 @@ class ChunkCacheEngine:
             self.answer("Where does the river run?", chunks, strategy=name, max_new_tokens=2)
         for ids in self.model.template.pieces("", chunks).chunks:
             self.store.delete(self._chunk_key(ids))
+        decoder = table_decoder(self.model.executor)
+        if decoder is not None:  # a GPU: every batch bucket's decode step compiled and captured
+            decoder.warm(self.settings.max_batch)
         return time.perf_counter() - start
 
     # --- answering ----------------------------------------------------------------------

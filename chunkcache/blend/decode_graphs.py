@@ -43,6 +43,27 @@ class Stepped(Protocol):
     def cache(self) -> Any: ...  # `FusedCache`
 
 
+@dataclass
+class _WarmCache:
+    kv: torch.Tensor
+    length: int = 0
+    next_position: int = 0
+    ape: None = None
+
+    @property
+    def capacity(self) -> int:
+        return int(self.kv.shape[3])
+
+
+class _Warm:
+    """A made-up sequence for `TableDecoder.warm`: token 0 into an empty cache."""
+
+    last = 0
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.cache = _WarmCache(kv)
+
+
 def batch_bucket(n: int) -> int:
     """The batch size a step of ``n`` sequences runs at: the next power of two."""
     return 1 << max(0, n - 1).bit_length()
@@ -134,6 +155,18 @@ class TableDecoder:
                 # the next replay overwrites the graph's output: each step's logits are their own
                 return bucket.logits[:n].clone()  # type: ignore[index]
             return self._body(bucket)[:n]
+
+    def warm(self, max_batch: int, capacity: int = 256) -> int:
+        """Run one step at every batch bucket up to ``max_batch`` over zeroed caches of
+        ``capacity`` tokens, so those buckets' graphs are captured before a user waits (longer
+        contexts' split buckets are captured when first met). Returns the steps run."""
+        ex = self.executor
+        sizes = sorted({batch_bucket(n) for n in range(1, max(1, max_batch) + 1)})
+        for i, size in enumerate(sizes):
+            if self.disabled:  # the kernels cannot run here: the loop decodes, nothing to warm
+                return i
+            self.step([_Warm(ex.empty_kv(capacity)) for _ in range(size)])
+        return len(sizes)
 
     def _bucket(self, size: int, splits: int) -> _Bucket:
         key = (size, splits)

@@ -174,6 +174,21 @@ def test_a_batched_step_that_fails_at_first_hands_over_to_the_loop(monkeypatch: 
         step(ex, batched)
 
 
+def test_warming_steps_every_batch_bucket_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve`'s warm-up: one step per batch bucket up to max_batch (where graphs are captured)."""
+    ex = _executor()
+    sizes = []
+
+    def stand_in(q, k, v, table, layer, scale):  # noqa: ANN001, ANN202
+        if layer == 0:
+            sizes.append(int(table.at.shape[0]))
+        return q.transpose(0, 1).reshape(q.shape[1], -1)
+
+    monkeypatch.setattr(executor_module, "decode_attention", stand_in)
+    decoder = TableDecoder(ex, graphs=False)
+    assert decoder.warm(5) == 4 and sizes == [1, 2, 4, 8] and decoder.stats.steps == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs are captured on a GPU")
 def test_graphs_replay_the_loops_tokens_without_waiting() -> None:
     """On a GPU: steps replayed from captured graphs give the loop's tokens, one capture per
