@@ -51,8 +51,8 @@ def test_eval_refuses_an_unknown_strategy_before_loading(tmp_path: Path) -> None
 def test_eval_runs_each_cached_strategy_through_each_codec(tmp_path: Path) -> None:
     out = tmp_path / "report"
     run = chunkcache(
-        "eval", "--model", "smollm2-135m", "--dataset", str(DEMO), "--limit", "1", "--passages", "3",
-        "--strategies", "reuse,cacheblend:1.0", "--codec", "raw,kivi2", "--max-new-tokens", "4",
+        "eval", "--model", "smollm2-135m", "--dataset", str(DEMO), "--limit", "1", "--passages", "2",
+        "--strategies", "reuse,cacheblend:1.0", "--codec", "raw,kivi2", "--max-new-tokens", "1",
         "--out", str(out), "--quiet", store=tmp_path / "store",
     )
     assert run.returncode == 0, run.stderr[-3000:]
