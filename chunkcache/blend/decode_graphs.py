@@ -9,8 +9,10 @@ asynchronous copy; the graph then runs the embedding, every layer and the logits
 `decode_mode` (a setting) chooses: ``auto`` (graphs on CUDA with Triton, the per-sequence loop of
 `blend.decode.advance` elsewhere), ``graphs``, ``kernel`` (the batched call without capture: on
 the CPU only under Triton's interpreter, which the tests use) or ``loop``. A capture that fails
-is reported once and the bucket runs without a graph. APE's attention is its own: a batch holding
-an APE sequence is stepped by the loop."""
+is reported once and steps run without graphs from then on; kernels that fail on their first
+step hand over to the loop for good. APE's attention is its own: a batch holding an APE sequence
+is stepped by the loop. Steps run on one stream, the engine thread's: the buckets' buffers and
+the graphs' shared memory pool assume it."""
 
 from __future__ import annotations
 
@@ -94,7 +96,9 @@ class TableDecoder:
     """Batched decode steps for one model (one executor): static buffers per bucket, graphs on CUDA."""
 
     def __init__(self, executor: LayerExecutor, graphs: bool) -> None:
-        self.executor = executor
+        # weakly: the registry maps executors to their decoders, and a decoder that held its
+        # executor would keep every model (and its graphs' memory) alive for good
+        self._executor = weakref.ref(executor)
         self.graphs = graphs and cuda_runtime(executor.device)
         self.stats = DecodeStats()
         self._scratch = executor.empty_kv(1)  # padding rows write their K/V here, at index 0
@@ -102,7 +106,15 @@ class TableDecoder:
         self._pool: Any = torch.cuda.graph_pool_handle() if self.graphs else None
         self._lock = threading.Lock()  # one step at a time: the buckets' buffers are shared
         self.disabled = False
-        self._proven = False  # a step has run: from then on an error is the request's, not the kernel's
+        # kernel variants (split or not) that have run: from then on an error is the request's
+        self._proven: set[bool] = set()
+
+    @property
+    def executor(self) -> LayerExecutor:
+        executor = self._executor()
+        if executor is None:
+            raise RuntimeError("the model this decoder served is gone")
+        return executor
 
     def takes(self, seqs: Sequence[Stepped]) -> bool:
         """Whether these sequences can share the batched call (no APE, buffers of this model)."""
@@ -111,7 +123,8 @@ class TableDecoder:
         ex = self.executor
         shape = (ex.num_layers, 2, ex.num_kv_heads)
         return all(s.cache.ape is None and s.cache.kv.dtype == ex.dtype and tuple(s.cache.kv.shape[:3]) == shape
-                   and s.cache.kv.is_contiguous() and s.cache.kv.device == ex.device for s in seqs)
+                   and decode_attention.fits(s.cache.kv) and s.cache.kv.device == ex.device
+                   and s.cache.length < s.cache.capacity for s in seqs)
 
     def step(self, seqs: Sequence[Stepped]) -> torch.Tensor | None:
         """Feed every sequence its last token (written at its cache's length, at its next
@@ -119,7 +132,8 @@ class TableDecoder:
         None when the kernels fail before any step has run here (they cannot compile or launch
         on this device): reported once, and the per-sequence loop takes over for good (the K/V
         the failed step may have written are the same values the loop writes again)."""
-        if self._proven:
+        variant = splits_for(max(s.cache.capacity for s in seqs)) > 1
+        if variant in self._proven:
             return self._step(seqs)
         try:
             out = self._step(seqs)
@@ -129,7 +143,7 @@ class TableDecoder:
             self.stats.failures.append(message)
             warnings.warn(message + "; decoding one sequence at a time", RuntimeWarning, stacklevel=3)
             return None
-        self._proven = True
+        self._proven.add(variant)
         return out
 
     def _step(self, seqs: Sequence[Stepped]) -> torch.Tensor:
@@ -158,15 +172,18 @@ class TableDecoder:
 
     def warm(self, max_batch: int, capacity: int = 256) -> int:
         """Run one step at every batch bucket up to ``max_batch`` over zeroed caches of
-        ``capacity`` tokens, so those buckets' graphs are captured before a user waits (longer
-        contexts' split buckets are captured when first met). Returns the steps run."""
+        ``capacity`` tokens, so those buckets' graphs are captured before a user waits, and one
+        over a cache long enough to split its keys (other split buckets are captured when first
+        met). Returns the steps run."""
         ex = self.executor
         sizes = sorted({batch_bucket(n) for n in range(1, max(1, max_batch) + 1)})
-        for i, size in enumerate(sizes):
+        # and one step over a longer cache: the split kernels compiled (and proven) too
+        runs = [(size, capacity) for size in sizes] + [(1, 2 * decode_attention.SPLIT_KEYS)]
+        for i, (size, tokens) in enumerate(runs):
             if self.disabled:  # the kernels cannot run here: the loop decodes, nothing to warm
                 return i
-            self.step([_Warm(ex.empty_kv(capacity)) for _ in range(size)])
-        return len(sizes)
+            self.step([_Warm(ex.empty_kv(tokens)) for _ in range(size)])
+        return len(runs)
 
     def _bucket(self, size: int, splits: int) -> _Bucket:
         key = (size, splits)
@@ -192,19 +209,22 @@ class TableDecoder:
         device = self.executor.device
         start = time.perf_counter()
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._body(bucket)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                bucket.logits = self._body(bucket)
+            with torch.cuda.device(device):  # the capture stream and the graph on the model's device
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    self._body(bucket)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=torch.cuda.Stream(device),
+                                      capture_error_mode="thread_local"):
+                    bucket.logits = self._body(bucket)
             bucket.graph = graph
         except Exception as exc:  # noqa: BLE001 - a capture that fails costs speed, never an answer
             message = f"decode step not captured for batch {bucket.inputs.shape[1]}, {bucket.splits} splits: {exc}"
             self.stats.failures.append(message)
-            warnings.warn(message + "; this bucket runs without a CUDA graph", RuntimeWarning, stacklevel=3)
+            warnings.warn(message + "; decode steps run without CUDA graphs from now on", RuntimeWarning,
+                          stacklevel=3)
             self.graphs = False
             return
         torch.cuda.synchronize(device)
@@ -217,6 +237,7 @@ _decoders: "weakref.WeakKeyDictionary[LayerExecutor, TableDecoder | None]" = wea
 
 
 def check_decode_mode(mode: str) -> None:
+    """Refuse a ``decode_mode`` that is none of `DECODE_MODES`, naming them."""
     if mode not in DECODE_MODES:
         raise InvalidInputError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
 

@@ -8,6 +8,7 @@ tokens/s over the batch; a row's first step (kernels compiled, a graph captured)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +69,17 @@ def run_decode_bench(executor: LayerExecutor, batches: list[int], contexts: list
         if context < 1 or (limit and context + warmup + steps > limit):
             raise InvalidInputError(f"context {context} (+{warmup + steps} decoded) does not fit the model's "
                                     f"{limit} positions")
-    rows = []
-    for mode in modes or ["auto"]:
+    modes = modes or ["auto"]
+    for mode in modes:  # every mode refused or accepted before the first row runs
         use_decode_mode(executor, mode)
+    rows, decoders = [], {}
+    for mode in modes:
+        decoder = use_decode_mode(executor, mode)
         rows += _rows(executor, mode, batches, contexts, steps, warmup, max_kv_bytes, seed)
+        # what ran: a batched decoder that fell back to the loop, or captured nothing, shows here
+        decoders[mode] = None if decoder is None else dataclasses.asdict(decoder.stats)
     return {"machine": describe(executor.device), "dtype": str(executor.dtype).replace("torch.", ""),
-            "layers": executor.num_layers, "rows": [r.to_dict() for r in rows]}
+            "layers": executor.num_layers, "rows": [r.to_dict() for r in rows], "decoders": decoders}
 
 
 def _rows(executor: LayerExecutor, mode: str, batches: list[int], contexts: list[int], steps: int, warmup: int,
@@ -120,4 +126,9 @@ def format_table(report: dict[str, Any]) -> str:
         ratio = f"{r['tokens_per_s'] / base:.1f}x" if base else "-"
         lines.append(f"{head} {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | {r['first_step_ms']:.1f} | "
                      f"{gib:.2f} |")
+    for mode, stats in report.get("decoders", {}).items():
+        if stats is not None:
+            lines.append(f"{mode}: {stats['steps']} batched steps, {stats['captures']} graphs captured "
+                         f"({stats['capture_s']:.2f} s), {stats['replays']} replays")
+            lines += [f"{mode}: {failure}" for failure in stats["failures"]]
     return "\n".join(lines)

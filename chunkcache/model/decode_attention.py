@@ -57,8 +57,8 @@ def splits_for(capacity: int) -> int:
 def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of the attention kernel: fixed, not autotuned (a graph replays what
     it captured). Checked by compiling for sm_90 without a GPU (tests/model/test_decode_attention.py):
-    no spills, at most 84 KB of shared memory; fp32 dots hold whole tiles in registers, so they
-    take shorter key blocks and more warps."""
+    no spills, at most 83 KB of shared memory with the key and value tiles pipelined (within an
+    sm_86's 99 KB); fp32 tiles are twice the bytes, so they take shorter key blocks and more warps."""
     if dtype == torch.float32:
         return (32, 8) if head_dim <= 128 else (16, 4)
     return (64, 4) if head_dim <= 128 else (32, 4)
@@ -72,13 +72,22 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
 def table_of(buffers: Sequence[torch.Tensor], at: Sequence[int]) -> list[list[int]]:
     """The host rows of a `DecodeTable` for ``buffers`` (contiguous, one per sequence) and the
     indices their new tokens go to: [at, base, capacity]."""
-    for buf in buffers:
-        if not buf.is_contiguous():
-            raise ValueError("decode attention needs contiguous cache buffers [layers, 2, kv_heads, capacity, head_dim]")
+    for buf, index in zip(buffers, at):
+        if not fits(buf):
+            raise ValueError("decode attention needs contiguous, 16-byte aligned cache buffers "
+                             "[layers, 2, kv_heads, capacity, head_dim]")
+        if not 0 <= index < buf.shape[3]:
+            raise ValueError(f"a decoded token's index {index} is outside its cache of {buf.shape[3]} tokens")
     return [list(at), [b.data_ptr() for b in buffers], [int(b.shape[3]) for b in buffers]]
 
 
-def _write_source(K, V, Base, Cap, At, stride_kh, stride_kb, layer,
+def fits(buffer: torch.Tensor) -> bool:
+    """Whether the kernels can address ``buffer`` through the table: contiguous, 16-byte aligned
+    (what a whole allocation is; a view into one may not be)."""
+    return buffer.is_contiguous() and buffer.data_ptr() % 16 == 0
+
+
+def _write_source(K, V, Base, Cap, At, stride_kh, stride_kb, stride_vh, stride_vb, layer,
                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):  # pragma: no cover - runs in Triton
     b = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -86,11 +95,10 @@ def _write_source(K, V, Base, Cap, At, stride_kh, stride_kb, layer,
     cap = tl.load(Cap + b)
     at = tl.load(At + b)
     offs_d = tl.arange(0, HEAD_DIM)
-    src = head * stride_kh + b * stride_kb + offs_d
     k_at = ((layer * 2 * KV_HEADS + head) * cap + at) * HEAD_DIM + offs_d
     v_at = (((layer * 2 + 1) * KV_HEADS + head) * cap + at) * HEAD_DIM + offs_d
-    tl.store(cache + k_at, tl.load(K + src))
-    tl.store(cache + v_at, tl.load(V + src))
+    tl.store(cache + k_at, tl.load(K + head * stride_kh + b * stride_kb + offs_d))
+    tl.store(cache + v_at, tl.load(V + head * stride_vh + b * stride_vb + offs_d))
 
 
 def _attend_source(Q, Base, Cap, At, Out, Part,
@@ -114,8 +122,11 @@ def _attend_source(Q, Base, Cap, At, Out, Part,
     q = tl.load(Q + heads[:, None] * stride_qh + b * stride_qb + offs_d[None, :], mask=rows[:, None], other=0.0)
     if UPCAST:  # the interpreter keeps bf16 as raw uint16 bits: the dots see them widened
         q = q.to(tl.float32)
-    k_base = cache + (layer * 2 * KV_HEADS + kv_head) * cap * HEAD_DIM
-    v_base = cache + ((layer * 2 + 1) * KV_HEADS + kv_head) * cap * HEAD_DIM
+    # the table's addresses are 16-byte aligned (`table_of` checks) and every row is HEAD_DIM
+    # (>= 16) elements: said so, the key and value tiles load as 16-byte vectors, pipelined
+    # (an address read from memory tells the compiler nothing by itself)
+    k_base = tl.multiple_of(cache + (layer * 2 * KV_HEADS + kv_head) * cap * HEAD_DIM, 16)
+    v_base = tl.multiple_of(cache + ((layer * 2 + 1) * KV_HEADS + kv_head) * cap * HEAD_DIM, 16)
     lo = 0
     hi = at + 1
     if SPLIT:
@@ -227,8 +238,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: D
     if k.shape != (kv_heads, batch, dim) or v.shape != k.shape or heads % kv_heads or not supports(dim, q.dtype):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} ({q.dtype}) do not fit "
                          "decode attention")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
-        raise ValueError("q, k and v need a last stride of 1, and k and v the same strides")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v need a last stride of 1")
     write, attend, merge = _compiled(interpreting)
     group = heads // kv_heads
     out = torch.empty(batch, heads * dim, dtype=q.dtype, device=q.device)
@@ -240,8 +251,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: D
     upcast = interpreting and q.dtype == torch.bfloat16
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext()
     with guard:  # Triton launches on the current device, which may not be q's
-        write[(batch, kv_heads)](k, v, table.base, table.capacity, table.at, k.stride(0), k.stride(1), layer,
-                                 KV_HEADS=kv_heads, HEAD_DIM=dim)
+        write[(batch, kv_heads)](k, v, table.base, table.capacity, table.at, k.stride(0), k.stride(1), v.stride(0),
+                                 v.stride(1), layer, KV_HEADS=kv_heads, HEAD_DIM=dim)
         rows = max(_MIN_GROUP_ROWS, 1 << (group - 1).bit_length())
         block_n, num_warps = launch_config(dim, q.dtype)
         attend[(batch, kv_heads, splits)](

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chunkcache.blend import decode as decode_module
-from chunkcache.blend.decode import DecodeSequence, pick_tokens, step
+from chunkcache.blend.decode import DecodeSequence, Sampling, pick_tokens, step
 from chunkcache.blend.decode_graphs import TableDecoder, batch_bucket, use_decode_mode
 from chunkcache.blend.layout import FusedCache
 from chunkcache.errors import InvalidInputError
@@ -24,57 +24,72 @@ from tests.triton_child import run_kernel_tests_in_child
 
 
 
-def _executor(dtype: torch.dtype = torch.float32) -> LayerExecutor:
-    """A tiny random Llama whose GQA group (3) is not a power of two, as SmolLM2's."""
+def _executor(dtype: torch.dtype = torch.float32, kv_heads: int = 2, device: str = "cpu") -> LayerExecutor:
+    """A tiny random Llama whose GQA group (3) is not a power of two, as SmolLM2's (or MQA)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("llama", vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                                  num_attention_heads=6, num_key_value_heads=kv_heads, head_dim=16,
                                   max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
-    return LayerExecutor(AutoModelForCausalLM.from_config(config, dtype=dtype).eval())
+    return LayerExecutor(AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval())
 
 
 def _sequences(ex: LayerExecutor, lengths: list[int], capacities: list[int], seed: int,
-               put=lambda t: t) -> list[DecodeSequence]:  # noqa: ANN001 - the fake's tagger or nothing
+               put=lambda t: t, samplings: list[Sampling] | None = None,  # noqa: ANN001 - the fake's tagger
+               limits: list[int] | None = None) -> list[DecodeSequence]:
     gen = torch.Generator().manual_seed(seed)
     seqs = []
-    for n, cap in zip(lengths, capacities):
-        kv = torch.randn(ex.num_layers, 2, ex.num_kv_heads, cap, ex.head_dim, generator=gen).to(ex.dtype)
-        logits = torch.randn(96, generator=gen)
-        seqs.append(DecodeSequence(FusedCache(put(kv), n, n + 3), put(logits), max_new_tokens=50, eos_token_ids=()))
+    for i, (n, cap) in enumerate(zip(lengths, capacities)):
+        kv = torch.randn(ex.num_layers, 2, ex.num_kv_heads, cap, ex.head_dim, generator=gen).to(ex.device, ex.dtype)
+        logits = torch.randn(96, generator=gen).to(ex.device)
+        seqs.append(DecodeSequence(FusedCache(put(kv), n, n + 3), put(logits), (limits or [50] * len(lengths))[i], (),
+                                   (samplings or [Sampling()] * len(lengths))[i]))
     return seqs
 
 
 def _clone(seqs: list[DecodeSequence]) -> list[DecodeSequence]:
     return [DecodeSequence(FusedCache(s.cache.kv.clone(), s.cache.length, s.cache.next_position), s.logits.clone(),
-                           s.max_new_tokens, ()) for s in seqs]
+                           s.max_new_tokens, (), s.sampling) for s in seqs]
 
 
-def test_kernel_steps_equal_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not (interpreter_active() or torch.cuda.is_available()):
-        pytest.skip("needs CUDA or Triton's interpreter (test_kernel_tests_under_interpreter runs it)")
+def _kernel_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if interpreter_active():
+        return "cpu"
+    pytest.skip("needs CUDA or Triton's interpreter (test_kernel_tests_under_interpreter runs it)")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a kernel that fails and hands over to the loop fails here
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_kernel_steps_equal_the_loop(monkeypatch: pytest.MonkeyPatch, kv_heads: int) -> None:
+    """Three sequences (one greedy that ends after two tokens, one sampled, one greedy; buckets 4,
+    then 2 with padding), then one alone (bucket 1) over a longer cache: the batched kernel's
+    tokens, logits and caches equal the per-sequence loop's, with GQA and with one KV head."""
+    device = _kernel_device()
     monkeypatch.setattr(da, "SPLIT_KEYS", 64)  # splits at the lengths the interpreter affords
-    ex = _executor()
-    loop = _sequences(ex, [5, 70, 130], [40, 100, 200], seed=1)  # 3 sequences: bucket 4, one padding row
+    ex = _executor(kv_heads=kv_heads, device=device)
+    samplings = [Sampling(), Sampling(temperature=0.7, seed=3), Sampling()]
+    loop = _sequences(ex, [5, 70, 130], [40, 100, 200], seed=1, samplings=samplings, limits=[2, 50, 50])
     batched = _clone(loop)
     use_decode_mode(ex, "loop")
-    tokens_loop = [step(ex, loop) for _ in range(4)]
+    tokens_loop = [step(ex, loop) for _ in range(3)]
     decoder = use_decode_mode(ex, "kernel")
     assert decoder is not None and batch_bucket(3) == 4
-    tokens_batched = [step(ex, batched) for _ in range(4)]
-    assert tokens_batched == tokens_loop
-    assert decoder.stats.steps == 4 and decoder.stats.captures == 0
+    assert [step(ex, batched) for _ in range(3)] == tokens_loop
+    assert loop[0].done and batched[0].done and len(tokens_loop[-1]) == 2  # the last step ran at bucket 2
     for a, b in zip(loop, batched):
         assert a.cache.length == b.cache.length and a.cache.next_position == b.cache.next_position
         torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(b.cache.kv, a.cache.kv, atol=1e-5, rtol=1e-5)
-    # one sequence leaves the batch, another longer one joins: a new bucket, same answers
-    loop, batched = loop[1:] + _sequences(ex, [300], [400], seed=2), batched[1:] + _sequences(ex, [300], [400], seed=2)
+    alone_loop, alone = _sequences(ex, [300], [400], seed=2), _sequences(ex, [300], [400], seed=2)
     use_decode_mode(ex, "loop")
-    expect = [step(ex, loop) for _ in range(2)]
-    use_decode_mode(ex, "kernel")
-    assert [step(ex, batched) for _ in range(2)] == expect
+    expect = [step(ex, alone_loop) for _ in range(2)]
+    decoder = use_decode_mode(ex, "kernel")
+    assert [step(ex, alone) for _ in range(2)] == expect
+    torch.testing.assert_close(alone[0].cache.kv, alone_loop[0].cache.kv, atol=1e-5, rtol=1e-5)
+    assert decoder is not None and not decoder.disabled and decoder.stats.steps == 2
 
 
 def test_kernel_tests_under_interpreter() -> None:
@@ -132,7 +147,12 @@ def test_what_the_batched_step_takes_and_which_mode_runs_where() -> None:
     assert decoder.takes(seqs)
     ape = FusedCache(seqs[0].cache.kv, 3, 3, ApeAttention(torch.zeros(8, dtype=torch.bool), 0.9, 0.9))
     assert not decoder.takes([DecodeSequence(ape, seqs[0].logits, 4, ())])
-    assert not decoder.takes([DecodeSequence(FusedCache(seqs[0].cache.kv[:, :, :, :4], 3, 3), seqs[0].logits, 4, ())])
+    kv = seqs[0].cache.kv
+    assert not decoder.takes([DecodeSequence(FusedCache(kv[:, :, :, :4], 3, 3), seqs[0].logits, 4, ())])  # strided
+    shifted = torch.zeros(kv.numel() + 1, dtype=kv.dtype)[1:].view(kv.shape)  # contiguous, 4 bytes off alignment
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16
+    assert not decoder.takes([DecodeSequence(FusedCache(shifted, 3, 3), seqs[0].logits, 4, ())])
+    assert not decoder.takes([DecodeSequence(FusedCache(kv, 8, 8), seqs[0].logits, 4, ())])  # full: no room
     with pytest.raises(InvalidInputError, match="decode_mode must be one of"):
         use_decode_mode(ex, "fast")
     if not interpreter_active():
@@ -175,33 +195,28 @@ def test_a_batched_step_that_fails_at_first_hands_over_to_the_loop(monkeypatch: 
 
 
 def test_warming_steps_every_batch_bucket_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`serve`'s warm-up: one step per batch bucket up to max_batch (where graphs are captured)."""
+    """`serve`'s warm-up: one step per batch bucket up to max_batch (where graphs are captured),
+    and one over a cache long enough to split its keys."""
     ex = _executor()
     sizes = []
 
     def stand_in(q, k, v, table, layer, scale):  # noqa: ANN001, ANN202
         if layer == 0:
-            sizes.append(int(table.at.shape[0]))
+            sizes.append((int(table.at.shape[0]), table.splits))
         return q.transpose(0, 1).reshape(q.shape[1], -1)
 
     monkeypatch.setattr(executor_module, "decode_attention", stand_in)
     decoder = TableDecoder(ex, graphs=False)
-    assert decoder.warm(5) == 4 and sizes == [1, 2, 4, 8] and decoder.stats.steps == 4
+    assert decoder.warm(5) == 5 and decoder.stats.steps == 5
+    assert sizes == [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2)]  # and the split kernels once
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs are captured on a GPU")
 def test_graphs_replay_the_loops_tokens_without_waiting() -> None:
     """On a GPU: steps replayed from captured graphs give the loop's tokens, one capture per
     bucket, and a replayed step (the read of the tokens aside) never synchronises."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model("llama", vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
-                                  max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    ex = LayerExecutor(AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda().eval())
-    loop = [DecodeSequence(FusedCache(s.cache.kv.cuda(), s.cache.length, s.cache.next_position), s.logits.cuda(),
-                           50, ()) for s in _sequences(ex, [5, 70, 600], [40, 100, 700], seed=1)]
+    ex = _executor(device="cuda")
+    loop = _sequences(ex, [5, 70, 600], [40, 100, 700], seed=1)
     graphed = _clone(loop)
     use_decode_mode(ex, "loop")
     expect = [step(ex, loop) for _ in range(5)]

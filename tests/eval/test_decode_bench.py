@@ -18,7 +18,7 @@ def test_rows_are_timed_or_skipped_and_bad_lengths_refused(tiny_dirs: dict[str, 
     ex = load_model(str(tiny_dirs["llama"]), models_dir, "float32", "cpu", "sys").executor
     cap = 3 * ex.kv_bytes(40 + 3) - 1
     report = run_decode_bench(ex, [1, 3], [16, 40], steps=2, warmup=1, max_kv_bytes=cap, modes=["loop"])
-    assert {r["mode"] for r in report["rows"]} == {"loop"}
+    assert {r["mode"] for r in report["rows"]} == {"loop"} and report["decoders"] == {"loop": None}
     rows = {(r["context"], r["batch"]): r for r in report["rows"]}
     assert set(rows) == {(16, 1), (16, 3), (40, 1), (40, 3)}
     assert rows[(40, 3)]["ms_per_step"] is None and rows[(40, 3)]["kv_bytes"] > cap
@@ -28,9 +28,9 @@ def test_rows_are_timed_or_skipped_and_bad_lengths_refused(tiny_dirs: dict[str, 
     assert "skipped" in table and "| loop | 16 | 3 |" in table
     with pytest.raises(InvalidInputError, match="positions"):
         run_decode_bench(ex, [1], [ex.max_positions])
-    if not torch.cuda.is_available():  # the CPU has no graphs to capture: a clear error, not a silent loop
+    if not torch.cuda.is_available():  # the CPU has no graphs to capture: refused before any row runs
         with pytest.raises(InvalidInputError, match="decode_mode 'graphs' needs"):
-            run_decode_bench(ex, [1], [16], steps=1, modes=["graphs"])
+            run_decode_bench(ex, [1], [16], steps=1, modes=["loop", "graphs"])
 
 
 def test_a_batched_step_equals_each_sequence_stepped_alone(tiny_dirs: dict[str, Path], models_dir: Path) -> None:
