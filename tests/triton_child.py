@@ -28,3 +28,13 @@ def run_kernel_tests_in_child(test_file: str, select: str = "kernel and not unde
                            timeout=300)
     summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
     assert child.returncode == 0 and "passed" in summary and "skipped" not in summary, child.stdout[-4000:]
+
+
+def kernel_device() -> str:
+    """Where a kernel test runs: CUDA, or the CPU under the interpreter; else it skips (and
+    `run_kernel_tests_in_child` runs it)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if interpreter_active():
+        return "cpu"
+    pytest.skip("needs CUDA or Triton's interpreter (test_kernel_tests_under_interpreter runs it)")

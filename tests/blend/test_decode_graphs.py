@@ -20,7 +20,7 @@ from chunkcache.model import executor as executor_module
 from chunkcache.model.executor import ApeAttention, LayerExecutor
 from chunkcache.triton_jit import interpreter_active
 from tests.fake_cuda import FakeCuda
-from tests.triton_child import run_kernel_tests_in_child
+from tests.triton_child import kernel_device, run_kernel_tests_in_child
 
 
 
@@ -53,21 +53,13 @@ def _clone(seqs: list[DecodeSequence]) -> list[DecodeSequence]:
                            s.max_new_tokens, (), s.sampling) for s in seqs]
 
 
-def _kernel_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if interpreter_active():
-        return "cpu"
-    pytest.skip("needs CUDA or Triton's interpreter (test_kernel_tests_under_interpreter runs it)")
-
-
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a kernel that fails and hands over to the loop fails here
 @pytest.mark.parametrize("kv_heads", [2, 1])
 def test_kernel_steps_equal_the_loop(monkeypatch: pytest.MonkeyPatch, kv_heads: int) -> None:
     """Three sequences (one greedy that ends after two tokens, one sampled, one greedy; buckets 4,
     then 2 with padding), then one alone (bucket 1) over a longer cache: the batched kernel's
     tokens, logits and caches equal the per-sequence loop's, with GQA and with one KV head."""
-    device = _kernel_device()
+    device = kernel_device()
     monkeypatch.setattr(da, "SPLIT_KEYS", 64)  # splits at the lengths the interpreter affords
     ex = _executor(kv_heads=kv_heads, device=device)
     samplings = [Sampling(), Sampling(temperature=0.7, seed=3), Sampling()]

@@ -12,17 +12,9 @@ import torch
 from chunkcache.model import decode_attention as da
 from chunkcache.model.decode_attention import DecodeTable, splits_for, table_of
 from chunkcache.triton_jit import interpreter_active
-from tests.triton_child import run_kernel_tests_in_child
+from tests.triton_child import kernel_device, run_kernel_tests_in_child
 
 SCALE = 0.3
-
-
-def _device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if interpreter_active():
-        return "cpu"
-    pytest.skip("needs CUDA or Triton's interpreter (test_kernel_tests_under_interpreter runs them)")
 
 
 def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: list[torch.Tensor], at: list[int],
@@ -47,7 +39,7 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buffers: list[torc
 ])
 def test_kernel_writes_then_attends_per_sequence(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, heads: int,
                                                  kv_heads: int, dim: int, split_keys: int, tol: float) -> None:
-    device = _device()
+    device = kernel_device()
     monkeypatch.setattr(da, "SPLIT_KEYS", split_keys)
     gen = torch.Generator().manual_seed(0)
     capacities, at = [300, 700, 40], [299, 400, 0]
@@ -69,7 +61,7 @@ def test_kernel_writes_then_attends_per_sequence(monkeypatch: pytest.MonkeyPatch
 
 def test_kernel_ignores_what_lies_past_each_index() -> None:
     """Keys after a sequence's index (a longer sequence's, garbage, NaN) never reach it."""
-    device = _device()
+    device = kernel_device()
     gen = torch.Generator().manual_seed(1)
     buffers = [torch.randn(1, 2, 2, 100, 16, generator=gen).to(device) for _ in range(2)]
     q = torch.randn(4, 2, 16, generator=gen).to(device)
