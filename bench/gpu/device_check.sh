@@ -17,8 +17,9 @@
 #      cachegen-2 >= 3x faster than full; int8 is step 7) -> $OUT/ttft-disk-cachegen/, $OUT/ttft-disk-raw/
 #   8. cacheblend:0.15 with the masked-SDPA attention backend instead of Triton, CPU tier -> $OUT/ttft-sdpa/
 #   8b. chunkcache bench decode: batched decode step, batch 1 / 8 / 32 at context 1K / 8K, per decode mode side by
-#      side: loop (one attention call a sequence), kernel (one batched call a layer), graphs (that, captured as
-#      CUDA graphs; first step = capture, reported apart) -> $OUT/decode/
+#      side: loop (one attention call a sequence) and graphs (one batched call a layer, captured as CUDA graphs;
+#      first step = capture, reported apart); DECODE_MODES=loop,kernel,graphs adds the batched call uncaptured
+#      -> $OUT/decode/
 #   9. chunkcache eval on 3 bundled questions: first-token KL of cacheblend:1.0 (and 0.15, reuse)
 #      vs full in bf16 -> $OUT/eval/ (report.json, report.md)
 #  10. (only when GPU_CHECK_SKIP leaves it in) torch.profiler of one warm answer per strategy
@@ -183,10 +184,10 @@ if [[ $SKIP != *" codec "* && -f $MODEL/config.json ]]; then
 fi
 
 if [[ $SKIP != *" decode "* && -f $MODEL/config.json ]]; then
-  step "8b chunkcache bench decode: batch 1/8/32 at context 1K/8K, modes loop/kernel/graphs (targets: batch 1 <= 5 ms/token, batch 32 >= 15x its tokens/s)"
+  step "8b chunkcache bench decode: batch 1/8/32 at context 1K/8K, modes ${DECODE_MODES:-loop,graphs} (targets: batch 1 <= 5 ms/token, batch 32 >= 15x its tokens/s)"
   timeout -k 10 240 "$PY" -m chunkcache.cli bench decode --model "$MODEL" --dtype bfloat16 --store "$SCRATCH/store-decode" \
-    --batches "${DECODE_BATCHES:-1,8,32}" --contexts "${DECODE_CONTEXTS:-1024,8192}" --steps 32 --max-kv 60GiB \
-    --modes "${DECODE_MODES:-loop,kernel,graphs}" \
+    --batches "${DECODE_BATCHES:-1,8,32}" --contexts "${DECODE_CONTEXTS:-1024,8192}" --steps 16 --max-kv 60GiB \
+    --modes "${DECODE_MODES:-loop,graphs}" \
     --out "$OUT/decode" || fail "bench decode"
 fi
 
