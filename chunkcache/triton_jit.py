@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
+
+import torch
 
 
 @functools.cache  # callers ask once a layer; a failed import would search sys.path each time
@@ -49,3 +52,21 @@ def jit(source: Callable[..., Any], interpreting: bool, **options: Any) -> Any:
         raise RuntimeError(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} was changed after "
                            "triton was imported: set it before the process imports triton")
     return kernel
+
+
+def launch_mode(what: str, device: torch.device, otherwise: str) -> bool:
+    """Whether ``what``'s kernels run in the interpreter for tensors on ``device`` (False: compiled,
+    on CUDA). Refuses, naming ``otherwise`` as the way out, where Triton is missing, or where the
+    tensors are not on CUDA and no interpreter runs."""
+    if not triton_available():
+        raise RuntimeError(f"{what} needs triton (it comes with CUDA builds of torch); {otherwise}")
+    interpreting = interpreter_active()
+    if device.type != "cuda" and not interpreting:
+        raise RuntimeError(f"{what} needs CUDA tensors (got {device}); on the CPU set TRITON_INTERPRET=1 before the "
+                           f"process imports triton, or {otherwise}")
+    return interpreting
+
+
+def on_device(device: torch.device) -> AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device, which may not be the tensors': make it theirs."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()

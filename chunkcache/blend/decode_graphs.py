@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from chunkcache.blend.layout import FusedCache
 from chunkcache.device import cuda_runtime
 from chunkcache.errors import InvalidInputError
 from chunkcache.model import decode_attention
@@ -45,25 +46,13 @@ class Stepped(Protocol):
     def cache(self) -> Any: ...  # `FusedCache`
 
 
-@dataclass
-class _WarmCache:
-    kv: torch.Tensor
-    length: int = 0
-    next_position: int = 0
-    ape: None = None
-
-    @property
-    def capacity(self) -> int:
-        return int(self.kv.shape[3])
-
-
 class _Warm:
     """A made-up sequence for `TableDecoder.warm`: token 0 into an empty cache."""
 
     last = 0
 
     def __init__(self, kv: torch.Tensor) -> None:
-        self.cache = _WarmCache(kv)
+        self.cache = FusedCache(kv, 0, 0)
 
 
 def batch_bucket(n: int) -> int:
@@ -132,11 +121,12 @@ class TableDecoder:
         None when the kernels fail before any step has run here (they cannot compile or launch
         on this device): reported once, and the per-sequence loop takes over for good (the K/V
         the failed step may have written are the same values the loop writes again)."""
-        variant = splits_for(max(s.cache.capacity for s in seqs)) > 1
+        splits = splits_for(max(s.cache.capacity for s in seqs))
+        variant = splits > 1
         if variant in self._proven:
-            return self._step(seqs)
+            return self._step(seqs, splits)
         try:
-            out = self._step(seqs)
+            out = self._step(seqs, splits)
         except Exception as exc:  # noqa: BLE001 - the loop still answers; the reason is kept and shown
             self.disabled = True
             message = f"batched decode attention failed on its first step ({type(exc).__name__}: {exc})"
@@ -146,10 +136,9 @@ class TableDecoder:
         self._proven.add(variant)
         return out
 
-    def _step(self, seqs: Sequence[Stepped]) -> torch.Tensor:
+    def _step(self, seqs: Sequence[Stepped], splits: int) -> torch.Tensor:
         n = len(seqs)
         size = batch_bucket(n)
-        splits = splits_for(max(s.cache.capacity for s in seqs))
         pad = size - n
         at, base, capacity = table_of([s.cache.kv for s in seqs] + [self._scratch] * pad,
                                       [s.cache.length for s in seqs] + [0] * pad)
@@ -236,16 +225,11 @@ class TableDecoder:
 _decoders: "weakref.WeakKeyDictionary[LayerExecutor, TableDecoder | None]" = weakref.WeakKeyDictionary()
 
 
-def check_decode_mode(mode: str) -> None:
-    """Refuse a ``decode_mode`` that is none of `DECODE_MODES`, naming them."""
-    if mode not in DECODE_MODES:
-        raise InvalidInputError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
-
-
 def use_decode_mode(executor: LayerExecutor, mode: str) -> TableDecoder | None:
     """Set how ``executor``'s decode steps run (``Settings.decode_mode``); the batched decoder,
     or None when steps loop over the sequences."""
-    check_decode_mode(mode)
+    if mode not in DECODE_MODES:
+        raise InvalidInputError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
     usable = triton_available() and decode_attention.supports(executor.head_dim, executor.dtype)
     device_ok = cuda_runtime(executor.device) or (executor.device.type == "cpu" and interpreter_active())
     if mode in ("graphs", "kernel") and not (usable and device_ok):

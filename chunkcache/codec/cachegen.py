@@ -28,6 +28,7 @@ from chunkcache.codec.base import (
 from chunkcache.codec.entropy import channel_tables, decode_streams, pack_tables, read_tables
 from chunkcache.device import cuda_runtime
 from chunkcache.errors import CorruptCacheError, InvalidInputError
+from chunkcache.triton_jit import triton_available
 
 LEVEL_SCALE = {1: 0.5, 2: 0.625, 3: 1.0}
 # CacheGen's released config for 32-layer models, as fractions of depth: (upper bound, bins).
@@ -223,4 +224,4 @@ def _lane_tables(tables: list[np.ndarray]) -> np.ndarray:
 
 def _kernel_decodes(device: torch.device) -> bool:
     """Whether sections for ``device`` decode in the Triton kernel (a GPU with triton)."""
-    return cuda_runtime(device) and rans_triton.triton_available()
+    return cuda_runtime(device) and triton_available()

@@ -3,9 +3,10 @@
 Every lane is one (kind, channel) of a layer and codes that channel's symbols over all tokens
 with its own static distribution. Lanes are interleaved in groups of `GROUP`: a group's lanes
 decode in lock step, one token at a time, and those whose state runs low read the next 16-bit
-word of the group's shared stream in lane order. So a group is one independent job (a thread
-on the CPU, a program on the GPU) and every lane of it is a SIMD lane; the only per-lane cost
-in the bitstream is its 32-bit final state.
+word of the group's shared stream in lane order. So a group is one independent job (a program
+on the GPU; on the CPU a layer's groups run one after the other in one compiled call, and the
+layers of an entry in parallel threads) and every lane of it is a SIMD lane; the only per-lane
+cost in the bitstream is its 32-bit final state.
 
 - states live in ``[LOW, LOW << 16)``; 16-bit words, at most one read per symbol;
 - probabilities in ``PREC_BITS`` fixed point, derived from the stored uint8 counts by integer
@@ -13,8 +14,8 @@ in the bitstream is its 32-bit final state.
 - a lane's state after its last symbol is `LOW` again, and a group consumes exactly its words:
   a forged section that passes the digest still cannot decode into garbage unnoticed.
 
-Three implementations give identical output: numba-compiled loops (the CPU's fast path, threads
-in parallel without the GIL; compiled on first use), numpy lock-step code (the reference, and the
+Three implementations give identical output: numba-compiled loops (the CPU's fast path, which
+releases the GIL; compiled on first use), numpy lock-step code (the reference, and the
 fallback where numba is not installed, e.g. the GPU image) and the Triton kernel of
 `rans_triton` (the GPU's)."""
 

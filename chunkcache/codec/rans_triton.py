@@ -16,14 +16,13 @@ the output, never read or write outside the given tensors (loads are masked to t
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
 from chunkcache.codec.rans import GROUP, LOW, PREC_BITS, TOTAL
-from chunkcache.triton_jit import interpreter_active, jit, triton_available
+from chunkcache.triton_jit import jit, launch_mode, on_device
 
 _kernels: dict[bool, Any] = {}
 # Layers decode in the codec's thread pool: launches go one at a time (the first compiles the
@@ -100,18 +99,12 @@ def decode_groups(states: torch.Tensor, cum: torch.Tensor, words: torch.Tensor, 
     """Decode every group of ``meta`` (`group_meta` rows, int64, on the device) into ``out``
     (uint8, flat): states uint32 viewed as int32 [lanes], cum int32 [lanes, symbols + 1], words
     uint16 viewed as int16. All on one CUDA device (or any device under Triton's interpreter)."""
-    if not triton_available():
-        raise RuntimeError("the GPU cachegen decoder needs triton (it comes with CUDA builds of torch)")
-    interpreting = interpreter_active()
-    if out.device.type != "cuda" and not interpreting:
-        raise RuntimeError(f"the Triton rANS decoder needs CUDA tensors (got {out.device}); on the CPU "
-                           "use chunkcache.codec.rans.decode, or set TRITON_INTERPRET=1 before importing triton")
+    interpreting = launch_mode("the Triton rANS decoder", out.device, "decode with chunkcache.codec.rans.decode")
     groups = meta.shape[0]
     if groups == 0:
         return out
     width = max(2, 1 << (cum.shape[1] - 2).bit_length())  # symbols, rounded up to a power of two
-    guard = torch.cuda.device(out.device) if out.device.type == "cuda" else nullcontext()
-    with _LAUNCH, guard:
+    with _LAUNCH, on_device(out.device):
         _kernel(interpreting)[(groups,)](states, cum, words, meta, out, cum.shape[1], GROUP=GROUP, WIDTH=width,
                                          LOW=LOW, PREC=PREC_BITS, num_warps=1)
     return out

@@ -64,8 +64,8 @@ def run_decode_bench(executor: LayerExecutor, batches: list[int], contexts: list
     are decode modes (default: ``auto``). The executor is left in the last mode."""
     if steps < 1 or warmup < 1:
         raise InvalidInputError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
+    limit = executor.max_positions
     for context in contexts:
-        limit = executor.max_positions
         if context < 1 or (limit and context + warmup + steps > limit):
             raise InvalidInputError(f"context {context} (+{warmup + steps} decoded) does not fit the model's "
                                     f"{limit} positions")

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from chunkcache.triton_jit import interpreter_active, jit, triton_available
+from chunkcache.triton_jit import jit, launch_mode, on_device
 
 SPLIT_KEYS = 512  # keys a split covers: whole key blocks; at 8K a sequence has 16 splits
 _MIN_GROUP_ROWS = 16  # tl.dot needs 16 rows: a GQA group is padded to it
@@ -227,12 +226,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: D
     uses kv head h // (heads // kv_heads)) over that sequence's keys 0..at[b]. Returns
     [B, heads * d] in q's dtype, ready for o_proj. Every buffer must hold ``q``'s dtype and head
     size and this layer count (the table cannot be checked without reading it)."""
-    if not triton_available():
-        raise RuntimeError("decode_attention needs triton (pip install triton)")
-    interpreting = interpreter_active()
-    if q.device.type != "cuda" and not interpreting:
-        raise RuntimeError(f"decode_attention needs CUDA tensors (got {q.device}); on the CPU set TRITON_INTERPRET=1 "
-                           "before triton is imported")
+    interpreting = launch_mode("decode_attention", q.device, "decode with decode_mode 'loop'")
     heads, batch, dim = q.shape
     kv_heads = k.shape[0]
     if k.shape != (kv_heads, batch, dim) or v.shape != k.shape or heads % kv_heads or not supports(dim, q.dtype):
@@ -249,8 +243,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: D
     part = out if splits == 1 else torch.empty(splits * batch * heads * (dim + 2), dtype=torch.float32,
                                                device=q.device)
     upcast = interpreting and q.dtype == torch.bfloat16
-    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext()
-    with guard:  # Triton launches on the current device, which may not be q's
+    with on_device(q.device):
         write[(batch, kv_heads)](k, v, table.base, table.capacity, table.at, k.stride(0), k.stride(1), v.stride(0),
                                  v.stride(1), layer, KV_HEADS=kv_heads, HEAD_DIM=dim)
         rows = max(_MIN_GROUP_ROWS, 1 << (group - 1).bit_length())

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from chunkcache.triton_jit import interpreter_active, jit, triton_available
+from chunkcache.triton_jit import interpreter_active, jit, launch_mode, on_device, triton_available
+
+# triton_available and interpreter_active come from chunkcache.triton_jit; callers ask here too
+__all__ = ["interpreter_active", "kernel_supports", "launch_config", "reference_sparse_attention",
+           "sparse_query_attention", "triton_available"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256  # tl.dot needs K >= 16; 256 is the largest config sized below
@@ -272,13 +275,7 @@ def sparse_query_attention(
     `interpreter_active`."""
     _check_shapes(q, keys, values, index)
     _check_kernel_inputs(q, keys, values)
-    if not triton_available():
-        raise RuntimeError("sparse_query_attention needs triton (pip install triton); "
-                           "use reference_sparse_attention without it")
-    interpreting = interpreter_active()
-    if q.device.type != "cuda" and not interpreting:
-        raise RuntimeError(f"sparse_query_attention needs CUDA tensors (got {q.device}); to run it on the CPU, set "
-                           "TRITON_INTERPRET=1 before the process imports triton, or use reference_sparse_attention")
+    interpreting = launch_mode("sparse_query_attention", q.device, "use reference_sparse_attention")
     kernel, combine = _kernel(interpreting)
     heads, n, d = q.shape
     kv_heads, S, _ = keys.shape
@@ -292,8 +289,7 @@ def sparse_query_attention(
     # One scratch per call (the caching allocator: no sync); unsplit, the output stands in for it.
     part = out if splits == 1 else torch.empty(splits * heads * n * (d + 2), dtype=torch.float32, device=q.device)
     upcast = interpreting and q.dtype == torch.bfloat16
-    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext()
-    with guard:  # Triton launches on the current device, which may not be q's
+    with on_device(q.device):
         kernel[(heads, blocks, splits)](
             q, keys, values, index, out, part,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
