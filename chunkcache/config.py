@@ -94,6 +94,10 @@ class Settings:
     # each step captured as a CUDA graph per batch / length bucket, replayed; elsewhere one call a
     # sequence), "graphs", "kernel" (batched, no capture) or "loop" (one call a sequence).
     decode_mode: str = "auto"
+    # How a fused prefill runs: "auto" (on CUDA, CacheBlend and reuse in shapes rounded up to a
+    # bucket, each bucket captured as CUDA graphs on its first request and replayed; elsewhere the
+    # request's own shapes), "graphs", "buckets" (fixed shapes, no capture) or "off".
+    fusion_mode: str = "auto"
     # chunkcache serve: where it listens, the index it retrieves from (empty: callers send
     # documents), the env var holding the API key (unset or empty: no key needed), and limits.
     index_path: str = ""
@@ -108,6 +112,10 @@ class Settings:
     # memory on the CPU): a request that does not fit waits, one larger than all of it is refused.
     kv_budget: str = "2GiB"
     warm_up: bool = True  # serve: answer a made-up question per strategy before listening (engine.warm_up)
+    # With fusion graphs (a GPU): the fused-prefill buckets warm-up captures as well, as prompt
+    # "CONTEXT:QUESTION" token counts, e.g. "4096:32,8192:32,8192:48" (a bucket's first request
+    # pays its capture; empty: only the warm-up question's own bucket)
+    fusion_warm: str = ""
     # serve: start even when the model fails `chunkcache check-model` (run once per model otherwise)
     allow_unchecked_model: bool = False
     max_documents: int = 64  # per request

@@ -13,7 +13,9 @@ import torch
 from chunkcache.blend import FusionInput, Sampling, describe_strategies, make_strategy, parse_strategy_spec, names_taking, spec_forms, spec_pattern
 from chunkcache.craft_variants import CraftVariants
 from chunkcache.blend.decode import StopText
+from chunkcache.blend.buckets import fixed_shapes, use_fusion_mode, warm_shapes
 from chunkcache.blend.decode_graphs import table_decoder, use_decode_mode
+from chunkcache.blend.fixed_fusion import run_fusion
 from chunkcache.blend.pool import KVPool
 from chunkcache.blend.prefill import NEIGHBOURS, ChunkNeighbours, context_ids, prefill_chunks, prefill_head, primer_ids
 from chunkcache.codec import RawCodec, get_codec
@@ -62,6 +64,12 @@ class ChunkCacheEngine:
         )
         self.model.executor.use_attention_backend(self.settings.attention_backend)
         use_decode_mode(self.model.executor, self.settings.decode_mode)
+        use_fusion_mode(self.model.executor, self.settings.fusion_mode)
+        limit = self.model.max_positions
+        for context, question in warm_shapes(self.settings.fusion_warm):  # a bad setting fails here, not at warm-up
+            if limit and context + question >= limit:
+                raise InvalidInputError(f"fusion_warm {context}:{question} is past the model's context of {limit} "
+                                        "tokens; warm smaller buckets")
         self.codec = get_codec(self.settings.codec, self.settings.zstd_level)
         self._lossless = RawCodec(self.settings.zstd_level)
         self.store: KVStore = store or build_store(self.settings, self.codec)
@@ -287,7 +295,36 @@ class ChunkCacheEngine:
         decoder = table_decoder(self.model.executor)
         if decoder is not None:  # a GPU: every batch bucket's decode step compiled and captured
             decoder.warm(self.settings.max_batch)
+        if fixed_shapes(self.model.executor) is not None:  # fixed-shape fusions: their buckets captured
+            # the largest first: the workspace is sized once, and no capture is dropped by its growing
+            for context, question in sorted(warm_shapes(self.settings.fusion_warm), key=sum, reverse=True):
+                self._warm_fusion(context, question)
         return time.perf_counter() - start
+
+    def _warm_fusion(self, context: int, question: int) -> None:
+        """Answer a made-up prompt of about ``context`` tokens before the question and ``question``
+        question tokens with the configured strategy (so its bucket is captured), then forget its
+        chunks' caches."""
+        template, tokenizer = self.model.template, self.model.tokenizer
+        sentence = " the mill stood by the river and the road ran past it to the sea"
+        filler = tokenizer.encode(sentence * (context // 8 + 8), add_special_tokens=False)
+        per_chunk = max(1, (context - len(template.pieces("", ["x"]).head)) // 8)
+        size = max(1, per_chunk - len(template.chunk_ids("x")) + 1)  # the chunk's formatting takes the rest
+        chunks = [tokenizer.decode(filler[i * size : (i + 1) * size]) for i in range(8)]
+        words = max(1, question - len(template.pieces("", chunks).question))
+        self.answer(" ".join(["where"] * words) + "?", chunks, max_new_tokens=1)
+        for ids in template.pieces("", chunks).chunks:
+            self.store.delete(self._chunk_key(ids))
+
+    def fusion_graph_stats(self) -> dict[str, Any] | None:
+        """Fixed-shape fusions so far (``fusion_mode``): run eagerly, captured as CUDA graphs (and
+        the seconds captures took), replayed; None when fusions run in each request's own shapes."""
+        runner = fixed_shapes(self.model.executor)
+        if runner is None:
+            return None
+        stats = runner.stats
+        return {"eager": stats.eager, "captures": stats.captures, "capture_s": stats.capture_s,
+                "replays": stats.replays, "failures": list(stats.failures), "graphs": runner.graphs}
 
     # --- answering ----------------------------------------------------------------------
     def answer(
@@ -405,12 +442,12 @@ class ChunkCacheEngine:
             loaded_at = time.perf_counter()
             inp = FusionInput(pieces, head_kv, chunk_kvs, limit, plans, plan.record_variants, buffer)
             try:
-                result = fusion.fuse(self.model.executor, inp)
+                result = run_fusion(fusion, self.model.executor, inp)
             except CorruptCacheError:  # a streamed layer failed to decode: its entry was dropped
                 chunk_kvs, _ = self._complete(keys, pieces.chunks, contexts, [None] * len(keys))
                 if buffer is not None:
                     buffer.zero_()
-                result = fusion.fuse(self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, (),
+                result = run_fusion(fusion, self.model.executor, FusionInput(pieces, head_kv, chunk_kvs, limit, (),
                                                                       plan.record_variants, buffer))
             streams = [kv for kv in chunk_kvs if isinstance(kv, LayerStream)]
             if streams:  # background load time vs what fusion still waited for: the overlap

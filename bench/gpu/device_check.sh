@@ -9,7 +9,10 @@
 #   5. the Triton sparse-query attention kernel against masked SDPA: error and time at 8K / 32K
 #      -> $OUT/sparse_attention.txt (bench/gpu/sparse_attention_check.py)
 #   6. chunkcache bench ttft, caches served from the CPU tier (pinned): full, reuse, cacheblend:0.15, epic,
-#      ape at 1K-32K tokens in 16 chunks, a new question each round -> $OUT/ttft-cpu/
+#      ape at 1K-32K tokens in 16 chunks, a new question each round; CacheBlend and reuse in fixed-shape
+#      buckets captured as CUDA graphs (fusion_mode auto; captures and replays in ttft.json) -> $OUT/ttft-cpu/
+#   6b. the same at 1K / 8K for full, reuse, cacheblend:0.15 in each request's own shapes (fusion_mode off):
+#      what the graphs buy, side by side -> $OUT/ttft-own-shapes/
 #   7. the same from the disk tier (int8 entries; fewer lengths) -> $OUT/ttft-disk/
 #   7b. chunkcache bench codec: size and GB/s of decoding onto the GPU per codec
 #      (issue 21's target: cachegen-2 >= 5 GB/s of bf16) -> $OUT/codec/
@@ -29,7 +32,7 @@
 #   GPU_CHECK_TINY=1 GPU_CHECK_WHEELS=0 GPU_CHECK_SKIP="pytest sparse profile" PYTHON=.venv/bin/python OUT=/tmp/gpu-out \
 #   TTFT_LENGTHS=1024 TTFT_DISK_LENGTHS=1024 bash bench/gpu/device_check.sh
 # Knobs (env): GPU_CHECK_TINY=1 (2-layer, hidden-64 model), GPU_CHECK_WHEELS=0 (skip the wheel install),
-# PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_DISK_LENGTHS, TTFT_CHUNKS,
+# PYTHON, GPU_CHECK_LAYERS (layer count of the big model), TTFT_LENGTHS, TTFT_OWN_LENGTHS, TTFT_DISK_LENGTHS, TTFT_CHUNKS,
 # TTFT_REPEATS, DECODE_MODES, DECODE_BATCHES, DECODE_CONTEXTS, GPU_CHECK_SKIP (space-separated steps to skip: pytest sync sparse ttft disk codec sdpa decode eval profile;
 # default "profile"), GPU_CHECK_TESTS (test paths for step 2), PROFILE_TOKENS (sync check and profile),
 # GPU_CHECK_REUSE_MODEL=1 (a rerun on the still-warm machine keeps the saved model instead of building it again).
@@ -166,6 +169,8 @@ ttft() {  # ttft STEP LABEL LENGTHS STRATEGIES [ENV=VALUE ...]: one bench ttft r
 if [[ -f $MODEL/config.json ]]; then
   [[ $SKIP != *" ttft "* ]] && ttft 6 cpu "${TTFT_LENGTHS:-1024,4096,8192,16384,32768}" \
     full,reuse,cacheblend:0.15,epic,ape CHUNKCACHE_STORE_TIERS=cpu
+  [[ $SKIP != *" ttft "* ]] && ttft 6b own-shapes "${TTFT_OWN_LENGTHS:-1024,8192}" full,reuse,cacheblend:0.15 \
+    CHUNKCACHE_STORE_TIERS=cpu CHUNKCACHE_FUSION_MODE=off
   [[ $SKIP != *" disk "* ]] && ttft 7 disk "${TTFT_DISK_LENGTHS:-1024,8192,32768}" \
     full,reuse,cacheblend:0.15,epic CHUNKCACHE_STORE_TIERS=disk CHUNKCACHE_CODEC=int8
   [[ $SKIP != *" codec "* ]] && ttft 7c disk-cachegen "${TTFT_CODEC_LENGTHS:-8192}" full,cacheblend:0.15 \

@@ -44,6 +44,11 @@ def main() -> int:
                 engine.answer(example.question, chunks, strategy=name, max_new_tokens=1, **params)
             for round_, (label, name, params) in enumerate(specs):
                 question = example.question + " Please." * (round_ + 1)  # new shapes
+                if engine.fusion_graph_stats() is not None:
+                    # fixed-shape fusions: a bucket's first request captures it (a synchronising
+                    # step); the checked run is then the replay, the steady state
+                    engine._fuse(engine.plan(question, chunks, name, 1, **params), None)
+                before = engine.fusion_graph_stats()
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.set_sync_debug_mode("error")
@@ -60,7 +65,17 @@ def main() -> int:
                     if cuda:
                         torch.cuda.set_sync_debug_mode("default")
                 token = int(prepared.result.logits.argmax()) if prepared is not None else -1
-                print(f"{store:5} {label:28} {verdict} (first token {token})", flush=True)
+                after = engine.fusion_graph_stats()
+                how = ""
+                if before is not None and after is not None:
+                    if after["replays"] > before["replays"]:
+                        how = ", fixed shapes: graph replay"
+                    elif after["eager"] > before["eager"]:
+                        how = ", fixed shapes: eager"
+                    else:
+                        how = ", own shapes"
+                    how += f"; capture failures: {after['failures']}" if after["failures"] else ""
+                print(f"{store:5} {label:28} {verdict} (first token {token}{how})", flush=True)
             engine.close()
     print("SYNC CHECK " + ("OK" if not failed else f"FAILED: {failed}"))
     return 1 if failed else 0

@@ -53,16 +53,26 @@ WEIGHTS = ("none", "attn", "qattn", "qattn_add")
 
 
 def token_deviation(
-    fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, selection: str
+    fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, selection: str,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token squared distance of fresh vs reused K and/or V ([kv_heads, n, d] each)."""
+    """Per-token squared distance of fresh vs reused K and/or V ([kv_heads, n, d] each); ``valid``
+    (bool [n]): the tokens whose mean normalises K's and V's parts (default all: padding rows of
+    a fixed-shape fusion must not weigh in)."""
     dk = (fresh_k.float() - old_k.float()).pow(2).sum(dim=(0, 2)) if selection != "v" else None
     dv = (fresh_v.float() - old_v.float()).pow(2).sum(dim=(0, 2)) if selection != "k" else None
     if dk is None:
         return dv  # type: ignore[return-value]
     if dv is None:
         return dk
-    return dk / dk.mean().clamp_min(1e-12) + dv / dv.mean().clamp_min(1e-12)
+    return dk / masked_mean(dk, valid).clamp_min(1e-12) + dv / masked_mean(dv, valid).clamp_min(1e-12)
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` over the entries ``valid`` marks (all when None), computed on the device."""
+    if valid is None:
+        return x.mean()
+    return torch.where(valid, x, 0.0).sum() / valid.sum().clamp_min(1)
 
 
 @dataclass(frozen=True)
@@ -175,7 +185,7 @@ class CacheBlend(StrategyHooks):
             else:
                 score = self._deviation(executor, layout, buf, weight)[:context]
                 if importance is not None:
-                    score = _weighted(score, importance[:context], weight)
+                    score = weighted(score, importance[:context], weight)
         work = 0 if alone else self.check_layer * layout.length
         if importance is not None:
             work += _depth(executor, self.qattn_to) * len(layout.question)
@@ -221,9 +231,13 @@ class CacheBlend(StrategyHooks):
         return deviation * question_attention(executor, q[:, layout.question.start :], k)
 
 
-def _weighted(deviation: torch.Tensor, importance: torch.Tensor, weight: str) -> torch.Tensor:
+def weighted(deviation: torch.Tensor, importance: torch.Tensor, weight: str, valid: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Deviation weighted by the question's attention (``qattn``: times; ``qattn_add``: both
+    normalised by their mean over ``valid``, added)."""
     if weight == "qattn_add":
-        return deviation / deviation.mean().clamp_min(1e-12) + importance / importance.mean().clamp_min(1e-12)
+        return (deviation / masked_mean(deviation, valid).clamp_min(1e-12)
+                + importance / masked_mean(importance, valid).clamp_min(1e-12))
     return deviation * importance
 
 
@@ -265,18 +279,31 @@ def reuse_attention(executor: LayerExecutor, layout: Layout, buf: FusedBuffer, s
     return total / (end - first)
 
 
-def question_attention(executor: LayerExecutor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Mean attention weight [N] that the question's queries (q [heads, nq, d], the last nq of
-    the N positions, so every key before them is visible) give each key (k [kv_heads, N, d])."""
+def question_attention(executor: LayerExecutor, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None,
+                       share: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean attention weight [N] that the question's queries (q [heads, nq, d]) give each key
+    (k [kv_heads, N, d]). The queries sit at the last nq of the N positions, or at sequence
+    ``index`` [nq] (each sees the keys up to its own); ``share`` [nq] weighs each query in the
+    mean (default equal; a fixed-shape fusion gives its padding rows 0)."""
     kv_heads, total, dim = k.shape
     nq = q.shape[1]
     # the query heads sharing a key head attend to it together: no copy of the keys per head
     grouped = q.float().reshape(kv_heads, -1, dim)  # [kv_heads, group * nq, d]
     scores = (grouped @ k.float().transpose(-1, -2)) * executor.scale  # [kv_heads, group * nq, N]
     keys = torch.arange(total, device=scores.device)
-    causal = keys[None, :] > keys[total - nq :, None]
-    scores = scores.view(kv_heads, -1, nq, total).masked_fill(causal, float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=(0, 1, 2))
+    causal = keys[None, :] > (keys[total - nq :] if index is None else index)[:, None]
+    probs = torch.softmax(scores.view(kv_heads, -1, nq, total).masked_fill(causal, float("-inf")), dim=-1)
+    if share is None:
+        return probs.mean(dim=(0, 1, 2))
+    # a padding query's zero share must not meet a non-finite value (0 * NaN is NaN)
+    return torch.where(share[:, None] > 0, probs.mean(dim=(0, 1)) * share[:, None], 0.0).sum(dim=0)
+
+
+def gradual_target(budget: int, step: int) -> int:
+    """Context rows the gradual filter keeps at its ``step``-th layer (1 .. GRADUAL_LAYERS), from
+    twice the budget down to the budget; a selection already smaller stays as it is."""
+    first = budget * GRADUAL_FACTOR
+    return max(budget, round(first - (first - budget) * step / GRADUAL_LAYERS))
 
 
 class _GradualShrink:
@@ -300,8 +327,7 @@ class _GradualShrink:
         if not 1 <= step <= GRADUAL_LAYERS:
             return None
         n_context = len(rows) - self.n_question
-        first = self.budget * GRADUAL_FACTOR
-        target = max(self.budget, round(first - (first - self.budget) * step / GRADUAL_LAYERS))
+        target = gradual_target(self.budget, step)
         if n_context <= target:
             return None
         part = rows.first(n_context)
@@ -310,7 +336,7 @@ class _GradualShrink:
         kv = buf.layer(layer)
         deviation = token_deviation(k, v, kv[0][:, where], kv[1][:, where], self.blend.selection)
         if self.importance is not None:
-            deviation = _weighted(deviation, self.importance[where], self.blend.weight)
+            deviation = weighted(deviation, self.importance[where], self.blend.weight)
         if self.protected is not None:
             deviation = deviation.masked_fill(self.protected[where], float("inf"))
         kept = torch.sort(torch.topk(deviation, target).indices).values

@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from chunkcache.blend.layout import FusedCache
+from chunkcache.blend.per_executor import ExecutorBound, PerExecutor
 from chunkcache.device import cuda_runtime
 from chunkcache.errors import InvalidInputError
 from chunkcache.model import decode_attention
@@ -81,13 +81,11 @@ class DecodeStats:
     failures: list[str] = field(default_factory=list)
 
 
-class TableDecoder:
+class TableDecoder(ExecutorBound):
     """Batched decode steps for one model (one executor): static buffers per bucket, graphs on CUDA."""
 
     def __init__(self, executor: LayerExecutor, graphs: bool) -> None:
-        # weakly: the registry maps executors to their decoders, and a decoder that held its
-        # executor would keep every model (and its graphs' memory) alive for good
-        self._executor = weakref.ref(executor)
+        super().__init__(executor)
         self.graphs = graphs and cuda_runtime(executor.device)
         self.stats = DecodeStats()
         self._scratch = executor.empty_kv(1)  # padding rows write their K/V here, at index 0
@@ -97,13 +95,6 @@ class TableDecoder:
         self.disabled = False
         # kernel variants (split or not) that have run: from then on an error is the request's
         self._proven: set[bool] = set()
-
-    @property
-    def executor(self) -> LayerExecutor:
-        executor = self._executor()
-        if executor is None:
-            raise RuntimeError("the model this decoder served is gone")
-        return executor
 
     def takes(self, seqs: Sequence[Stepped]) -> bool:
         """Whether these sequences can share the batched call (no APE, buffers of this model)."""
@@ -222,9 +213,6 @@ class TableDecoder:
         self.stats.capture_s += bucket.capture_s
 
 
-_decoders: "weakref.WeakKeyDictionary[LayerExecutor, TableDecoder | None]" = weakref.WeakKeyDictionary()
-
-
 def use_decode_mode(executor: LayerExecutor, mode: str) -> TableDecoder | None:
     """Set how ``executor``'s decode steps run (``Settings.decode_mode``); the batched decoder,
     or None when steps loop over the sequences."""
@@ -236,16 +224,13 @@ def use_decode_mode(executor: LayerExecutor, mode: str) -> TableDecoder | None:
         raise InvalidInputError(
             f"decode_mode {mode!r} needs triton, a head size that is a power of two from 16 to 256 and CUDA "
             "(or TRITON_INTERPRET=1 on the CPU, for tests); use 'auto' or 'loop'")
-    if mode == "loop" or (mode == "auto" and not (usable and cuda_runtime(executor.device))):
-        decoder = None
-    else:
-        decoder = TableDecoder(executor, graphs=mode in ("auto", "graphs"))
-    _decoders[executor] = decoder
-    return decoder
+    loop = mode == "loop" or (mode == "auto" and not (usable and cuda_runtime(executor.device)))
+    return _decoders.set(executor, None if loop else TableDecoder(executor, graphs=mode in ("auto", "graphs")))
+
+
+_decoders: PerExecutor[TableDecoder | None] = PerExecutor(lambda executor: use_decode_mode(executor, "auto"))
 
 
 def table_decoder(executor: LayerExecutor) -> TableDecoder | None:
     """The batched decoder of ``executor`` (set up as ``auto`` on first use)."""
-    if executor not in _decoders:
-        use_decode_mode(executor, "auto")
-    return _decoders[executor]
+    return _decoders.get(executor)

@@ -39,6 +39,7 @@ def time_strategies(
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     first: dict[str, float] = {}
     prompt_tokens = []
+    graphs_before = engine.fusion_graph_stats()
     for example in examples:
         chunks = list(example.chunks)
         engine.precompute(chunks)
@@ -58,8 +59,14 @@ def time_strategies(
                 })
         prompt_tokens.append(a.prompt_tokens)
     median = statistics.median
+    graphs = engine.fusion_graph_stats()
+    if graphs is not None and graphs_before is not None:  # this config's fusions, warm-up rounds included
+        graphs = {k: v - graphs_before[k] if k in ("eager", "captures", "capture_s", "replays") else v
+                  for k, v in graphs.items()}
     return {
         "examples": len(examples),
+        # fixed-shape fusions (fusion_mode): captures are paid by a bucket's first request
+        "fusion_graphs": graphs,
         "prompt_tokens_median": median(prompt_tokens) if prompt_tokens else 0,
         "strategies": {
             label: {
@@ -157,6 +164,11 @@ def format_table(report: dict[str, Any]) -> str:
     )
     for config in report["configs"]:
         lines += ["", f"{config['label']}: {config['examples']} prompt(s), median {config['prompt_tokens_median']} tokens (stage times in ms)", head]
+        graphs = config.get("fusion_graphs")
+        if graphs:
+            lines.insert(-1, f"fixed-shape fusions: {graphs['captures']} captured ({graphs['capture_s']:.1f} s), "
+                             f"{graphs['replays']} replayed, {graphs['eager']} eager"
+                             + (f"; failures: {graphs['failures']}" if graphs["failures"] else ""))
         for label, row in config["strategies"].items():
             stages = row["stages_s_median"]
             lines.append(

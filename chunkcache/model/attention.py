@@ -89,14 +89,15 @@ def plain_is_fast(q: torch.Tensor, keys: torch.Tensor) -> bool:
 def blocked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: float
                       ) -> torch.Tensor:
     """Sparse queries on the CPU: up to ``_ATTENTION_BLOCKS`` blocks of queries, each over the keys
-    up to its last index only, so causality saves work as it does in a full prefill. Reads the
-    (host) index: never call it with device tensors."""
+    up to its largest index only, so causality saves work as it does in a full prefill (sorted
+    indices save most; a fixed-shape fusion's are sorted within its segments). Reads the (host)
+    index: never call it with device tensors."""
     n = q.shape[1]
     blocks = max(1, min(_ATTENTION_BLOCKS, n // _MIN_BLOCK_QUERIES))
     parts = []
     for block in torch.tensor_split(torch.arange(n), blocks):
         start, stop = int(block[0]), int(block[-1]) + 1
-        upto = int(index[stop - 1]) + 1
+        upto = int(index[start:stop].max()) + 1  # the last, when sorted
         mask = torch.arange(upto)[None, :] <= index[start:stop, None]
         parts.append(masked_attention(q[:, start:stop], keys[:, :upto], values[:, :upto], mask, scale))
     return torch.cat(parts, dim=1)

@@ -75,3 +75,42 @@ def test_no_strategy_synchronises_before_the_first_token(strategy: str, where: s
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("strategy", ["cacheblend", "reuse"])
+def test_fusion_graphs_replay_what_the_request_computes(strategy: str, tiny_dirs: dict[str, Path],
+                                                       models_dir: Path) -> None:
+    """fusion_mode graphs: the first request of a bucket captures it, the next ones (other
+    questions in the same bucket) replay it without one synchronisation, and every answer equals
+    the request's own shapes'."""
+    from chunkcache.blend import FusionInput, make_strategy
+    from chunkcache.blend.buckets import use_fusion_mode
+    from chunkcache.blend.fixed_fusion import run_fusion
+    from chunkcache.blend.prefill import prefill_chunks, prefill_head
+
+    model = load_model(str(tiny_dirs["llama"]), models_dir, "float32", "cuda", "sys")
+    ex = model.executor
+    fusion = make_strategy(strategy, **PARAMS.get(strategy, {}))
+    questions = [QUESTION, QUESTION.replace("Which gate", "Which old gate"), QUESTION.replace("gate", "wall")]
+    inputs = []
+    for question in questions:
+        pieces = model.template.pieces(question, CHUNKS)
+        head = prefill_head(ex, pieces.head, "fp")
+        inputs.append(FusionInput(pieces, head, tuple(prefill_chunks(ex, head, list(pieces.chunks), "p")), 2))
+    use_fusion_mode(ex, "off")
+    own = [run_fusion(fusion, ex, inp).logits for inp in inputs]
+    runner = use_fusion_mode(ex, "graphs")
+    try:
+        got = [run_fusion(fusion, ex, inputs[0]).logits]
+        assert runner.stats.captures == 1, runner.stats.failures
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got += [run_fusion(fusion, ex, inp).logits for inp in inputs[1:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert runner.stats.replays == 2 and not runner.stats.failures
+    finally:
+        use_fusion_mode(ex, "auto")
+    for mine, theirs in zip(got, own):
+        torch.testing.assert_close(mine, theirs, atol=1e-3, rtol=1e-3)

@@ -7,7 +7,6 @@ step reads back once (the tokens) and copies only asynchronously."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -17,15 +16,11 @@ from chunkcache.blend import FusionInput, Sampling, make_strategy
 from chunkcache.blend.cachecraft import ChunkPlan
 from chunkcache.blend.decode import DecodeSequence, step
 from chunkcache.blend.layout import FusedBuffer
-from chunkcache.blend.prefill import prefill_chunks, prefill_head
-from chunkcache.codec import get_codec, rans_triton
-from chunkcache.codec.base import DeviceLayer
-from chunkcache.kv import ChunkKV
+from chunkcache.codec import rans_triton
 from chunkcache.model import sparse_attention
-from chunkcache.model.executor import LayerExecutor
 from chunkcache.model.prompt import PromptPieces
-from chunkcache.store.stream import LayerStream
-from tests.fake_cuda import FakeCuda, Record
+from tests.blend.emulated import Prompt, emulated_prompts, tier_sources
+from tests.fake_cuda import Record
 
 LAYERS = 6
 PLAIN = {"selection": "k", "gradual": False, "weight": "none", "spread_k": 0.0, "spread_v": 0.0}
@@ -52,45 +47,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 MAX_OPS_PER_LAYER = 150
 
 
-@dataclass
-class Prompt:
-    executor: LayerExecutor
-    pieces: PromptPieces
-    head: ChunkKV
-    chunks: list[ChunkKV]
-    fake: FakeCuda
-
-
 @pytest.fixture(scope="module")
 def prompts() -> dict[int, Prompt]:
-    """A tiny random Llama (its own: the emulation tags its weights) and prompts of 6 and 12 chunks."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
-        tie_word_embeddings=False)
-    torch.manual_seed(0)
-    executor = LayerExecutor(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval())  # as on a GPU
-    gen = torch.Generator().manual_seed(1)
-
-    def ids(n: int) -> tuple[int, ...]:
-        return tuple(torch.randint(3, 256, (n,), generator=gen).tolist())
-
-    head, primer = ids(12), ids(7)
-    head_kv = prefill_head(executor, head, "fp")
-    prefix = prefill_head(executor, head + primer, "fp")
-    fake = FakeCuda()
-    out = {}
-    for count in (6, 12):
-        pieces = PromptPieces(head, tuple(ids(36 + (17 * i) % 25) for i in range(count)), ids(9))
-        out[count] = Prompt(executor, pieces, head_kv, prefill_chunks(executor, prefix, list(pieces.chunks), "p"), fake)
-    with fake.active():
-        fake.executor_on_device(executor)
-        executor.use_attention_backend("sdpa")
-    return out
+    """A tiny random Llama (bfloat16, as on a GPU) and prompts of 6 and 12 chunks."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+    shapes = {count: ([36 + (17 * i) % 25 for i in range(count)], 9) for count in (6, 12)}
+    return emulated_prompts(torch.bfloat16, LAYERS, shapes, rope_parameters=rope)  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
@@ -107,29 +70,6 @@ def _plans(pieces: PromptPieces) -> tuple[ChunkPlan, ...]:
     return tuple(out)
 
 
-def _sources(p: Prompt, where: str) -> tuple[ChunkKV, tuple[Any, ...]]:
-    """The head's and chunks' caches as the GPU tier serves them (device tensors), as the CPU
-    tier and host decoding do (pinned host memory, the chunks streamed layer by layer), or as a
-    disk tier hands them to a GPU (``disk:<codec>``: encoded layers in pinned memory)."""
-    if where == "gpu":
-        return (ChunkKV(p.fake.put(p.head.kv.clone()), p.head.token_ids, 0, "fp", ""),
-                tuple(ChunkKV(p.fake.put(c.kv.clone()), c.token_ids, c.position_offset, "fp", "p") for c in p.chunks))
-    streams = []
-    codec = get_codec(where.removeprefix("disk:")) if where.startswith("disk:") else None
-    for c in p.chunks:
-        stream = LayerStream("k")
-        stream.start(c.num_layers, c.token_ids, c.position_offset, "fp", "p")
-        if codec is not None:  # the disk tier's bytes, decoded by the device as fusion reaches them
-            entry = codec.open(codec.encode(c))
-            for i in range(c.num_layers):
-                stream.push(DeviceLayer(codec, entry, i, codec.unpack_layer(entry, i)))
-        else:
-            for layer in c.kv.unbind(0):
-                stream.push(p.fake.pinned_host(layer))
-        streams.append(stream)
-    return ChunkKV(p.fake.pinned_host(p.head.kv), p.head.token_ids, 0, "fp", ""), tuple(streams)
-
-
 def fused_first_token(p: Prompt, case: str, where: str) -> tuple[Record, int]:
     """Run one strategy to its first token under the emulation; the record and the token."""
     name, params = CASES[case]
@@ -144,7 +84,7 @@ def fused_first_token(p: Prompt, case: str, where: str) -> tuple[Record, int]:
     FusedBuffer.wait = counted  # type: ignore[method-assign]
     try:
         with p.fake.active():
-            head, chunks = _sources(p, where)
+            head, chunks = tier_sources(p, where)
             inp = FusionInput(p.pieces, head, chunks if fusion.uses_cache else (), max_new_tokens=4, plans=plans)
             with p.fake.watch() as record:
                 token = torch.argmax(fusion.fuse(p.executor, inp).logits)
@@ -228,7 +168,7 @@ def test_a_decode_step_reads_back_once_and_copies_only_asynchronously(prompts: d
     with fake.active():
         for n, sampling in ((6, Sampling()), (12, Sampling(temperature=0.7, seed=3))):
             p = prompts[n]
-            head, chunks = _sources(p, "gpu")
+            head, chunks = tier_sources(p, "gpu")
             result = make_strategy(name, **params).fuse(p.executor, FusionInput(p.pieces, head, chunks, 8))
             generator = torch.Generator().manual_seed(3)  # the emulated device's tensors are host tensors
             seqs.append(DecodeSequence(result.cache, result.logits, 8, (), sampling, generator=generator))

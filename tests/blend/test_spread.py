@@ -40,7 +40,7 @@ def test_each_chunk_moves_by_a_share_of_its_recomputed_tokens_mean_change(smollm
     fresh_k = torch.cat((executor.turn(executor.turn(keys[:, sources], at, inverse=True) + shift_k + noise, at),
                          torch.randn(heads, 3, dim)), dim=1)
     fresh_v = torch.cat((values[:, sources] + shift_v - noise, torch.randn(heads, 3, dim)), dim=1)
-    ChunkShift(executor, layout, k_share=0.5, v_share=0.25)(layout.rows(executor, index), fresh_k, fresh_v, keys,
+    ChunkShift.of_layout(executor, layout, k_share=0.5, v_share=0.25)(layout.rows(executor, index), fresh_k, fresh_v, keys,
                                                             values)
     keys[:, index], values[:, index] = fresh_k, fresh_v  # as run_layer writes them right after the hook
 
