@@ -267,3 +267,52 @@ class _Dispatch(TorchDispatchMode):
                 self.fake.record.async_copies += 1
         elif name not in _VIEWS and any(not on_device(t) and t.dim() > 0 for t in tensors):
             self.fake.wait("mixed")
+
+
+class FakeGraph:
+    """`torch.cuda.CUDAGraph` emulated: capturing runs the work once under a recording mode (every
+    aten call with its very tensor objects, which stand for a real graph's fixed addresses) and
+    then puts back what the work changed in ``restore`` (a real capture executes nothing);
+    `replay` runs the recorded calls again on those same objects, writing each result into the
+    tensor the capture produced. Work that reads anything but those objects (a tensor made anew
+    per request outside the capture) replays with stale values, as a real graph would."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple, dict, Any, bool]] = []
+
+    def replay(self) -> None:
+        with torch.inference_mode():
+            for func, args, kwargs, out, aliases in self.calls:
+                if aliases:
+                    continue  # the recorded view shares its base's memory already
+                fresh = func(*args, **kwargs)
+                for old, new in zip(tree_flatten(out)[0], tree_flatten(fresh)[0]):
+                    if isinstance(old, torch.Tensor) and old is not new:
+                        old.copy_(new)
+
+
+class _Recording(TorchDispatchMode):
+    def __init__(self, graph: FakeGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # a view op may copy (reshape of a non-contiguous tensor): only a real alias is skipped on replay
+        base = next((a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)), None)
+        aliases = (func.is_view and isinstance(out, torch.Tensor) and base is not None
+                   and out.untyped_storage().data_ptr() == base.untyped_storage().data_ptr())
+        self.graph.calls.append((func, args, kwargs, out, aliases))
+        return out
+
+
+@contextmanager
+def fake_capture(graph: FakeGraph, restore: list[torch.Tensor]) -> Iterator[None]:
+    """The body of a ``torch.cuda.graph(graph)`` block, emulated: recorded into ``graph``; the
+    tensors in ``restore`` (what the body may change in place) get their old values back."""
+    saved = [t.clone() for t in restore]
+    with _Recording(graph):
+        yield
+    for t, old in zip(restore, saved):
+        t.copy_(old)

@@ -200,13 +200,14 @@ def test_warm_up_runs_the_configured_fusion_buckets(smollm2: LoadedModel, store_
     bucket (on a GPU that captures it before anyone waits); a malformed value fails at start."""
     from chunkcache.blend.buckets import bucket_of, fixed_shapes, use_fusion_mode
 
-    env = {"CHUNKCACHE_FUSION_MODE": "buckets", "CHUNKCACHE_FUSION_WARM": "512:32, 2000:48", "CHUNKCACHE_MAX_BATCH": "1"}
+    env = {"CHUNKCACHE_FUSION_MODE": "buckets", "CHUNKCACHE_FUSION_WARM": "512:32, 1100:48", "CHUNKCACHE_MAX_BATCH": "1",
+           "CHUNKCACHE_STRATEGY": "reuse"}
     try:
         with ChunkCacheEngine(Settings.load(env=env, store_path=store_path), model=smollm2) as engine:
             engine.warm_up()
             stats = engine.fusion_graph_stats()
             buckets = {(total, questions) for total, questions, _ in fixed_shapes(smollm2.executor).inputs}
-        assert {(bucket_of(512, 64) + 32 + 1, 32), (bucket_of(2000, 64) + 48 + 1, 48)} <= buckets
+        assert {(bucket_of(512, 64) + 32 + 1, 32), (bucket_of(1100, 64) + 48 + 1, 48)} <= buckets
         assert stats is not None and stats["eager"] >= 3 and stats["captures"] == 0  # no graphs on the CPU
         for bad, message in (("8192", "fusion_warm takes CONTEXT:QUESTION"), ("8180:32", "past the model's context")):
             with pytest.raises(InvalidInputError, match=message):

@@ -216,3 +216,37 @@ def test_fixed_shapes_on_the_cpu_with_a_real_model(smollm2: Any, fusion_input: F
     torch.testing.assert_close(fixed.logits, own.logits, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(fixed.cache.kv[:, :, :, :n], own.cache.kv[:, :, :, :n], atol=1e-3, rtol=1e-4)
     assert int(torch.argmax(fixed.logits)) == int(torch.argmax(own.logits))
+
+
+@pytest.mark.parametrize("case", ["cacheblend", "cacheblend-options"])
+def test_replayed_captures_give_each_requests_own_answer(setup: Setup, mode: None, case: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA graphs emulated (`tests/fake_cuda.FakeGraph`: replays rerun the captured calls on the
+    captured tensor objects only): request a captures its bucket, request b (other context,
+    question and chunk counts) replays it and gets its own answer, as does a again; a request of
+    another bucket captures its own."""
+    import contextlib
+
+    from chunkcache.blend import buckets
+    from tests.fake_cuda import FakeGraph, fake_capture
+
+    runner = use_fusion_mode(setup.executor, "buckets")
+    runner.graphs = True  # the emulated device captures
+    monkeypatch.setattr(buckets.torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(buckets.torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(buckets.torch.cuda, "graph", lambda graph, **kw: fake_capture(graph, [runner.kv]))
+    with setup.fake.active():
+        own = {name: fuse(setup, case, name, "off") for name in ("a", "b", "other")}
+        use_fusion_mode(setup.executor, "buckets")  # (fuse set the mode: put the capturing runner back)
+        buckets._fixed.set(setup.executor, runner)
+        replayed = {}
+        for name in ("a", "b", "a", "other"):
+            head, chunks = tier_sources(setup.prompts[name], "host")
+            inp = FusionInput(setup.prompts[name].pieces, head, chunks, max_new_tokens=4)
+            strategy, params = CASES[case]
+            replayed[name] = run_fusion(make_strategy(strategy, **params), setup.executor, inp)
+            torch.testing.assert_close(replayed[name].logits, own[name].logits, atol=2e-4, rtol=1e-4)
+            n = own[name].cache.length
+            torch.testing.assert_close(replayed[name].cache.kv[:, :, :, :n], own[name].cache.kv[:, :, :, :n],
+                                       atol=2e-4, rtol=1e-4)
+    assert (runner.stats.captures, runner.stats.replays) == (2, 2), runner.stats

@@ -69,19 +69,29 @@ def test_report_puts_every_strategy_beside_full(smollm2: LoadedModel, store_path
 def test_each_timed_round_asks_a_question_not_asked_before(smollm2: LoadedModel, store_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds must bring new prompt shapes, as real requests do (a GPU plans kernels per shape),
-    and every strategy of a round must answer the same prompt."""
+    and every strategy of a round must answer the same prompt. With fixed-shape fusions a round
+    whose question reaches a new bucket captures its graphs: a first request, listed under
+    capture_ttft_s and left out of the steady-state medians (captures emulated here)."""
     engine = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
     asked: list[tuple[str, str]] = []
     answer = engine.answer
     monkeypatch.setattr(engine, "answer", lambda q, c, strategy, **kw: asked.append((strategy, q)) or answer(
         q, c, strategy=strategy, **kw))
+    # answers: warm-up full, reuse; round 0 full, reuse; round 1 full, reuse: the last one captures
+    monkeypatch.setattr(engine, "fusion_graph_stats", lambda: {
+        "eager": 0, "captures": int(len(asked) >= 6), "capture_s": 1.5, "replays": 0, "failures": [], "graphs": True})
     example = Example("What is it?", ("One passage about a thing.", "Another passage."), ("thing",))
-    bench_ttft(engine, [example], ["reuse"], repeats=2)
+    (config,) = bench_ttft(engine, [example], ["reuse"], repeats=2)["configs"]
     warm, first, second = asked[:2], asked[2:4], asked[4:6]
     assert [s for s, _ in asked] == ["full", "reuse"] * 3
     assert {q for _, q in warm} == {"What is it?"}
     assert len({q for _, q in first}) == 1 and len({q for _, q in second}) == 1
     assert len({warm[0][1], first[0][1], second[0][1]}) == 3
+    reuse, full = config["strategies"]["reuse"], config["strategies"]["full"]
+    assert len(reuse["capture_ttft_s"]) == 1 and full["capture_ttft_s"] == []
+    assert config["fusion_graphs"]["captures"] == 1
+    assert "1 captured" in format_table({"model": "m", "dtype": "d", "repeats": 2, "device": "cpu",
+                                         "configs": [config]})
 
 
 def test_sweep_builds_prompts_of_the_asked_size(smollm2: LoadedModel, store_path: Path, tmp_path: Path) -> None:
@@ -116,23 +126,3 @@ def test_sweep_joins_short_passages_for_long_contexts() -> None:
     with pytest.raises(ValueError, match="passages have"):
         sweep_examples(examples, 11 * 60, 11, count, cut)  # fewer passages than chunks
 
-
-def test_a_round_that_captures_a_bucket_is_reported_apart(smollm2: LoadedModel, store_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """With fixed-shape fusions a round whose question reaches a new bucket captures its graphs:
-    a first request, listed under capture_ttft_s and left out of the steady-state medians."""
-    engine = ChunkCacheEngine(Settings.load(env={}, store_path=store_path), model=smollm2)
-    answers = []
-    answer = engine.answer
-    monkeypatch.setattr(engine, "answer", lambda q, c, strategy, **kw: answers.append(strategy) or answer(
-        q, c, strategy=strategy, **kw))
-    # answers: warm-up full, reuse; round 0 full, reuse; round 1 full, reuse: the last one captures
-    monkeypatch.setattr(engine, "fusion_graph_stats", lambda: {
-        "eager": 0, "captures": int(len(answers) >= 6), "capture_s": 1.5, "replays": 0, "failures": [], "graphs": True})
-    example = Example("What is it?", ("One passage about a thing.", "Another passage."), ("thing",))
-    (config,) = bench_ttft(engine, [example], ["reuse"], repeats=2)["configs"]
-    reuse, full = config["strategies"]["reuse"], config["strategies"]["full"]
-    assert len(reuse["capture_ttft_s"]) == 1 and full["capture_ttft_s"] == []
-    assert config["fusion_graphs"]["captures"] == 1
-    assert "1 captured" in format_table({"model": "m", "dtype": "d", "repeats": 2, "device": "cpu",
-                                         "configs": [config]})
