@@ -25,8 +25,20 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     not change until the device has read it."""
     if device.type == "cpu" or host.device.type != "cpu":
         return host.to(device)
-    staged = host if host.is_pinned() else host.pin_memory()
-    return staged.to(device, non_blocking=True)
+    return _staged(host).to(device, non_blocking=True)
+
+
+def upload_into(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """`upload` into an existing device tensor (a buffer a CUDA graph reads): one asynchronous
+    copy through pinned memory."""
+    if dst.device.type == "cpu" or host.device.type != "cpu":
+        dst.copy_(host)
+    else:
+        dst.copy_(_staged(host), non_blocking=True)
+
+
+def _staged(host: torch.Tensor) -> torch.Tensor:
+    return host if host.is_pinned() else host.pin_memory()
 
 
 def pinned(host: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:

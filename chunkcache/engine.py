@@ -290,8 +290,7 @@ class ChunkCacheEngine:
                   "Warm-up passage two: the mill was rebuilt in stone after the flood."]
         for name in dict.fromkeys(strategies or (self.settings.strategy, "full")):
             self.answer("Where does the river run?", chunks, strategy=name, max_new_tokens=2)
-        for ids in self.model.template.pieces("", chunks).chunks:
-            self.store.delete(self._chunk_key(ids))
+        self._forget(chunks)
         decoder = table_decoder(self.model.executor)
         if decoder is not None:  # a GPU: every batch bucket's decode step compiled and captured
             decoder.warm(self.settings.max_batch)
@@ -313,7 +312,11 @@ class ChunkCacheEngine:
         chunks = [tokenizer.decode(filler[i * size : (i + 1) * size]) for i in range(8)]
         words = max(1, question - len(template.pieces("", chunks).question))
         self.answer(" ".join(["where"] * words) + "?", chunks, max_new_tokens=1)
-        for ids in template.pieces("", chunks).chunks:
+        self._forget(chunks)
+
+    def _forget(self, chunks: list[str]) -> None:
+        """Drop the stored caches of made-up chunks (warm-up's)."""
+        for ids in self.model.template.pieces("", chunks).chunks:
             self.store.delete(self._chunk_key(ids))
 
     def fusion_graph_stats(self) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from chunkcache.blend.per_executor import ExecutorBound, PerExecutor
-from chunkcache.device import cuda_runtime
+from chunkcache.device import cuda_runtime, upload_into
 from chunkcache.errors import InvalidInputError
 from chunkcache.model.executor import LayerExecutor
 
@@ -39,6 +39,11 @@ FUSION_MODES = ("auto", "graphs", "buckets", "off")
 _GRANULE = 256  # the workspace's length, in tokens, is a multiple of it
 _MAX_PROGRAMS = 64  # captured buckets kept; the least recently used one goes first
 _STEP_SHIFT = 4  # eight steps per octave: a step is 2 ** (bits - 4) for sizes of that many bits
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def bucket_of(n: int, minimum: int) -> int:
@@ -137,10 +142,6 @@ class Segments:
         self._started = time.perf_counter()
         self._capture_s = 0.0
 
-    @property
-    def replaying(self) -> bool:
-        return self._replay is not None
-
     def host(self, fn: Callable[[], None]) -> None:
         """Host work between segments (placing a layer of stored caches): never captured."""
         fn()
@@ -221,8 +222,7 @@ class FixedShapes(ExecutorBound):
 
     def fill(self, inputs: BucketInputs, host: torch.Tensor) -> None:
         """One asynchronous copy of a request's values (built on the host) into the bucket's buffer."""
-        staged = host if self.device.type == "cpu" else host.pin_memory()
-        inputs.buffer.copy_(staged, non_blocking=True)
+        upload_into(inputs.buffer, host)
 
     def capture_failed(self, key: Any, exc: Exception) -> None:
         self.programs.pop(key, None)

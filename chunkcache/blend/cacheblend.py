@@ -129,7 +129,7 @@ class CacheBlend(StrategyHooks):
             return finish(executor, layout, buf, question)
         gradual = self.gradual and self.selection not in PROBELESS  # no deviation to filter by
         first = min(context, budget * GRADUAL_FACTOR) if gradual else budget
-        weight = self._affordable_weight(executor, layout, budget)
+        weight = self.affordable_weight(executor, layout, budget)
         if weight is None:  # the probe alone would cost more than computing everything
             return finish(executor, layout, buf, layout.span_rows(executor, range(0, layout.length)))
         probe_work = 0
@@ -148,7 +148,7 @@ class CacheBlend(StrategyHooks):
         spread = spread_hook(executor, layout, self.spread_k, self.spread_v)
         return finish(executor, layout, buf, rows, shrink=shrink, extra_work=probe_work, before_write=spread)
 
-    def _affordable_weight(self, executor: LayerExecutor, layout: Layout, budget: int) -> str | None:
+    def affordable_weight(self, executor: LayerExecutor, layout: Layout, budget: int) -> str | None:
         """The weighting this request can afford: the configured one while the whole fusion
         (probe, question pass, recompute) costs fewer token-layers than a full prefill; without
         the question pass when only that keeps it under (a long question would be computed twice:

@@ -26,8 +26,9 @@ from typing import Any, Protocol
 import torch
 
 from chunkcache.blend.layout import FusedCache
+from chunkcache.blend.buckets import next_power_of_two
 from chunkcache.blend.per_executor import ExecutorBound, PerExecutor
-from chunkcache.device import cuda_runtime
+from chunkcache.device import cuda_runtime, upload_into
 from chunkcache.errors import InvalidInputError
 from chunkcache.model import decode_attention
 from chunkcache.model.decode_attention import DecodeTable, splits_for, table_of
@@ -57,7 +58,7 @@ class _Warm:
 
 def batch_bucket(n: int) -> int:
     """The batch size a step of ``n`` sequences runs at: the next power of two."""
-    return 1 << max(0, n - 1).bit_length()
+    return next_power_of_two(n)
 
 
 @dataclass
@@ -138,8 +139,7 @@ class TableDecoder(ExecutorBound):
         with self._lock:
             bucket = self._bucket(size, splits)
             # one asynchronous copy from pinned memory; the graph reads the buffer it was captured with
-            device = self.executor.device
-            bucket.inputs.copy_(host if device.type == "cpu" else host.pin_memory(), non_blocking=True)
+            upload_into(bucket.inputs, host)
             self.stats.steps += 1
             if self.graphs and bucket.graph is None:
                 self._capture(bucket)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from chunkcache.blend.base import FusionInput, FusionResult, FusionStrategy
-from chunkcache.blend.buckets import BucketInputs, FixedShapes, Segments, bucket_of, fixed_shapes
+from chunkcache.blend.buckets import BucketInputs, FixedShapes, Segments, bucket_of, fixed_shapes, next_power_of_two
 from chunkcache.blend.cacheblend import (GRADUAL_FACTOR, GRADUAL_LAYERS, CacheBlend, _depth, gradual_target,
                                          question_attention, token_deviation, weighted)
 from chunkcache.blend.layout import FusedCache, Layout, assemble_cache, sequential_layout
@@ -45,7 +45,7 @@ def question_bucket(n: int) -> int:
 
 
 def chunk_bucket(n: int) -> int:
-    return max(_MIN_CHUNKS, 1 << max(0, n - 1).bit_length())
+    return max(_MIN_CHUNKS, next_power_of_two(n))
 
 
 def kept_rows(first: int, budget: int, steps: int) -> tuple[int, ...]:
@@ -105,7 +105,7 @@ def _plan(strategy: FusionStrategy, executor: LayerExecutor, layout: Layout) -> 
     if strategy.weight not in ("none", "qattn", "qattn_add") or not layout.chunks:
         return None
     budget = min(context, round(strategy.recompute_ratio * context))
-    weight = strategy._affordable_weight(executor, layout, budget) if 0 < budget < context else None
+    weight = strategy.affordable_weight(executor, layout, budget) if 0 < budget < context else None
     if weight is None or weight == "attn":  # question only, everything, or a probe that does not pay
         return None
     factor = GRADUAL_FACTOR if strategy.gradual else 1
@@ -146,7 +146,7 @@ def run_fusion(strategy: FusionStrategy, executor: LayerExecutor, inp: FusionInp
     runner = fixed_shapes(executor)
     if runner is None or not strategy.uses_cache or inp.profile:
         return strategy.fuse(executor, inp)
-    layout = sequential_layout(inp.pieces, executor.device)
+    layout = sequential_layout(inp.pieces)  # host only: the fixed path reads sizes and ids, never its device copy
     plan = _plan(strategy, executor, layout)
     if plan is None:
         return strategy.fuse(executor, inp)
@@ -240,10 +240,10 @@ def _question_rows(ex: LayerExecutor, inputs: BucketInputs) -> dict[str, Any]:
 
 
 def _question_start(ex: LayerExecutor, inputs: BucketInputs) -> dict[str, Any]:
-    index = inputs.question
-    real = (index != inputs.scratch).float()
-    return {"q_rows": ex.rows(index, inputs.positions[index]), "q_hidden": ex.embed(inputs.ids[index]),
-            "q_share": real / real.sum(), "total": torch.zeros(inputs.total, device=index.device)}
+    rows = _question_rows(ex, inputs)
+    real = (inputs.question != inputs.scratch).float()
+    return {"q_rows": rows["rows"], "q_hidden": rows["hidden"], "q_share": real / real.sum(),
+            "total": torch.zeros(inputs.total, device=real.device)}
 
 
 def _question_layer(ex: LayerExecutor, kv: torch.Tensor, s: dict[str, Any], layer: int, counted: bool) -> None:
