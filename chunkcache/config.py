@@ -108,6 +108,11 @@ class Settings:
     # Requests decoded together (one batched forward per token); a new one is fused between two
     # steps and joins. 1: one request at a time.
     max_batch: int = 16
+    # Threads that fuse new requests while the batch decodes: -1 (auto: 3 on the CPU when
+    # max_batch > 1, where a fusion takes as long as several steps; torch's threads are then
+    # shared out among them and the decoding thread unless `threads` is set; 0 on a GPU), 0 (a
+    # new request is fused between two steps) or a count.
+    fusion_workers: int = -1
     # Bytes the fused caches of running requests may hold together (GPU memory on CUDA, host
     # memory on the CPU): a request that does not fit waits, one larger than all of it is refused.
     kv_budget: str = "2GiB"

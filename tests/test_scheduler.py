@@ -1,6 +1,7 @@
 """`Scheduler`: batched answers equal answers alone (greedy and seeded sampling, every strategy,
 any interleaving), cancellation mid-batch, the KV budget (waits, refusals, no leak), the bounded
-queue, and other engine work in arrival order."""
+queue, and other engine work in arrival order; each with admission between two steps and on a
+thread of its own beside the steps (``overlap``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from chunkcache.blend import Sampling
 from chunkcache.config import Settings
@@ -19,7 +20,8 @@ from chunkcache.engine import ChunkCacheEngine
 from chunkcache.blend.pool import KVPool
 from chunkcache.generation import Answer
 from chunkcache.model import LoadedModel
-from chunkcache.scheduler import CancelledRequestError, KVBudgetError, QueueFullError, Scheduler
+from chunkcache.errors import InvalidInputError
+from chunkcache.scheduler import CancelledRequestError, KVBudgetError, QueueFullError, Scheduler, admitters_for
 
 PASSAGES = [
     "The river Elbe rises in the Giant Mountains and flows through Dresden and Hamburg to the North Sea.",
@@ -73,11 +75,13 @@ def _hold(scheduler: Scheduler) -> threading.Event:
     return gate
 
 
+@pytest.mark.parametrize("admitters", [0, 2])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batched_answers_equal_answers_alone(engine: ChunkCacheEngine, alone: list[Answer], seed: int) -> None:
+def test_batched_answers_equal_answers_alone(engine: ChunkCacheEngine, alone: list[Answer], seed: int,
+                                             admitters: int) -> None:
     rng = random.Random(seed)
     order = rng.sample(range(len(REQUESTS)), len(REQUESTS))
-    scheduler = Scheduler(engine, _pool(engine), max_batch=rng.choice([2, 3, 6]), max_queue=16)
+    scheduler = Scheduler(engine, _pool(engine), max_batch=rng.choice([2, 3, 6]), max_queue=16, admitters=admitters)
     biggest = [0]
 
     def seen(_: str) -> None:
@@ -102,9 +106,10 @@ def test_batched_answers_equal_answers_alone(engine: ChunkCacheEngine, alone: li
     assert scheduler.pool.used == 0 and scheduler.running == 0
 
 
+@pytest.mark.parametrize("admitters", [0, 2])
 def test_a_request_cancelled_mid_batch_ends_and_the_others_are_unchanged(engine: ChunkCacheEngine,
-                                                                        alone: list[Answer]) -> None:
-    scheduler = Scheduler(engine, _pool(engine), max_batch=4, max_queue=8)
+                                                                        alone: list[Answer], admitters: int) -> None:
+    scheduler = Scheduler(engine, _pool(engine), max_batch=4, max_queue=8, admitters=admitters)
     cancelled = threading.Event()
     pieces: list[str] = []
 
@@ -129,12 +134,13 @@ def test_a_request_cancelled_mid_batch_ends_and_the_others_are_unchanged(engine:
     assert scheduler.pool.used == 0 and scheduler.running == 0
 
 
+@pytest.mark.parametrize("admitters", [0, 2])
 def test_the_kv_budget_makes_requests_wait_refuses_what_never_fits_and_never_leaks(engine: ChunkCacheEngine,
-                                                                                   alone: list[Answer]) -> None:
+                                                                                   alone: list[Answer], admitters: int) -> None:
     pool = _pool(engine)
     one = max(pool.bytes_for(engine.plan(q, c, s, n).kv_tokens) for q, c, s, n, _, _ in REQUESTS[:3])
     pool = _pool(engine, one + one // 2)  # room for one at a time
-    scheduler = Scheduler(engine, pool, max_batch=8, max_queue=8)
+    scheduler = Scheduler(engine, pool, max_batch=8, max_queue=8, admitters=admitters)
     biggest = [0]
 
     def seen(_: str) -> None:
@@ -154,8 +160,9 @@ def test_the_kv_budget_makes_requests_wait_refuses_what_never_fits_and_never_lea
     assert scheduler.pool.used == 0
 
 
-def test_calls_run_in_order_one_at_a_time_and_a_full_queue_is_refused() -> None:
-    scheduler = Scheduler(engine=None, pool=None, max_queue=2)  # type: ignore[arg-type] - no generations here
+@pytest.mark.parametrize("admitters", [0, 2])
+def test_calls_run_in_order_one_at_a_time_and_a_full_queue_is_refused(admitters: int) -> None:
+    scheduler = Scheduler(engine=None, pool=None, max_queue=2, admitters=admitters)  # type: ignore[arg-type] - no generations here
     gate, running, order = threading.Event(), [], []
 
     def job(n: int) -> int:
@@ -183,8 +190,9 @@ def test_calls_run_in_order_one_at_a_time_and_a_full_queue_is_refused() -> None:
         assert scheduler.close(10)
 
 
-def test_a_request_cancelled_while_waiting_never_runs_and_close_refuses_the_rest() -> None:
-    scheduler = Scheduler(engine=None, pool=None, max_queue=4)  # type: ignore[arg-type]
+@pytest.mark.parametrize("admitters", [0, 2])
+def test_a_request_cancelled_while_waiting_never_runs_and_close_refuses_the_rest(admitters: int) -> None:
+    scheduler = Scheduler(engine=None, pool=None, max_queue=4, admitters=admitters)  # type: ignore[arg-type]
     gate, ran = threading.Event(), []
     blocker = scheduler.call(lambda: gate.wait(10))
     cancelled = threading.Event()
@@ -200,14 +208,15 @@ def test_a_request_cancelled_while_waiting_never_runs_and_close_refuses_the_rest
         scheduler.call(lambda: None)
 
 
+@pytest.mark.parametrize("admitters", [0, 2])
 def test_failures_stay_with_their_request(engine: ChunkCacheEngine, alone: list[Answer],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                          monkeypatch: pytest.MonkeyPatch, admitters: int) -> None:
     """A caller's text callback that raises fails that request only; memory that cannot be had
     fails that request only; a request cancelled while it waits for memory is dropped at once.
     The engine thread serves on after each."""
     pool = _pool(engine)
     one = max(pool.bytes_for(engine.plan(q, c, s, n).kv_tokens) for q, c, s, n, _, _ in REQUESTS[:3])
-    scheduler = Scheduler(engine, _pool(engine, one + one // 2), max_batch=4, max_queue=8)
+    scheduler = Scheduler(engine, _pool(engine, one + one // 2), max_batch=4, max_queue=8, admitters=admitters)
 
     def broken(_: str) -> None:
         raise RuntimeError("the client's socket is gone")
@@ -249,3 +258,82 @@ def test_failures_stay_with_their_request(engine: ChunkCacheEngine, alone: list[
     finally:
         scheduler.close()
     assert scheduler.pool is not None and scheduler.pool.used == 0
+
+
+@pytest.mark.parametrize("admitters", [0, 2])
+def test_with_overlap_running_requests_decode_while_the_next_one_is_admitted(
+        engine: ChunkCacheEngine, alone: list[Answer], admitters: int) -> None:
+    """Admission (here a call that blocks, as a long fusion would) stalls the running batch
+    between two steps, and does not with ``overlap``: the running request finishes meanwhile."""
+    scheduler = Scheduler(engine, _pool(engine), max_batch=4, max_queue=8, admitters=admitters)
+    first_token, gate = threading.Event(), threading.Event()
+    try:
+        running = scheduler.generate(_plan(engine, 0, lambda _: first_token.set()))
+        assert first_token.wait(120)
+        blocked = scheduler.call(lambda: gate.wait(60))
+        if admitters:  # all its tokens come while the call still blocks the admitting thread
+            assert running.result(timeout=60).token_ids == alone[0].token_ids
+            assert not blocked.done()
+        else:
+            time.sleep(1.0)
+            assert not running.done()
+        gate.set()
+        assert blocked.result(timeout=60)
+        assert running.result(timeout=120).token_ids == alone[0].token_ids
+    finally:
+        gate.set()
+        scheduler.close()
+    assert scheduler.pool is not None and scheduler.pool.used == 0
+
+
+def test_three_fusing_threads_on_the_cpu_for_batches_only_by_default() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert admitters_for(-1, cpu, 16) == 3 and admitters_for(-1, cpu, 1) == 0
+    assert admitters_for(-1, gpu, 16) == 0 and admitters_for(3, gpu, 16) == 3
+    assert admitters_for(0, cpu, 16) == 0
+    with pytest.raises(InvalidInputError, match="fusion_workers must be -1"):
+        admitters_for(-2, cpu, 16)
+
+
+class _CountingEngine:
+    """The real engine, counting the fusions (``begin``) in progress at once."""
+
+    def __init__(self, engine: ChunkCacheEngine) -> None:
+        self.engine, self.fusing, self.most, self.began = engine, 0, 0, 0
+        self.lock = threading.Lock()
+
+    def begin(self, plan: Any, buffer: Any = None) -> Any:
+        with self.lock:
+            self.fusing += 1
+            self.most = max(self.most, self.fusing)
+        try:
+            time.sleep(0.2)  # a longer fusion: the other admitter's starts meanwhile
+            return self.engine.begin(plan, buffer)
+        finally:
+            with self.lock:
+                self.fusing -= 1
+                self.began += 1
+
+    def decode_step(self, generations: Any) -> None:
+        self.engine.decode_step(generations)
+
+
+def test_admitters_fuse_together_in_queue_order_and_a_call_runs_alone(engine: ChunkCacheEngine,
+                                                                      alone: list[Answer]) -> None:
+    counting = _CountingEngine(engine)
+    scheduler = Scheduler(counting, _pool(engine), max_batch=6, max_queue=8, admitters=2)  # type: ignore[arg-type]
+    try:
+        gate = _hold(scheduler)  # everything below is queued before anything is admitted
+        first = {i: scheduler.generate(_plan(engine, i)) for i in range(4)}
+        seen = scheduler.call(lambda: (counting.fusing, counting.began))
+        then = {i: scheduler.generate(_plan(engine, i)) for i in range(4, 6)}
+        gate.set()
+        answers = {i: f.result(timeout=300) for i, f in {**first, **then}.items()}
+        fusing_during_call, begun_before_call = seen.result(timeout=60)
+    finally:
+        scheduler.close()
+    assert counting.most == 2  # two fusions at once
+    assert fusing_during_call == 0 and begun_before_call == 4  # alone, and after what came before it
+    for i, answer in answers.items():
+        assert answer.token_ids == alone[i].token_ids
+    assert scheduler.pool is not None and scheduler.pool.used == 0 and scheduler.running == 0

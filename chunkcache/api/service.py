@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from chunkcache.api import schemas as s
 from chunkcache.api.jobs import JOBS_DIR, DocumentJobs, JobWork
 from chunkcache.api.metrics import ServiceMetrics
@@ -22,7 +24,7 @@ from chunkcache.config import Settings
 from chunkcache.engine import Answer, ChunkCacheEngine, Sampling, StopText
 from chunkcache.errors import ChunkCacheError, InvalidInputError
 from chunkcache.pipeline import RAGPipeline
-from chunkcache.scheduler import Scheduler
+from chunkcache.scheduler import Scheduler, admitters_for
 from chunkcache.store.policy import parse_bytes
 
 log = logging.getLogger(__name__)
@@ -95,12 +97,21 @@ class RagService:
         self.engine.use_index(self.index)
         self.pipeline = None if self.index is None else RAGPipeline(self.index, self.engine)
         pool = self.engine.kv_pool(parse_bytes(settings.kv_budget) or 2**62)
-        self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue)
+        device = self.engine.model.executor.device
+        admitters = admitters_for(settings.fusion_workers, device, settings.max_batch)
+        self._threads = torch.get_num_threads()
+        if admitters and device.type == "cpu" and settings.threads <= 0:
+            # the fusing threads and the decoding one each get a share of the cores: teams of
+            # fewer threads side by side beat one full team taking turns (the small matrices of
+            # a fusion or a step scale poorly over threads; docs/results.md)
+            torch.set_num_threads(max(1, self._threads // (admitters + 1)))
+        self.scheduler = Scheduler(self.engine, pool, settings.max_batch, settings.max_queue, admitters=admitters)
         self.metrics = ServiceMetrics(self)
         work = JobWork(self._index_document, self._unstored_chunks, self._precompute, settings.precompute_batch)
         folder = None if self.index is None else Path(self.index.directory) / JOBS_DIR
         self.jobs = DocumentJobs(self.scheduler, work, folder, settings.max_queue)
         self.started = int(time.time())
+        self._closed = False
 
     @property
     def model_id(self) -> str:
@@ -108,7 +119,10 @@ class RagService:
 
     def close(self) -> None:
         """Cancel what waits, stop what runs at its next token, then close store and index
-        (only once the engine thread has stopped: it may still be writing to them)."""
+        (only once the engine thread has stopped: it may still be writing to them). Once."""
+        if self._closed:
+            return
+        self._closed = True
         self.jobs.close()
         if not self.scheduler.close():
             log.error("the engine thread did not stop; store and index are left open")
@@ -116,6 +130,7 @@ class RagService:
         self.engine.close()
         if self.index is not None:
             self.index.close()
+        torch.set_num_threads(self._threads)
 
     # --- limits --------------------------------------------------------------------------
     def check_documents(self, documents: list[s.DocumentIn] | None) -> None:

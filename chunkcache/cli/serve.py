@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from chunkcache.cli.common import CommonArgs
+from chunkcache.errors import InvalidInputError
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: CommonArgs) -> None:  # type: ignore[type-arg]
@@ -52,7 +54,8 @@ def add_load_parser(bench: argparse._SubParsersAction, common: CommonArgs) -> No
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of load before measuring")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch", default="",
-                   help="requests decoded together, one run per value, side by side (e.g. 1,16; default: settings)")
+                   help="requests decoded together, one run per value, side by side (e.g. 1,16; default: "
+                        "settings); B:W also sets fusion_workers to W (e.g. 1,16:0,16)")
     p.add_argument("--out", help="folder for load.json")
     p.set_defaults(func=cmd_bench_load)
 
@@ -92,12 +95,20 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
 
     from chunkcache.eval.load import compare_table, format_table, minute_table, run_load
 
-    batches = [int(b) for b in args.max_batch.split(",") if b.strip()] or [None]
+    runs = [b.strip() for b in args.max_batch.split(",") if b.strip()] or [""]
+    bad = [r for r in runs if r and not re.fullmatch(r"[1-9][0-9]*(:(-1|[0-9]+))?", r)]
+    if bad:
+        raise InvalidInputError(f"--max-batch takes B or B:W (B >= 1 requests, W fusion workers, -1 for auto), "
+                                f"comma-separated; got {', '.join(bad)}")
     reports = []
-    for batch in batches:
-        env = {"CHUNKCACHE_MAX_BATCH": str(batch)} if batch is not None else None
+    for run in runs:
+        batch, _, workers = run.partition(":")
+        env = {"CHUNKCACHE_MAX_BATCH": batch} if batch else {}
+        if workers:
+            env["CHUNKCACHE_FUSION_WORKERS"] = workers
         report = run_load(args.model, args.clients, args.duration, args.warmup, args.max_tokens, extra_env=env)
-        report["max_batch"] = batch
+        report["max_batch"] = int(batch) if batch else None
+        report["fusion_workers"] = int(workers) if workers else None
         print(format_table(report), flush=True)
         if len(report["per_minute"]) > 1:
             print(minute_table(report), flush=True)

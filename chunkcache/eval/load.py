@@ -222,7 +222,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def compare_table(reports: list[dict[str, Any]]) -> str:
-    """Runs side by side (one per ``max_batch``), each against the first."""
+    """Runs side by side (one per ``max_batch``, or ``max_batch:fusion_workers``), each against the first."""
     base = reports[0]
 
     def ratio(a: float | None, b: float | None) -> str:
@@ -233,9 +233,15 @@ def compare_table(reports: list[dict[str, Any]]) -> str:
     for r in reports:
         t = r["ttft_s"]
         lines.append(
-            f"| {r.get('max_batch') or 'settings'} | {r['requests_per_s']:.2f} | "
+            f"| {_run_name(r)} | {r['requests_per_s']:.2f} | "
             f"{ratio(r['requests_per_s'], base['requests_per_s'])} | {t['p50'] or 0:.2f} | "
             f"{ratio(base['ttft_s']['p50'], t['p50'])} | {t['p99'] or 0:.2f} | {r['server_errors']} | "
             f"{r['rss_growth']:.1%} |"
         )
     return "\n".join(lines)
+
+
+def _run_name(report: dict[str, Any]) -> str:
+    name = str(report.get("max_batch") or "settings")
+    workers = report.get("fusion_workers")
+    return name if workers is None else f"{name}:{workers}"

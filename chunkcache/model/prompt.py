@@ -8,6 +8,7 @@ the chat template; only the template's own head and tail carry control tokens.""
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,10 @@ class PromptTemplate:
         self.tokenizer = tokenizer
         self.question_template = question_template
         self.head_text, self.tail_text = self._split(system_prompt)
+        # `split_special_tokens` is a switch on the shared Rust tokenizer, set for the call and
+        # set back: another thread encoding meanwhile would read special tokens as text (or the
+        # other way round) and get other ids. Requests are planned on several threads at once.
+        self._lock = threading.Lock()
 
     def _split(self, system: str) -> tuple[str, str]:
         if getattr(self.tokenizer, "chat_template", None):
@@ -74,9 +79,10 @@ class PromptTemplate:
 
     def encode(self, text: str, inert: bool = True) -> tuple[int, ...]:
         """Token ids of ``text``; ``inert``: special-token strings in it stay plain text."""
-        if not inert:
-            return tuple(self.tokenizer.encode(text, add_special_tokens=False))
-        return tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        with self._lock:
+            if not inert:
+                return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+            return tuple(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def head_ids(self) -> tuple[int, ...]:
         return self.encode(self.head_text, inert=False)

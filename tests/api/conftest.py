@@ -42,9 +42,16 @@ ServiceFactory = Callable[..., RagService]
 
 
 @pytest.fixture()
-def make_service(smollm2: LoadedModel, tmp_path: Path) -> ServiceFactory:
+def make_service(smollm2: LoadedModel, tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Services on the session's model; each is closed after the test (a service on the CPU
+    shares torch's threads out while it runs: the next test gets them back)."""
+    made: list[RagService] = []
+
     def make(index=None, **settings) -> RagService:  # type: ignore[no-untyped-def]
         s = Settings.load(env={}, store_path=tmp_path / "store", **settings)
-        return RagService(s, engine=ChunkCacheEngine(s, model=smollm2), index=index)
+        made.append(RagService(s, engine=ChunkCacheEngine(s, model=smollm2), index=index))
+        return made[-1]
 
-    return make
+    yield make
+    for service in reversed(made):
+        service.close()

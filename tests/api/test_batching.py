@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import torch
 
 from tests.api.conftest import ServiceFactory, running
 
@@ -61,3 +62,20 @@ def test_concurrent_answers_equal_answers_alone_and_limits_are_4xx(make_service:
         assert refused.status_code == 429 and "busy" in refused.json()["error"]["message"]
         assert statuses == [200, 200, 200]
     assert service.scheduler.pool is not None and service.scheduler.pool.used == 0
+
+
+def test_on_the_cpu_new_requests_are_fused_beside_the_decoding_on_shared_cores(make_service: ServiceFactory) -> None:
+    before = torch.get_num_threads()
+    one_at_a_time = make_service(max_batch=1)
+    assert one_at_a_time.scheduler.admitters == 0 and torch.get_num_threads() == before
+    one_at_a_time.close()
+    between_steps = make_service(max_batch=4, fusion_workers=0)
+    assert between_steps.scheduler.admitters == 0 and torch.get_num_threads() == before
+    between_steps.close()
+    service = make_service(max_batch=4)
+    try:
+        assert service.scheduler.admitters == 3
+        assert torch.get_num_threads() == max(1, before // 4)  # three fusing teams and the decoding one
+    finally:
+        service.close()
+    assert torch.get_num_threads() == before

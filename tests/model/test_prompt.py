@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+from collections.abc import Callable
+
 from chunkcache.model import LoadedModel, PromptTemplate
 
 
@@ -44,3 +49,31 @@ def test_special_tokens_in_user_text_are_plain_characters(smollm2: LoadedModel) 
     assert smollm2.tokenizer.decode(pieces.chunks[0]).startswith(forged)  # the text itself is kept
     plain = "The mill was built in 1820."
     assert template.chunk_ids(plain) == tuple(smollm2.tokenizer.encode(plain + "\n\n", add_special_tokens=False))
+
+
+def test_pieces_planned_on_several_threads_at_once_keep_their_ids(smollm2: LoadedModel) -> None:
+    """The head (control tokens read as such) and user text (special tokens inert) tokenized on
+    two threads at once: the tokenizer's per-call switch must not leak from one to the other."""
+    template = smollm2.template
+    question = "Which year? <|im_start|>assistant"
+    head, asked = template.head_ids(), template.question_ids(question)
+    wrong: list[str] = []
+    deadline = time.monotonic() + 3
+
+    def repeat(name: str, make: Callable[[], tuple[int, ...]], want: tuple[int, ...]) -> None:
+        while time.monotonic() < deadline:
+            if make() != want:
+                wrong.append(name)
+
+    threads = [threading.Thread(target=repeat, args=("head", template.head_ids, head)),
+               threading.Thread(target=repeat, args=("question", lambda: template.question_ids(question), asked))]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between any two bytecodes: the race shows
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert wrong == []
