@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,6 +80,7 @@ class ChunkCacheEngine:
         self._prefix_ids = self._head_ids + self._primer_ids
         self._prefix = prefix_fingerprint(self.model.fingerprint, self._prefix_ids)
         self._craft_variants: CraftVariants | None = None
+        self._craft_lock = threading.Lock()
         self._neighbours: ChunkNeighbours | None = None
 
     def close(self) -> None:
@@ -207,11 +209,12 @@ class ChunkCacheEngine:
 
     def _craft(self) -> CraftVariants:
         """Cache-Craft's variants of chunk caches (their index sits next to the store)."""
-        if self._craft_variants is None:
-            index = VariantIndex(Path(self.settings.store_path) / "variants", self.settings.craft_max_variants)
-            self._craft_variants = CraftVariants(self.store, index, self.codec, self.model.fingerprint,
-                                                 self.model.executor.device)
-        return self._craft_variants
+        with self._craft_lock:  # fusions run on several threads at once: one variant index (lmdb) only
+            if self._craft_variants is None:
+                index = VariantIndex(Path(self.settings.store_path) / "variants", self.settings.craft_max_variants)
+                self._craft_variants = CraftVariants(self.store, index, self.codec, self.model.fingerprint,
+                                                     self.model.executor.device)
+            return self._craft_variants
 
     def _head(self) -> tuple[ChunkKV, bool]:
         return self._fixed(self._head_ids)

@@ -170,20 +170,23 @@ class Scheduler:
     def close(self, timeout: float = 120.0) -> bool:
         """Refuse what waits, end what runs at its next step, stop the threads. Returns whether
         they stopped within ``timeout`` seconds."""
-        self._closing = True
-        self._refuse_queued()
-        for item in list(self._running) + ([self._held] if self._held is not None else []):
-            item.cancelled.set()
-        with self._cv:
+        threads = self._admitters + [self._thread]
+        if not any(thread.is_alive() for thread in threads):
+            return True  # closed already
+        with self._cv:  # under the lock: a generation joining the batch now is cancelled too
+            self._closing = True
+            for item in self._running + self._ready + ([self._held] if self._held is not None else []):
+                item.cancelled.set()
             self._cv.notify_all()
-        for _ in range(max(1, len(self._admitters))):  # one stop for each thread that takes items
+        self._refuse_queued()
+        for _ in range(sum(t.is_alive() for t in self._admitters) or 1):  # a stop for each thread taking items
             try:
                 self._queue.put(_STOP, timeout=timeout)
             except queue.Full:
                 pass
-        for thread in self._admitters + [self._thread]:
+        for thread in threads:
             thread.join(timeout)
-        return not any(thread.is_alive() for thread in self._admitters + [self._thread])
+        return not any(thread.is_alive() for thread in threads)
 
     def _put(self, item: _Item) -> Future[Any]:
         if self._closing:
@@ -208,9 +211,11 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - a fault outside any one request's work: keep serving
                     log.exception("the engine thread hit an error between requests; it goes on")
         finally:
-            self._closing = True  # whatever stopped the thread, nobody waits for it in vain
+            with self._cv:  # whatever stopped the thread, nobody waits for it in vain
+                self._closing = True
+                self._cv.notify_all()
             for thread in self._admitters:
-                thread.join()  # each stops after the item in its hands (it took a stop)
+                thread.join(60)  # each stops after the item in its hands (it took a stop)
             for item in self._running + self._ready:
                 self._release(item)
                 _fail(item, CancelledRequestError("the server is shutting down"))
@@ -266,6 +271,14 @@ class Scheduler:
     # --- admitting threads -----------------------------------------------------------------
     def _admit(self) -> None:
         """An admitting thread: takes items in queue order while the batch has a free slot."""
+        try:
+            self._admit_items()
+        finally:  # however it ends, the engine thread must learn that one admitter fewer is left
+            with self._cv:
+                self._live -= 1
+                self._cv.notify_all()
+
+    def _admit_items(self) -> None:
         while True:
             with self._cv:
                 while len(self._running) + len(self._ready) + self._in_hand >= self.max_batch and not self._closing:
@@ -284,14 +297,15 @@ class Scheduler:
             if item is _STOP:
                 with self._cv:
                     self._in_hand -= 1
-                    self._live -= 1
-                    self._cv.notify_all()
                 return
             try:
                 self._take(item)
             except Exception:  # noqa: BLE001 - as the engine thread: keep admitting
                 log.exception("admitting a request failed outside its own work; admission goes on")
                 _fail(item, RuntimeError("the server failed to admit this request"))
+            except BaseException as exc:
+                _fail(item, CancelledRequestError(f"the server stopped admitting: {type(exc).__name__}"))
+                raise
             finally:
                 self._turns.leave(alone)
                 with self._cv:
@@ -392,7 +406,7 @@ class Scheduler:
         if not self._admitters and self._held is not None and self._held.cancelled.is_set():
             self._start_held()  # fails it: it never started
         for item in self._running:
-            if item.cancelled.is_set() and item.generation is not None:
+            if (item.cancelled.is_set() or self._closing) and item.generation is not None:
                 item.generation.stop()
         self._finish_done()
 
@@ -449,6 +463,11 @@ def admitters_for(fusion_workers: int, device: torch.device, max_batch: int) -> 
         raise InvalidInputError(f"fusion_workers must be -1 (auto) or at least 0, got {fusion_workers}")
     if fusion_workers == -1:
         return AUTO_CPU_ADMITTERS if device.type == "cpu" and max_batch > 1 else 0
+    if fusion_workers and device.type != "cpu":
+        # attention backends are chosen by process-wide switches that a call sets and restores,
+        # and a CUDA graph capture must not see another thread's launches
+        raise InvalidInputError(f"fusion_workers {fusion_workers} is for a model on the CPU; on {device.type} "
+                                "set it to 0 or -1 (fusion between decode steps)")
     return fusion_workers
 
 

@@ -289,10 +289,12 @@ def test_with_overlap_running_requests_decode_while_the_next_one_is_admitted(
 def test_three_fusing_threads_on_the_cpu_for_batches_only_by_default() -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert admitters_for(-1, cpu, 16) == 3 and admitters_for(-1, cpu, 1) == 0
-    assert admitters_for(-1, gpu, 16) == 0 and admitters_for(3, gpu, 16) == 3
-    assert admitters_for(0, cpu, 16) == 0
+    assert admitters_for(-1, gpu, 16) == 0 and admitters_for(0, gpu, 16) == 0
+    assert admitters_for(0, cpu, 16) == 0 and admitters_for(5, cpu, 16) == 5
     with pytest.raises(InvalidInputError, match="fusion_workers must be -1"):
         admitters_for(-2, cpu, 16)
+    with pytest.raises(InvalidInputError, match="is for a model on the CPU"):
+        admitters_for(2, gpu, 16)
 
 
 class _CountingEngine:
