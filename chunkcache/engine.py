@@ -438,8 +438,7 @@ class ChunkCacheEngine:
         started = time.perf_counter()
         hits = 0
         head_kv, chunk_kvs = None, ()
-        before = self._tier_hits()
-        with collect() as stages:
+        with collect() as stages, self.store.request_hits() as found:
             # a strategy may plan each chunk first (cachecraft: chunks a variant serves need no
             # independent cache)
             variants, plans = fusion.before_load(keys, pieces.chunks, self._craft)
@@ -469,14 +468,11 @@ class ChunkCacheEngine:
                                  result.profiles, self._prefix)
         timings = {"load_s": loaded_at - started, "blend_s": fused_at - loaded_at, **stages}
         used = {k: getattr(fusion, k) for k in fusion.__dataclass_fields__}  # type: ignore[attr-defined]
-        after = self._tier_hits()
-        tier_hits = {tier: after[tier] - before.get(tier, 0) for tier in after}
+        tier_hits = found.counts()
         misses = len(chunk_kvs) - hits if fusion.uses_cache else 0
         return Fused(result, started, fused_at, timings, hits, misses, used, tuple(p.to_dict() for p in plans),
                      tier_hits)
 
-    def _tier_hits(self) -> dict[str, int]:
-        return {tier: int(v.get("hits", 0)) for tier, v in self.store.counters().items()}
 
 
 def check_request(question: str, chunks: Sequence[str]) -> None:

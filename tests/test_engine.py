@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,26 @@ def test_warm_up_runs_the_configured_fusion_buckets(smollm2: LoadedModel, store_
                                  model=smollm2)
     finally:
         use_fusion_mode(smollm2.executor, "auto")
+
+
+def test_requests_fused_side_by_side_each_report_their_own_tier_hits(engine: ChunkCacheEngine) -> None:
+    """The tiers' counters are shared by every request; a request's `tier_hits` are its own finds
+    (streamed in loader threads too), however many requests are fused at once."""
+    sets = [CHUNKS, CHUNKS[:1], CHUNKS[1:]]
+    for chunks in sets:
+        engine.precompute(chunks)
+    alone = [engine.answer(QUESTION, chunks, max_new_tokens=1).tier_hits for chunks in sets]
+    assert [sum(hits.values()) for hits in alone] == [4, 2, 3]  # the fixed head and each chunk
+    got: dict[int, list[dict[str, int]]] = {i: [] for i in range(len(sets))}
+
+    def ask(i: int) -> None:
+        for _ in range(4):
+            got[i].append(engine.answer(QUESTION, sets[i], max_new_tokens=1).tier_hits)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(sets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, hits in got.items():
+        assert hits == [alone[i]] * 4, f"request set {i} counted another request's hits"

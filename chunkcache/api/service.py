@@ -253,8 +253,10 @@ class RagService:
         from chunkcache.retriever import Document
 
         index = self.require_index("add documents to")
-        report = add_documents(index, [Document(_doc_id(doc), doc.text)], self.engine.model.tokenizer,
-                               self.settings.model)
+        template = self.engine.model.template
+        # the model's token ids, through the template's lock: HTTP threads tokenize meanwhile
+        report = add_documents(index, [Document(_doc_id(doc), doc.text)],
+                               lambda text: template.encode(text, inert=False), self.settings.model)
         return {"added": report.added, "updated": report.updated, "unchanged": report.unchanged,
                 "chunks_added": report.chunks_added, "chunks_removed": report.chunks_removed}
 

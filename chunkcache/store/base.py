@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -40,6 +41,9 @@ class KVStore(Protocol):
 
     def counters(self) -> dict[str, dict[str, Any]]:
         """Per tier: its `TierStats` counters."""
+
+    def request_hits(self) -> AbstractContextManager[Any]:
+        """A block whose finds are counted per tier apart from other threads' (``.counts()``)."""
 
     def close(self) -> None: ...
 

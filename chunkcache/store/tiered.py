@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -35,6 +37,27 @@ from chunkcache.timing import stage
 log = logging.getLogger(__name__)
 _SIZES_KEPT = 4096
 _Found = TypeVar("_Found")
+
+
+class RequestHits:
+    """Entries one request found, per tier (counted by the loader threads too)."""
+
+    def __init__(self, tiers: Sequence[str]) -> None:
+        self._lock = threading.Lock()
+        self._hits = {name: 0 for name in tiers}
+
+    def add(self, tier: str) -> None:
+        with self._lock:
+            self._hits[tier] = self._hits.get(tier, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._hits)
+
+
+# the hits of the request this thread works for (requests are fused side by side, so the tiers'
+# own counters, shared by all, cannot tell them apart)
+_request_hits: ContextVar[RequestHits | None] = ContextVar("chunkcache_request_hits", default=None)
 
 
 class TieredStore:
@@ -66,6 +89,16 @@ class TieredStore:
         return next((t for t in self.tiers if t.name == name), None)
 
     # --- reads ---------------------------------------------------------------------------
+    @contextmanager
+    def request_hits(self) -> Iterator[RequestHits]:
+        """Count the entries found inside this block (on this thread and in the loads it starts),
+        per tier: one request's hits while others are served beside it."""
+        token = _request_hits.set(RequestHits([tier.name for tier in self.tiers]))
+        try:
+            yield _request_hits.get()  # type: ignore[misc]
+        finally:
+            _request_hits.reset(token)
+
     def _find(self, key: str, read: Callable[[Tier], _Found | None]) -> tuple[int, _Found] | None:
         """The first tier, fastest first, where ``read`` finds the entry, and what it found; a
         tier whose entry fails its checks drops it, and the walk goes on below."""
@@ -76,6 +109,9 @@ class TieredStore:
                 tier.drop_corrupt(key, exc)
                 continue
             if found is not None:
+                hits = _request_hits.get()
+                if hits is not None:
+                    hits.add(tier.name)
                 return i, found
         return None
 
@@ -115,18 +151,22 @@ class TieredStore:
         side stream. A loader thread that copied to the GPU itself would wait, and make the
         GPU wait, for the copy."""
         streams = []
+        hits = _request_hits.get()
         for key in keys:
             stream = LayerStream(key)
-            self._pool.submit(self._stream_job, key, model_fingerprint, device, stream)
+            self._pool.submit(self._stream_job, key, model_fingerprint, device, stream, hits)
             streams.append(stream)
         return streams
 
     def _stream_job(self, key: str, model_fingerprint: str | None, device: torch.device | str | None,
-                    stream: LayerStream) -> None:
+                    stream: LayerStream, hits: RequestHits | None) -> None:
+        token = _request_hits.set(hits)  # the requesting thread's count
         try:
             self._fill_stream(key, model_fingerprint, device, stream)
         except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
             stream.fail(exc)
+        finally:
+            _request_hits.reset(token)
 
     def _fill_stream(self, key: str, model_fingerprint: str | None, device: torch.device | str | None,
                      stream: LayerStream) -> None:
