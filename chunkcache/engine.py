@@ -474,7 +474,6 @@ class ChunkCacheEngine:
                      tier_hits)
 
 
-
 def check_request(question: str, chunks: Sequence[str]) -> None:
     """Raise `InvalidInputError` for an empty question, no chunks or an empty chunk."""
     if not isinstance(question, str) or not has_text(question):

@@ -173,10 +173,8 @@ class Scheduler:
         threads = self._admitters + [self._thread]
         if not any(thread.is_alive() for thread in threads):
             return True  # closed already
-        with self._cv:  # under the lock: a generation joining the batch now is cancelled too
+        with self._cv:  # running generations stop at their next step, waiting ones fail (`_start`)
             self._closing = True
-            for item in self._running + self._ready + ([self._held] if self._held is not None else []):
-                item.cancelled.set()
             self._cv.notify_all()
         self._refuse_queued()
         for _ in range(sum(t.is_alive() for t in self._admitters) or 1):  # a stop for each thread taking items
@@ -238,9 +236,6 @@ class Scheduler:
         run one decode step. False: stop."""
         if self._admitters:
             with self._cv:
-                if self._closing:  # a fusion that finished after `close` ends at its first step too
-                    for item in self._ready:
-                        item.cancelled.set()
                 self._running += self._ready
                 self._ready = []
                 if not self._running:
@@ -379,10 +374,11 @@ class Scheduler:
                        (pool.fits(item.plan.kv_tokens) and (not self._admitters or item.ticket == self._low))):
                 if not self._admitters:
                     return False  # until running generations give memory back
-                self._memory_waits += not waited
-                waited = True
+                if not waited:
+                    self._memory_waits, waited = self._memory_waits + 1, True
                 self._cv.wait(0.05)
-            self._memory_waits -= waited
+            if waited:
+                self._memory_waits -= 1
             if item.cancelled.is_set() or self._closing:
                 error: BaseException | None = CancelledRequestError("cancelled before it ran")
             else:
@@ -405,7 +401,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         if not self._admitters and self._held is not None and self._held.cancelled.is_set():
             self._start_held()  # fails it: it never started
-        for item in self._running:
+        for item in self._running:  # closing: every one ends at this step
             if (item.cancelled.is_set() or self._closing) and item.generation is not None:
                 item.generation.stop()
         self._finish_done()
