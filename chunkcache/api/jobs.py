@@ -90,11 +90,12 @@ class DocumentJobs:
         return record.model_copy()
 
     def get(self, job_id: str) -> s.Job:
-        with self._lock:
+        with self._lock:  # copied as saved: progress is recorded under the lock
             record = self._records.get(job_id)
-        if record is None:
+            copy = None if record is None else record.model_copy()
+        if copy is None:
             raise JobNotFoundError(f"no job {job_id!r}; job ids come from POST /v1/documents")
-        return record.model_copy()
+        return copy
 
     def cancel(self, job_id: str) -> s.Job:
         """Stop the job before its next piece (a finished job is left as it is)."""
@@ -180,8 +181,9 @@ class DocumentJobs:
 
     # --- records -------------------------------------------------------------------------
     def _progress(self, job: _Job, counts: dict[str, int]) -> None:
-        job.record.result = dict(counts)
-        self._save(job.record)
+        with self._lock:  # saved before anyone can read it: a restart never shows less than GET did
+            job.record.result = dict(counts)
+            self._save(job.record)
 
     def _finish(self, job: _Job, status: str, error: str | None) -> None:
         with self._lock:  # saved before anyone can read the new status: GET and the file agree
